@@ -1,0 +1,25 @@
+"""torchrec-compress: embedding-table compression schemes for TorchRec.
+
+Public API::
+
+    from torchrec_compress import CompressedEmbeddingBagCollection, compress_, Hashing, QR, MEmCom, sharders
+"""
+from .config import SchemeConfig, register_scheme
+from .modules import CompressedEmbeddingBagCollection, MemoryReport, TableMemory
+from .modules.compress import compress_
+from .schemes import QR, Hashing, MEmCom
+from .distributed.sharders import sharders
+
+__all__ = [
+    "CompressedEmbeddingBagCollection",
+    "Hashing",
+    "MEmCom",
+    "MemoryReport",
+    "QR",
+    "SchemeConfig",
+    "TableMemory",
+    "compress_",
+    "register_scheme",
+    "sharders",
+]
+__version__ = "0.1.0"

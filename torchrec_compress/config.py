@@ -1,0 +1,69 @@
+"""Scheme configs and the registry from config type to implementation.
+
+A new scheme is one file in ``schemes/`` holding a frozen config dataclass and a
+:class:`~torchrec_compress.schemes.base.TableScheme` subclass, tied together by
+``@register_scheme(Config)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Dict, Optional, Type, TypeVar
+
+__all__ = ["SchemeConfig", "register_scheme", "scheme_class_for"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SchemeConfig:
+    """Base of every scheme config.
+
+    ``ratio`` is the target compression against the fp32 logical table
+    (``num_embeddings * embedding_dim * 4`` bytes); each scheme derives its sizes
+    from it unless its explicit size parameters are given instead.
+    """
+
+    ratio: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if self.ratio is not None:
+            if not isinstance(self.ratio, (int, float)) or isinstance(self.ratio, bool):
+                raise ValueError(f"{type(self).__name__}: ratio must be a number, got {self.ratio!r}")
+            if not self.ratio >= 1.0:
+                raise ValueError(
+                    f"{type(self).__name__}: ratio={self.ratio!r} is not allowed; "
+                    "it is the compression factor against the fp32 table and must be >= 1"
+                )
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+
+_REGISTRY: Dict[Type[SchemeConfig], type] = {}
+T = TypeVar("T", bound=type)
+
+
+def register_scheme(config_type: Type[SchemeConfig]) -> Callable[[T], T]:
+    """Class decorator: ``@register_scheme(Hashing) class HashingScheme(TableScheme)``."""
+
+    def deco(impl: T) -> T:
+        if config_type in _REGISTRY:
+            raise ValueError(f"scheme config {config_type.__name__} is already registered to {_REGISTRY[config_type].__name__}")
+        _REGISTRY[config_type] = impl
+        return impl
+
+    return deco
+
+
+def scheme_class_for(config: SchemeConfig) -> type:
+    try:
+        return _REGISTRY[type(config)]
+    except KeyError:
+        known = ", ".join(sorted(c.__name__ for c in _REGISTRY))
+        raise ValueError(f"no scheme registered for config {config!r}; known schemes: {known}") from None
+
+
+def _check_positive_int(owner: str, field: str, value: Optional[int]) -> None:
+    if value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{owner}: {field} must be a positive int, got {value!r}")

@@ -1,0 +1,3 @@
+from .sharders import CpuRowWiseEmbeddingBagCollectionSharder, sharders
+
+__all__ = ["CpuRowWiseEmbeddingBagCollectionSharder", "sharders"]

@@ -1,0 +1,319 @@
+"""CompressedEmbeddingBagCollection: a drop-in for ``torchrec.EmbeddingBagCollection``.
+
+Every scheme is a KJT transform, a standard inner TorchRec ``EmbeddingBagCollection``
+over small physical tables, and a combine back to the logical features:
+
+    KJT (logical features, raw ids)
+      -> transform  (hash / quotient-remainder / ...; one virtual feature per physical table)
+      -> inner EBCs  ``pooled`` (sum-compatible schemes) and ``per_id`` (bags of one id)
+      -> combine    (sum / product / concat; ``per_id`` lookups are pooled here)
+    KeyedTensor with the keys, dims and order of ``EmbeddingBagCollection(tables)``
+
+The inner EBCs are ordinary children, so ``DistributedModelParallel`` shards them with
+TorchRec's own sharders and planner (FBGEMM kernels, fused optimizers unchanged).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, Mapping, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
+
+from .. import schemes as _schemes  # noqa: F401  (fills the registry)
+from ..config import SchemeConfig, scheme_class_for
+from ..schemes.base import TableScheme, Uncompressed, uniform_init
+from .memory import MemoryReport, TableMemory
+
+
+class CompressedEmbeddingBagCollection(nn.Module):
+    """Drop-in ``EmbeddingBagCollection`` whose tables are stored by compression schemes.
+
+    Args:
+        tables: the logical tables, exactly as for ``torchrec.EmbeddingBagCollection``.
+        schemes: table name -> scheme config (``Hashing``, ``QR``, ``MEmCom``, ...);
+            tables without an entry stay uncompressed (bit-identical to the stock EBC).
+        is_weighted: whether input KJTs carry per-id weights (SUM-pooled tables).
+        device: device of the physical tables (``meta`` for DMP to materialize).
+        validate: check every input KJT (keys, lengths, id ranges, device) and raise a
+            ``ValueError`` naming table, feature and value instead of failing in FBGEMM.
+
+    Shapes: ``forward(KJT with B bags per feature) -> KeyedTensor [B, sum(dims)]``.
+
+    Example::
+
+        cebc = CompressedEmbeddingBagCollection(
+            tables=[EmbeddingBagConfig(name="t_user", embedding_dim=64, num_embeddings=10**6, feature_names=["user"])],
+            schemes={"t_user": MEmCom(ratio=16)},
+        )
+        kt = cebc(kjt)                      # KeyedTensor, keys ["user"]
+        print(cebc.memory_report())
+    """
+
+    def __init__(
+        self,
+        tables: List[EmbeddingBagConfig],
+        schemes: Optional[Mapping[str, SchemeConfig]] = None,
+        is_weighted: bool = False,
+        device: Optional[torch.device] = None,
+        validate: bool = True,
+    ) -> None:
+        super().__init__()
+        schemes = dict(schemes or {})
+        if not tables:
+            raise ValueError("CompressedEmbeddingBagCollection needs at least one table")
+        names = [t.name for t in tables]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate table names in {names}")
+        unknown = sorted(set(schemes) - set(names))
+        if unknown:
+            raise ValueError(f"schemes given for unknown tables {unknown}; tables are {names}")
+        for t in tables:
+            if not t.feature_names:
+                t.feature_names = [t.name]
+            if is_weighted and t.pooling != PoolingType.SUM:
+                raise ValueError(f"table {t.name!r}: weighted input needs SUM pooling, got {t.pooling}")
+
+        self._tables = tables
+        self._is_weighted = is_weighted
+        self._validate = validate
+        self._schemes: Dict[str, TableScheme] = {}
+        for t in tables:
+            cfg = schemes.get(t.name)
+            if cfg is not None and not isinstance(cfg, SchemeConfig):
+                raise ValueError(f"table {t.name!r}: scheme must be a SchemeConfig (e.g. Hashing(ratio=8)), got {cfg!r}")
+            impl = Uncompressed(t, None) if cfg is None else scheme_class_for(cfg)(t, cfg)
+            self._schemes[t.name] = impl
+
+        # feature -> (table, scheme); logical output order = table order, then feature order.
+        self._feature_table: Dict[str, EmbeddingBagConfig] = {}
+        for t in tables:
+            for f in t.feature_names:
+                if f in self._feature_table:
+                    raise ValueError(f"feature {f!r} is used by tables {self._feature_table[f].name!r} and {t.name!r}")
+                self._feature_table[f] = t
+        self._embedding_names = [f for t in tables for f in t.feature_names]
+        self._dims = [t.embedding_dim for t in tables for _ in t.feature_names]
+
+        pooled_cfgs: List[EmbeddingBagConfig] = []
+        per_id_cfgs: List[EmbeddingBagConfig] = []
+        for t in tables:
+            impl = self._schemes[t.name]
+            for p in impl.physical_tables():
+                cfg = EmbeddingBagConfig(
+                    name=p.name(t.name),
+                    num_embeddings=p.num_embeddings,
+                    embedding_dim=p.embedding_dim,
+                    feature_names=[f"{f}{p.suffix}" for f in t.feature_names],
+                    data_type=t.data_type,
+                    # per-id lookups are bags of one; the logical pooling is applied after combine
+                    pooling=PoolingType.SUM if impl.per_value else t.pooling,
+                    init_fn=p.init_fn or uniform_init(t),
+                )
+                (per_id_cfgs if impl.per_value else pooled_cfgs).append(cfg)
+        _check_unique([c.name for c in pooled_cfgs + per_id_cfgs], "physical table")
+        _check_unique([f for c in pooled_cfgs + per_id_cfgs for f in c.feature_names], "physical feature")
+
+        self.pooled: Optional[EmbeddingBagCollection] = (
+            EmbeddingBagCollection(pooled_cfgs, is_weighted=is_weighted, device=device) if pooled_cfgs else None
+        )
+        self.per_id: Optional[EmbeddingBagCollection] = (
+            EmbeddingBagCollection(per_id_cfgs, is_weighted=False, device=device) if per_id_cfgs else None
+        )
+        # follows .to(); lets forward() check the input device without touching sharded tables
+        self.register_buffer("_device_probe", torch.empty(0, device=device), persistent=False)
+
+    # ------------------------------------------------------------------ torchrec API
+    def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
+        """The logical tables (what ``torchrec.models.dlrm.SparseArch`` reads)."""
+        return self._tables
+
+    def is_weighted(self) -> bool:
+        return self._is_weighted
+
+    @property
+    def device(self) -> torch.device:
+        return self._device_probe.device
+
+    def scheme(self, table_name: str) -> TableScheme:
+        return self._schemes[table_name]
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        """``features``: KJT over the logical feature names, B bags each -> ``KeyedTensor [B, sum(dims)]``."""
+        if self._validate:
+            self._check_input(features)
+        jts = features.to_dict()
+        batch = features.stride()
+
+        pooled_keys: List[str] = []
+        pooled_vals: List[torch.Tensor] = []
+        pooled_lens: List[torch.Tensor] = []
+        pooled_wts: List[torch.Tensor] = []
+        per_id_feats: List[Tuple[str, List[Tuple[str, torch.Tensor]]]] = []
+        for f in self._embedding_names:
+            impl = self._schemes[self._feature_table[f].name]
+            jt = jts[f]
+            ids = impl.transform(jt.values())
+            suffixes = [p.suffix for p in impl.physical_tables()]
+            if impl.per_value:
+                per_id_feats.append((f, [(f"{f}{s}", i) for s, i in zip(suffixes, ids)]))
+                continue
+            for s, i in zip(suffixes, ids):
+                pooled_keys.append(f"{f}{s}")
+                pooled_vals.append(i)
+                pooled_lens.append(jt.lengths())
+                if self._is_weighted:
+                    pooled_wts.append(jt.weights())
+
+        pooled_out: Dict[str, torch.Tensor] = {}
+        if pooled_keys:
+            kjt = KeyedJaggedTensor(
+                keys=pooled_keys,
+                values=torch.cat(pooled_vals),
+                lengths=torch.cat(pooled_lens),
+                weights=torch.cat(pooled_wts) if self._is_weighted else None,
+                stride=batch,
+            )
+            pooled_out = self.pooled(kjt).to_dict()
+        per_id_out = self._per_id_lookup(per_id_feats)
+
+        outs: List[torch.Tensor] = []
+        for f in self._embedding_names:
+            t = self._feature_table[f]
+            impl = self._schemes[t.name]
+            suffixes = [p.suffix for p in impl.physical_tables()]
+            jt = jts[f]
+            if not impl.per_value:
+                outs.append(impl.combine([pooled_out[f"{f}{s}"] for s in suffixes], jt.values()))
+                continue
+            n = jt.values().numel()
+            per = impl.combine([per_id_out[f"{f}{s}"][:n] for s in suffixes], jt.values())
+            outs.append(_pool(per, jt, t.pooling, self._is_weighted, batch))
+        return KeyedTensor(keys=self._embedding_names, length_per_key=self._dims, values=torch.cat(outs, dim=1))
+
+    def _per_id_lookup(self, feats: List[Tuple[str, List[Tuple[str, torch.Tensor]]]]) -> Dict[str, torch.Tensor]:
+        """Look every id up as a bag of one: ``[N_f]`` ids -> ``[S, d_p]`` rows, S = max_f N_f.
+
+        Features are padded with empty bags to a common stride S (a KJT has one stride).
+        """
+        if not feats:
+            return {}
+        keys: List[str] = []
+        vals: List[torch.Tensor] = []
+        counts: List[int] = []
+        for _, parts in feats:
+            for k, ids in parts:
+                keys.append(k)
+                vals.append(ids)
+                counts.append(ids.numel())
+        stride = max(1, max(counts))
+        device = vals[0].device
+        if not isinstance(self.per_id, EmbeddingBagCollection):
+            # Sharded by DMP: row-wise output distribution (reduce-scatter) needs one stride
+            # on every rank, so agree on the largest.
+            stride = _max_over_ranks(stride, getattr(getattr(self.per_id, "_env", None), "process_group", None), device)
+        lengths = torch.cat([_ones_then_zeros(n, stride, device) for n in counts])
+        kjt = KeyedJaggedTensor(keys=keys, values=torch.cat(vals), lengths=lengths, stride=stride)
+        return self.per_id(kjt).to_dict()
+
+    # ------------------------------------------------------------------ validation
+    def _check_input(self, kjt: KeyedJaggedTensor) -> None:
+        keys = list(kjt.keys())
+        expected = set(self._embedding_names)
+        missing = sorted(expected - set(keys))
+        extra = sorted(set(keys) - expected)
+        if missing or extra:
+            raise ValueError(
+                f"KJT keys do not match the tables: missing features {missing}, unknown features {extra}; "
+                f"expected {self._embedding_names}"
+            )
+        values, lengths, weights = kjt.values(), kjt.lengths(), kjt.weights_or_none()
+        for what, tensor in (("values", values), ("lengths", lengths), ("weights", weights)):
+            if tensor is not None and self.device.type != "meta" and tensor.device != self.device:
+                raise ValueError(f"KJT {what} are on {tensor.device}, but the embedding tables are on {self.device}")
+        if values.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"KJT values must be int32 or int64 ids, got {values.dtype}")
+        if lengths.numel() and int(lengths.min()) < 0:
+            raise ValueError(f"KJT has negative lengths: {lengths.min().item()}")
+        total = int(lengths.sum()) if lengths.numel() else 0
+        if total != values.numel():
+            raise ValueError(f"KJT lengths sum to {total} but there are {values.numel()} values")
+        if self._is_weighted and weights is None:
+            raise ValueError("this collection is weighted (is_weighted=True) but the KJT has no weights")
+        if weights is not None and weights.numel() != values.numel():
+            raise ValueError(f"KJT has {weights.numel()} weights for {values.numel()} values")
+        for f, jt in kjt.to_dict().items():
+            v = jt.values()
+            if v.numel() == 0:
+                continue
+            t = self._feature_table[f]
+            lo, hi = int(v.min()), int(v.max())
+            if lo < 0:
+                raise ValueError(f"table {t.name!r}, feature {f!r}: negative id {lo}")
+            if hi >= t.num_embeddings and not self._schemes[t.name].accepts_any_id:
+                raise ValueError(
+                    f"table {t.name!r}, feature {f!r}: id {hi} >= num_embeddings={t.num_embeddings} "
+                    f"(scheme {self._schemes[t.name].name})"
+                )
+
+    # ------------------------------------------------------------------ memory
+    def memory_report(self) -> MemoryReport:
+        """Bytes of every physical table and map per logical table (logical, unsharded sizes)."""
+        tables: Dict[str, TableMemory] = {}
+        for t in self._tables:
+            impl = self._schemes[t.name]
+            width = 2 if t.data_type.name in ("FP16", "BF16") else 4
+            parts = {p.name(t.name): p.num_embeddings * p.embedding_dim * width for p in impl.physical_tables()}
+            if impl.extra_bytes():
+                parts[f"{t.name} (maps)"] = impl.extra_bytes()
+            tables[t.name] = TableMemory(
+                scheme=impl.name,
+                compressed_bytes=sum(parts.values()),
+                uncompressed_bytes=t.num_embeddings * t.embedding_dim * 4,
+                parts=parts,
+            )
+        return MemoryReport(tables)
+
+
+def _max_over_ranks(value: int, group: Optional[dist.ProcessGroup], device: torch.device) -> int:
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return int(t.item())
+
+
+def _ones_then_zeros(n: int, stride: int, device: torch.device) -> torch.Tensor:
+    out = torch.zeros(stride, dtype=torch.int64, device=device)
+    out[:n] = 1
+    return out
+
+
+def _pool(per: torch.Tensor, jt: JaggedTensor, pooling: PoolingType, weighted: bool, batch: int) -> torch.Tensor:
+    """Pool per-id rows ``[N, d]`` into ``[B, d]`` bags (SUM or MEAN; weighted: SUM w_i e_i)."""
+    lengths = jt.lengths()
+    if weighted:
+        per = per * jt.weights().unsqueeze(1).to(per.dtype)
+    bag = torch.repeat_interleave(torch.arange(batch, device=per.device), lengths.to(torch.int64))
+    out = torch.zeros(batch, per.shape[1], dtype=per.dtype, device=per.device).index_add(0, bag, per)
+    if pooling == PoolingType.MEAN:
+        out = out / lengths.clamp(min=1).unsqueeze(1).to(out.dtype)
+    return out
+
+
+def _check_unique(names: List[str], what: str) -> None:
+    seen = set()
+    for n in names:
+        if n in seen:
+            raise ValueError(f"generated {what} name {n!r} collides with another; rename the table or feature")
+        seen.add(n)
+
+
+def replace_configs(tables: List[EmbeddingBagConfig]) -> List[EmbeddingBagConfig]:
+    """Independent copies of ``tables`` (the module mutates feature_names defaults)."""
+    return [dataclasses.replace(t, feature_names=list(t.feature_names)) for t in tables]

@@ -1,0 +1,37 @@
+"""Small tensor ops shared by the schemes: a seedable universal hash."""
+from __future__ import annotations
+
+import torch
+
+# Carter-Wegman universal hashing modulo the Mersenne prime 2^31 - 1: every product
+# a * (x mod P) stays below 2^62, so int64 arithmetic never overflows (on CPU or CUDA).
+MERSENNE_P = (1 << 31) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
+
+
+def hash_params(seed: int) -> tuple[int, int]:
+    """The (a, b) pair of the hash function chosen by ``seed`` (1 <= a < P, 0 <= b < P)."""
+    a = 1 + _splitmix64(2 * seed) % (MERSENNE_P - 1)
+    b = _splitmix64(2 * seed + 1) % MERSENNE_P
+    return a, b
+
+
+def universal_hash(ids: torch.Tensor, buckets: int, seed: int) -> torch.Tensor:
+    """h(x) = ((a * (x mod P) + b) mod P) mod buckets, with (a, b) drawn from ``seed``.
+
+    Args:
+        ids: ``[N]`` int64 non-negative ids.
+        buckets: number of output buckets m.
+        seed: selects the member of the hash family.
+    Returns:
+        ``[N]`` int64 in ``[0, buckets)``.
+    """
+    a, b = hash_params(seed)
+    x = torch.remainder(ids.to(torch.int64), MERSENNE_P)
+    return torch.remainder(torch.remainder(x * a + b, MERSENNE_P), buckets)

@@ -1,0 +1,7 @@
+"""One file per scheme; importing this package fills the registry."""
+from .base import PhysicalTable, TableScheme, Uncompressed
+from .hashing import Hashing
+from .memcom import MEmCom
+from .qr import QR
+
+__all__ = ["Hashing", "MEmCom", "PhysicalTable", "QR", "TableScheme", "Uncompressed"]

@@ -1,0 +1,126 @@
+"""What every scheme implements: physical tables, the id transform and the combine.
+
+A :class:`TableScheme` is built once per *logical* table (an ``EmbeddingBagConfig``)
+and describes how that table is stored in ordinary physical ``EmbeddingBagConfig``
+tables of a standard inner TorchRec ``EmbeddingBagCollection``:
+
+* ``physical_tables()``: the physical tables (name suffix, rows, dim, init).
+* ``transform(values)``: logical ids ``[N]`` -> one id tensor ``[N]`` per physical table.
+* ``combine(parts, values)``: physical lookups -> logical embeddings.
+
+Pooled schemes (``per_value = False``) combine *pooled* bags ``[B, d_p] -> [B, d]``;
+this is exact only for sums and concatenations. Schemes with a per-id product
+(QR-mult, MEmCom) set ``per_value = True``: the inner EBC then looks up every id as a
+bag of one (``[N, d_p]``), ``combine`` runs per id, and the module pools afterwards,
+so gradients reach every physical table under any TorchRec sharding type.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, List, Optional
+
+import torch
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
+
+from ..config import SchemeConfig
+
+_BYTES_PER_ELEMENT = {DataType.FP32: 4, DataType.FP16: 2, DataType.BF16: 2}
+
+
+@dataclass(frozen=True)
+class PhysicalTable:
+    """One physical table of a scheme. ``suffix`` is appended to the logical table name."""
+
+    suffix: str
+    num_embeddings: int
+    embedding_dim: int
+    init_fn: Optional[Callable[[torch.Tensor], Optional[torch.Tensor]]] = None
+    role: str = "table"
+
+    def name(self, logical: str) -> str:
+        return f"{logical}{self.suffix}"
+
+
+def uniform_init(table: EmbeddingBagConfig) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The logical table's own init range, so compressed embeddings start at the same scale."""
+    return partial(torch.nn.init.uniform_, a=table.get_weight_init_min(), b=table.get_weight_init_max())
+
+
+def constant_init(value: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    return partial(torch.nn.init.constant_, val=value)
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def round_dim_ok(dim: int) -> bool:
+    """FBGEMM's CPU training kernels need dims that are multiples of 4."""
+    return dim > 0 and dim % 4 == 0
+
+
+class TableScheme:
+    """Base class; subclasses are registered with ``@register_scheme(Config)``."""
+
+    per_value: bool = False
+    accepts_any_id: bool = False  # True: ids >= num_embeddings are valid (hashed by design)
+
+    def __init__(self, table: EmbeddingBagConfig, config: Optional[SchemeConfig]) -> None:
+        self.table = table
+        self.config = config
+        if table.num_embeddings <= 0:
+            raise ValueError(f"table {table.name!r}: num_embeddings must be > 0, got {table.num_embeddings}")
+        if not round_dim_ok(table.embedding_dim):
+            raise ValueError(
+                f"table {table.name!r}: embedding_dim={table.embedding_dim} is not allowed; "
+                "FBGEMM kernels need a positive multiple of 4"
+            )
+
+    # --- the three steps -------------------------------------------------------------
+    def physical_tables(self) -> List[PhysicalTable]:
+        raise NotImplementedError
+
+    def transform(self, values: torch.Tensor) -> List[torch.Tensor]:
+        raise NotImplementedError
+
+    def combine(self, parts: List[torch.Tensor], values: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # --- memory accounting -----------------------------------------------------------
+    def extra_bytes(self) -> int:
+        """Bytes kept outside the physical tables (maps, per-id state)."""
+        return 0
+
+    def table_bytes(self) -> int:
+        width = _BYTES_PER_ELEMENT.get(self.table.data_type, 4)
+        return sum(p.num_embeddings * p.embedding_dim * width for p in self.physical_tables())
+
+    @property
+    def name(self) -> str:
+        return "none" if self.config is None else self.config.name
+
+    def _target_bytes(self) -> Optional[float]:
+        ratio = getattr(self.config, "ratio", None)
+        if ratio is None:
+            return None
+        return self.table.num_embeddings * self.table.embedding_dim * 4 / ratio
+
+    def _too_small(self, detail: str) -> ValueError:
+        return ValueError(
+            f"table {self.table.name!r} ({self.table.num_embeddings} x {self.table.embedding_dim}): "
+            f"{self.config!r} cannot be reached: {detail}"
+        )
+
+
+class Uncompressed(TableScheme):
+    """A table left as it is: one physical table with the logical name, rows and dim."""
+
+    def physical_tables(self) -> List[PhysicalTable]:
+        return [PhysicalTable("", self.table.num_embeddings, self.table.embedding_dim, self.table.init_fn)]
+
+    def transform(self, values: torch.Tensor) -> List[torch.Tensor]:
+        return [values]
+
+    def combine(self, parts: List[torch.Tensor], values: torch.Tensor) -> torch.Tensor:
+        return parts[0]

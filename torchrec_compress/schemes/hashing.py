@@ -1,0 +1,48 @@
+"""Hashing trick (baseline): E[h(x) mod m], h a seeded universal hash (not raw-id modulo).
+
+Ids >= num_embeddings are valid input by design: any non-negative int64 id hashes to
+a row, so a Hashing table also serves open vocabularies.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Optional
+
+import torch
+
+from ..config import SchemeConfig, _check_positive_int, register_scheme
+from ..ops import universal_hash
+from .base import PhysicalTable, TableScheme, uniform_init
+
+
+@dataclasses.dataclass(frozen=True)
+class Hashing(SchemeConfig):
+    """``Hashing(ratio=16)`` or ``Hashing(rows=m)``; ``seed`` picks the hash function."""
+
+    rows: Optional[int] = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_positive_int("Hashing", "rows", self.rows)
+        if (self.ratio is None) == (self.rows is None):
+            raise ValueError(f"Hashing: give exactly one of ratio= or rows=, got ratio={self.ratio!r}, rows={self.rows!r}")
+
+
+@register_scheme(Hashing)
+class HashingScheme(TableScheme):
+    accepts_any_id = True
+
+    def __init__(self, table, config: Hashing) -> None:
+        super().__init__(table, config)
+        self.rows = config.rows if config.rows is not None else max(1, int(table.num_embeddings / config.ratio))
+
+    def physical_tables(self) -> List[PhysicalTable]:
+        return [PhysicalTable("__hash", self.rows, self.table.embedding_dim, uniform_init(self.table))]
+
+    def transform(self, values: torch.Tensor) -> List[torch.Tensor]:
+        """``[N]`` ids -> ``[N]`` rows ``h(x) mod m``."""
+        return [universal_hash(values, self.rows, self.config.seed)]
+
+    def combine(self, parts: List[torch.Tensor], values: torch.Tensor) -> torch.Tensor:
+        return parts[0]

@@ -1,0 +1,71 @@
+"""MEmCom (Pansare et al., arXiv 2203.10135): e(x) = w[x] * E[h(x) mod m].
+
+A shared hashed table E (m x d) plus one trainable scalar per id. The scalars live in
+an ordinary TorchRec table of ceil(v/4) rows x 4 (FBGEMM needs dims that are multiples
+of 4): id x reads row x // 4, column x mod 4, so no memory is wasted on padding. Both
+tables are looked up per id and the product is pooled afterwards, so gradients reach
+E and w under every sharding type (per-sample KJT weights would lose theirs in a
+sharded EBC's input distribution, DESIGN.md section 8).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Optional
+
+import torch
+
+from ..config import SchemeConfig, _check_positive_int, register_scheme
+from ..ops import universal_hash
+from .base import PhysicalTable, TableScheme, ceil_div, constant_init, uniform_init
+
+PACK = 4  # scalars per physical row of the weight table
+
+
+@dataclasses.dataclass(frozen=True)
+class MEmCom(SchemeConfig):
+    """``MEmCom(ratio=16)`` or ``MEmCom(rows=m)`` (rows of the shared table); ``seed`` picks the hash."""
+
+    rows: Optional[int] = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_positive_int("MEmCom", "rows", self.rows)
+        if (self.ratio is None) == (self.rows is None):
+            raise ValueError(f"MEmCom: give exactly one of ratio= or rows=, got ratio={self.ratio!r}, rows={self.rows!r}")
+
+
+@register_scheme(MEmCom)
+class MEmComScheme(TableScheme):
+    per_value = True
+
+    def __init__(self, table, config: MEmCom) -> None:
+        super().__init__(table, config)
+        v, d = table.num_embeddings, table.embedding_dim
+        self.weight_rows = ceil_div(v, PACK)
+        if config.rows is not None:
+            self.rows = config.rows
+        else:
+            shared_elems = self._target_bytes() / 4 - self.weight_rows * PACK
+            self.rows = int(shared_elems // d)
+            if self.rows < 1:
+                raise self._too_small(
+                    f"MEmCom keeps one fp32 weight per id, so its ratio must stay below embedding_dim={d} "
+                    f"(at most ~{v * d / (v + d):.1f}x here)"
+                )
+
+    def physical_tables(self) -> List[PhysicalTable]:
+        return [
+            PhysicalTable("__shared", self.rows, self.table.embedding_dim, uniform_init(self.table)),
+            PhysicalTable("__w", self.weight_rows, PACK, constant_init(1.0), role="per-id weights"),
+        ]
+
+    def transform(self, values: torch.Tensor) -> List[torch.Tensor]:
+        """``[N]`` ids -> (``[N]`` h(x) mod m, ``[N]`` x // 4)."""
+        return [universal_hash(values, self.rows, self.config.seed), torch.div(values, PACK, rounding_mode="floor")]
+
+    def combine(self, parts: List[torch.Tensor], values: torch.Tensor) -> torch.Tensor:
+        """``[N, d]`` shared rows, ``[N, 4]`` packed weights -> ``[N, d]`` = w[x] * E[h(x)]."""
+        shared, packed = parts
+        w = packed.gather(1, torch.remainder(values, PACK).unsqueeze(1))
+        return shared * w

@@ -1,0 +1,123 @@
+"""Sharded-vs-unsharded parity worker (run on 2 gloo ranks by the tests)."""
+from __future__ import annotations
+
+import copy
+from typing import Dict, List
+
+import torch
+from torchrec import EmbeddingBagConfig, PoolingType
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+from ..distributed.plans import uniform_plan
+from ..distributed.sharders import sharders
+from ..modules import CompressedEmbeddingBagCollection
+from ..schemes import QR, Hashing, MEmCom
+from .data import random_bags
+from .reference import physical_weights, rowwise_adagrad_step
+
+LR, EPS = 0.1, 1e-8
+
+
+def parity_tables() -> List[EmbeddingBagConfig]:
+    return [
+        EmbeddingBagConfig(name="t_plain", embedding_dim=8, num_embeddings=50, feature_names=["plain"]),
+        EmbeddingBagConfig(name="t_hash", embedding_dim=16, num_embeddings=1000, feature_names=["hash_a", "hash_b"]),
+        EmbeddingBagConfig(name="t_qr", embedding_dim=16, num_embeddings=900, feature_names=["qr"], pooling=PoolingType.MEAN),
+        EmbeddingBagConfig(name="t_qradd", embedding_dim=16, num_embeddings=400, feature_names=["qradd"]),
+        EmbeddingBagConfig(name="t_memcom", embedding_dim=16, num_embeddings=1000, feature_names=["memcom"]),
+        EmbeddingBagConfig(name="t_memcom_mean", embedding_dim=8, num_embeddings=300, feature_names=["memcom_mean"], pooling=PoolingType.MEAN),
+    ]
+
+
+def parity_schemes() -> Dict[str, object]:
+    return {
+        "t_hash": Hashing(ratio=10, seed=3),
+        "t_qr": QR(ratio=4),
+        "t_qradd": QR(num_buckets=16, combiner="add"),
+        "t_memcom": MEmCom(ratio=8),
+        "t_memcom_mean": MEmCom(rows=20, seed=1),
+    }
+
+
+def sharded_parity_worker(rank: int, world: int, sharding_type: str) -> Dict[str, Dict[str, List[float]]]:
+    """Both optimizers: row-wise Adagrad (TorchRec's usual choice) and SGD (sensitive to gradient scale)."""
+    return {opt: _parity_run(rank, world, sharding_type, opt) for opt in ("rowwise_adagrad", "sgd")}
+
+
+def _parity_run(rank: int, world: int, sharding_type: str, optimizer: str, steps: int = 3, batch: int = 8) -> Dict[str, List[float]]:
+    """Train the sharded and the unsharded module side by side; return max abs differences.
+
+    The unsharded reference sees the global batch; each rank feeds its half to DMP. Loss =
+    sum(out * G) for a fixed G. TorchRec averages gradients over ranks like DDP does (its
+    embedding all-to-all divides by the world size in backward, comm_ops' gradient
+    division), so the reference loss is scaled by 1/world.
+    """
+    torch.manual_seed(0)
+    tables, schemes = parity_tables(), parity_schemes()
+    ref = CompressedEmbeddingBagCollection(copy.deepcopy(tables), schemes)
+    model = CompressedEmbeddingBagCollection(copy.deepcopy(tables), schemes, device=torch.device("meta"))
+    opt_cls, opt_kw = (RowWiseAdagrad, {"lr": LR, "eps": EPS}) if optimizer == "rowwise_adagrad" else (torch.optim.SGD, {"lr": LR})
+    apply_optimizer_in_backward(opt_cls, model.parameters(), dict(opt_kw))
+    dmp = DistributedModelParallel(
+        model, device=torch.device("cpu"), plan=uniform_plan(model, sharding_type, world), sharders=sharders()
+    )
+    copy_state_dict(dmp.state_dict(), ref.state_dict())
+    # data-parallel tables are not fused: TorchRec leaves them to the dense optimizer
+    dense = [p for _, p in in_backward_optimizer_filter(dmp.named_parameters())]
+    dense_opt = opt_cls(dense, **opt_kw) if dense else None
+
+    ref_w = physical_weights(ref)
+    blocks = {n: (world if sharding_type == "column_wise" and w.shape[1] % (4 * world) == 0 else 1) for n, w in ref_w.items()}
+    state = {n: torch.zeros(w.shape[0], blocks[n]) for n, w in ref_w.items()}
+    scale = 1.0 / world
+    lo, hi = rank * batch // world, (rank + 1) * batch // world
+    diffs: Dict[str, List[float]] = {"forward": [], "params": []}
+    for step in range(steps):
+        bags = random_bags(tables, batch, seed=100 + step)
+        g = torch.randn(batch, sum(t.embedding_dim * len(t.feature_names) for t in tables), generator=torch.Generator().manual_seed(step))
+        out = dmp(bags.slice(lo, hi).kjt()).values()
+        ref_out = ref(bags.kjt()).values()
+        diffs["forward"].append((out - ref_out[lo:hi]).abs().max().item())
+        (out * g[lo:hi]).sum().backward()
+        if dense_opt is not None:
+            dense_opt.step()
+            dense_opt.zero_grad()
+        (ref_out * g).sum().mul(scale).backward()
+        with torch.no_grad():
+            for n, w in ref_w.items():
+                if optimizer == "sgd":
+                    w -= LR * w.grad
+                else:
+                    rowwise_adagrad_step(w, w.grad, state[n], LR, EPS, blocks[n])
+                w.grad = None
+        diffs["params"].append(_max_param_diff(dmp.state_dict(), ref.state_dict()))
+    return diffs
+
+
+def copy_state_dict(sharded: Dict[str, object], full: Dict[str, torch.Tensor]) -> None:
+    """Copy full (unsharded) tensors into the local shards of a sharded state dict, in place."""
+    with torch.no_grad():
+        for name, t in sharded.items():
+            glob = full[name]
+            if hasattr(t, "local_shards"):
+                for shard in t.local_shards():
+                    o, s = shard.metadata.shard_offsets, shard.tensor.shape
+                    shard.tensor.copy_(glob[o[0]:o[0] + s[0], o[1]:o[1] + s[1]])
+            else:
+                t.copy_(glob)
+
+
+def _max_param_diff(sharded: Dict[str, object], full: Dict[str, torch.Tensor]) -> float:
+    worst = 0.0
+    for name, t in sharded.items():
+        glob = full[name].detach()
+        if hasattr(t, "local_shards"):
+            for shard in t.local_shards():
+                o, s = shard.metadata.shard_offsets, shard.tensor.shape
+                worst = max(worst, (shard.tensor - glob[o[0]:o[0] + s[0], o[1]:o[1] + s[1]]).abs().max().item())
+        else:
+            worst = max(worst, (t.detach() - glob).abs().max().item())
+    return worst

@@ -1,0 +1,88 @@
+"""Plain-torch reference implementations of each scheme's equation.
+
+They share no code path with the modules except the hash parameters: bags are pooled in
+Python loops and the hash is recomputed with Python integers.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+from torchrec import EmbeddingBagConfig, PoolingType
+
+from ..config import SchemeConfig
+from ..ops import MERSENNE_P, hash_params
+from ..schemes import QR, Hashing, MEmCom
+from .data import Bags
+
+
+def py_hash(x: int, buckets: int, seed: int) -> int:
+    a, b = hash_params(seed)
+    return ((a * (x % MERSENNE_P) + b) % MERSENNE_P) % buckets
+
+
+def reference_embedding(
+    table: EmbeddingBagConfig, scheme: Optional[SchemeConfig], w: Dict[str, torch.Tensor], x: int
+) -> torch.Tensor:
+    """e(x) ``[d]`` from the physical weights ``w`` (physical table name -> weight)."""
+    n = table.name
+    if scheme is None:
+        return w[n][x]
+    if isinstance(scheme, Hashing):
+        return w[f"{n}__hash"][py_hash(x, w[f"{n}__hash"].shape[0], scheme.seed)]
+    if isinstance(scheme, QR):
+        m = w[f"{n}__r"].shape[0]
+        q, r = w[f"{n}__q"][x // m], w[f"{n}__r"][x % m]
+        return {"mult": lambda: q * r, "add": lambda: q + r, "concat": lambda: torch.cat([q, r])}[scheme.combiner]()
+    if isinstance(scheme, MEmCom):
+        shared = w[f"{n}__shared"]
+        # paper eq.: e(x) = w_x * E[h(x)]; the packed [v/4, 4] table read flat is w
+        return w[f"{n}__w"].reshape(-1)[x] * shared[py_hash(x, shared.shape[0], scheme.seed)]
+    raise NotImplementedError(type(scheme))
+
+
+def reference_forward(
+    tables: List[EmbeddingBagConfig],
+    schemes: Dict[str, SchemeConfig],
+    w: Dict[str, torch.Tensor],
+    bags: Bags,
+) -> torch.Tensor:
+    """``[B, sum(dims)]`` pooled output, features in table order, by explicit loops."""
+    cols = []
+    for t in tables:
+        for f in t.feature_names:
+            rows = []
+            for b, bag in enumerate(bags.ids[f]):
+                acc = torch.zeros(t.embedding_dim)
+                for j, x in enumerate(bag):
+                    e = reference_embedding(t, schemes.get(t.name), w, x)
+                    acc = acc + (bags.weights[f][b][j] * e if bags.weights is not None else e)
+                if t.pooling == PoolingType.MEAN and bag:
+                    acc = acc / len(bag)
+                rows.append(acc)
+            cols.append(torch.stack(rows))
+    return torch.cat(cols, dim=1)
+
+
+def physical_weights(module: torch.nn.Module) -> Dict[str, torch.nn.Parameter]:
+    """Physical table name -> weight parameter of an unsharded CompressedEmbeddingBagCollection."""
+    out = {}
+    for inner in (module.pooled, module.per_id):
+        if inner is not None:
+            out.update({name: bag.weight for name, bag in inner.embedding_bags.items()})
+    return out
+
+
+def rowwise_adagrad_step(
+    param: torch.Tensor, grad: torch.Tensor, state: torch.Tensor, lr: float, eps: float, column_blocks: int = 1
+) -> None:
+    """FBGEMM EXACT_ROWWISE_ADAGRAD on a dense grad: s_r += mean_j g_rj^2; w_r -= lr g_r / (sqrt(s_r) + eps).
+
+    Rows without gradient are untouched (FBGEMM's update is sparse). ``column_blocks`` > 1
+    mirrors column-wise sharding, where each column shard keeps its own row state.
+    ``state``: ``[rows, column_blocks]``.
+    """
+    touched = grad.abs().sum(dim=1) > 0
+    for k, (p, g) in enumerate(zip(param.chunk(column_blocks, dim=1), grad.chunk(column_blocks, dim=1))):
+        state[touched, k] += g[touched].pow(2).mean(dim=1)
+        p[touched] -= lr * g[touched] / (state[touched, k].sqrt().unsqueeze(1) + eps)
