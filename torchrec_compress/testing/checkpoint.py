@@ -1,0 +1,30 @@
+"""2-rank DCP checkpoint worker: train sharded, save with torch.distributed.checkpoint."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+from ..distributed.plans import uniform_plan
+from ..distributed.sharders import sharders
+from ..modules import CompressedEmbeddingBagCollection
+from .data import random_bags
+from .parity import parity_schemes, parity_tables
+
+
+def train_and_save_worker(rank: int, world: int, sharding_type: str, path: str, batch: int = 8) -> torch.Tensor:
+    """Train 2 steps sharded, save a DCP checkpoint, return this rank's output on batch seed 999."""
+    torch.manual_seed(0)
+    model = CompressedEmbeddingBagCollection(copy.deepcopy(parity_tables()), parity_schemes(), device=torch.device("meta"))
+    apply_optimizer_in_backward(RowWiseAdagrad, model.parameters(), {"lr": 0.1})
+    dmp = DistributedModelParallel(model, device=torch.device("cpu"), plan=uniform_plan(model, sharding_type, world), sharders=sharders())
+    lo, hi = rank * batch // world, (rank + 1) * batch // world
+    for step in range(2):
+        dmp(random_bags(parity_tables(), batch, seed=step).slice(lo, hi).kjt()).values().sum().backward()
+    dcp.save(dmp.state_dict(), checkpoint_id=path)
+    with torch.no_grad():
+        return dmp(random_bags(parity_tables(), batch, seed=999).slice(lo, hi).kjt()).values()
