@@ -28,3 +28,21 @@ def train_and_save_worker(rank: int, world: int, sharding_type: str, path: str, 
     dcp.save(dmp.state_dict(), checkpoint_id=path)
     with torch.no_grad():
         return dmp(random_bags(parity_tables(), batch, seed=999).slice(lo, hi).kjt()).values()
+
+
+def planner_worker(rank: int, world: int) -> dict:
+    """TorchRec's planner with our sharders, row-wise asked for on CPU: plan, train one step."""
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+    import torch.distributed as dist
+
+    torch.manual_seed(0)
+    model = CompressedEmbeddingBagCollection(copy.deepcopy(parity_tables()), parity_schemes(), device=torch.device("meta"))
+    apply_optimizer_in_backward(RowWiseAdagrad, model.parameters(), {"lr": 0.1})
+    names = [t.name for inner in (model.pooled, model.per_id) for t in inner.embedding_bag_configs()]
+    constraints = {n: ParameterConstraints(sharding_types=["row_wise"]) for n in names}
+    planner = EmbeddingShardingPlanner(topology=Topology(world_size=world, compute_device="cpu"), constraints=constraints)
+    plan = planner.collective_plan(model, sharders(), dist.GroupMember.WORLD)
+    dmp = DistributedModelParallel(model, device=torch.device("cpu"), plan=plan, sharders=sharders())
+    out = dmp(random_bags(parity_tables(), 4, seed=rank).kjt()).values()
+    out.sum().backward()
+    return {n: ps.sharding_type for mod in plan.plan.values() for n, ps in mod.items()}

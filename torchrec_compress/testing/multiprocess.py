@@ -17,11 +17,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, out_dir: str) -> None:
+def _worker(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, out_dir: str, backend: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=world)
     try:
         result = fn(rank, world, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -29,8 +31,9 @@ def _worker(rank: int, world: int, port: int, fn: Callable[..., Any], args: tupl
         dist.destroy_process_group()
 
 
-def run_on_ranks(fn: Callable[..., Any], *args: Any, world_size: int = 2) -> List[Any]:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; returns each rank's result."""
+def run_on_ranks(fn: Callable[..., Any], *args: Any, world_size: int = 2, backend: str = "gloo") -> List[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` ranks (gloo CPU, or nccl with one
+    GPU per rank); returns each rank's result."""
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(world_size, _free_port(), fn, args, d), nprocs=world_size, join=True)
+        mp.spawn(_worker, args=(world_size, _free_port(), fn, args, d, backend), nprocs=world_size, join=True)
         return [torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]

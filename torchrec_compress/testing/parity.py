@@ -42,12 +42,14 @@ def parity_schemes() -> Dict[str, object]:
     }
 
 
-def sharded_parity_worker(rank: int, world: int, sharding_type: str) -> Dict[str, Dict[str, List[float]]]:
+def sharded_parity_worker(rank: int, world: int, sharding_type: str, device_type: str = "cpu") -> Dict[str, Dict[str, List[float]]]:
     """Both optimizers: row-wise Adagrad (TorchRec's usual choice) and SGD (sensitive to gradient scale)."""
-    return {opt: _parity_run(rank, world, sharding_type, opt) for opt in ("rowwise_adagrad", "sgd")}
+    return {opt: _parity_run(rank, world, sharding_type, opt, device_type) for opt in ("rowwise_adagrad", "sgd")}
 
 
-def _parity_run(rank: int, world: int, sharding_type: str, optimizer: str, steps: int = 3, batch: int = 8) -> Dict[str, List[float]]:
+def _parity_run(
+    rank: int, world: int, sharding_type: str, optimizer: str, device_type: str = "cpu", steps: int = 3, batch: int = 8
+) -> Dict[str, List[float]]:
     """Train the sharded and the unsharded module side by side; return max abs differences.
 
     The unsharded reference sees the global batch; each rank feeds its half to DMP. Loss =
@@ -56,13 +58,14 @@ def _parity_run(rank: int, world: int, sharding_type: str, optimizer: str, steps
     division), so the reference loss is scaled by 1/world.
     """
     torch.manual_seed(0)
+    device = torch.device(device_type, rank) if device_type == "cuda" else torch.device(device_type)
     tables, schemes = parity_tables(), parity_schemes()
-    ref = CompressedEmbeddingBagCollection(copy.deepcopy(tables), schemes)
+    ref = CompressedEmbeddingBagCollection(copy.deepcopy(tables), schemes).to(device)
     model = CompressedEmbeddingBagCollection(copy.deepcopy(tables), schemes, device=torch.device("meta"))
     opt_cls, opt_kw = (RowWiseAdagrad, {"lr": LR, "eps": EPS}) if optimizer == "rowwise_adagrad" else (torch.optim.SGD, {"lr": LR})
     apply_optimizer_in_backward(opt_cls, model.parameters(), dict(opt_kw))
     dmp = DistributedModelParallel(
-        model, device=torch.device("cpu"), plan=uniform_plan(model, sharding_type, world), sharders=sharders()
+        model, device=device, plan=uniform_plan(model, sharding_type, world, device_type=device_type), sharders=sharders()
     )
     copy_state_dict(dmp.state_dict(), ref.state_dict())
     # data-parallel tables are not fused: TorchRec leaves them to the dense optimizer
@@ -71,15 +74,15 @@ def _parity_run(rank: int, world: int, sharding_type: str, optimizer: str, steps
 
     ref_w = physical_weights(ref)
     blocks = {n: (world if sharding_type == "column_wise" and w.shape[1] % (4 * world) == 0 else 1) for n, w in ref_w.items()}
-    state = {n: torch.zeros(w.shape[0], blocks[n]) for n, w in ref_w.items()}
+    state = {n: torch.zeros(w.shape[0], blocks[n], device=device) for n, w in ref_w.items()}
     scale = 1.0 / world
     lo, hi = rank * batch // world, (rank + 1) * batch // world
     diffs: Dict[str, List[float]] = {"forward": [], "params": []}
     for step in range(steps):
         bags = random_bags(tables, batch, seed=100 + step)
-        g = torch.randn(batch, sum(t.embedding_dim * len(t.feature_names) for t in tables), generator=torch.Generator().manual_seed(step))
-        out = dmp(bags.slice(lo, hi).kjt()).values()
-        ref_out = ref(bags.kjt()).values()
+        g = torch.randn(batch, sum(t.embedding_dim * len(t.feature_names) for t in tables), generator=torch.Generator().manual_seed(step)).to(device)
+        out = dmp(bags.slice(lo, hi).kjt(device)).values()
+        ref_out = ref(bags.kjt(device)).values()
         diffs["forward"].append((out - ref_out[lo:hi]).abs().max().item())
         (out * g[lo:hi]).sum().backward()
         if dense_opt is not None:
