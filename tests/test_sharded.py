@@ -7,7 +7,7 @@ import torch.distributed.checkpoint as dcp
 
 from torchrec_compress import CompressedEmbeddingBagCollection, sharders
 from torchrec_compress.distributed.plans import SHARDING_TYPES
-from torchrec_compress.testing.checkpoint import train_and_save_worker
+from torchrec_compress.testing.checkpoint import planner_worker, train_and_save_worker
 from torchrec_compress.testing.data import random_bags
 from torchrec_compress.testing.multiprocess import run_on_ranks
 from torchrec_compress.testing.parity import parity_schemes, parity_tables, sharded_parity_worker
@@ -21,7 +21,7 @@ TOL = 1e-5
 @pytest.mark.parametrize("sharding_type", SHARDING_TYPES)
 def test_sharded_matches_unsharded_2ranks(sharding_type):
     """Hashing, QR (mult/add, SUM/MEAN), MEmCom (weights included) and an uncompressed table:
-    forward, backward and 3 fused-optimizer steps (row-wise Adagrad and SGD) on 2 ranks."""
+    forward, backward and 3 fused-optimizer steps (row-wise Adagrad, SGD; weighted KJTs) on 2 ranks."""
     results = run_on_ranks(sharded_parity_worker, sharding_type)
     for rank, per_opt in enumerate(results):
         for opt, diffs in per_opt.items():
@@ -47,3 +47,9 @@ def test_sharders_offer_row_wise_on_cpu():
     types = ebc_sharder.sharding_types("cpu")
     assert {"row_wise", "table_row_wise", "table_wise", "column_wise", "data_parallel"} <= set(types)
     assert len({type(s).__name__ for s in sharders()}) == len(sharders())
+
+
+def test_torchrec_planner_plans_row_wise_on_cpu_with_our_sharders():
+    plans = run_on_ranks(planner_worker)
+    assert plans[0] == plans[1]
+    assert set(plans[0].values()) == {"row_wise"} and "t_memcom__w" in plans[0]

@@ -148,6 +148,8 @@ class CompressedEmbeddingBagCollection(nn.Module):
         if self._validate:
             self._check_input(features)
         jts = features.to_dict()
+        if self._validate:
+            self._check_ids(jts)
         batch = features.stride()
 
         pooled_keys: List[str] = []
@@ -247,7 +249,9 @@ class CompressedEmbeddingBagCollection(nn.Module):
             raise ValueError("this collection is weighted (is_weighted=True) but the KJT has no weights")
         if weights is not None and weights.numel() != values.numel():
             raise ValueError(f"KJT has {weights.numel()} weights for {values.numel()} values")
-        for f, jt in kjt.to_dict().items():
+
+    def _check_ids(self, jts: Dict[str, JaggedTensor]) -> None:
+        for f, jt in jts.items():
             v = jt.values()
             if v.numel() == 0:
                 continue

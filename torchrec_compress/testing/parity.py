@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Dict, List
 
 import torch
@@ -43,12 +44,22 @@ def parity_schemes() -> Dict[str, object]:
 
 
 def sharded_parity_worker(rank: int, world: int, sharding_type: str, device_type: str = "cpu") -> Dict[str, Dict[str, List[float]]]:
-    """Both optimizers: row-wise Adagrad (TorchRec's usual choice) and SGD (sensitive to gradient scale)."""
-    return {opt: _parity_run(rank, world, sharding_type, opt, device_type) for opt in ("rowwise_adagrad", "sgd")}
+    """Row-wise Adagrad (TorchRec's usual choice), SGD (sensitive to gradient scale) and a
+    weighted-KJT collection (SUM pooling) under row-wise Adagrad."""
+    out = {opt: _parity_run(rank, world, sharding_type, opt, device_type) for opt in ("rowwise_adagrad", "sgd")}
+    out["weighted"] = _parity_run(rank, world, sharding_type, "rowwise_adagrad", device_type, weighted=True)
+    return out
 
 
 def _parity_run(
-    rank: int, world: int, sharding_type: str, optimizer: str, device_type: str = "cpu", steps: int = 3, batch: int = 8
+    rank: int,
+    world: int,
+    sharding_type: str,
+    optimizer: str,
+    device_type: str = "cpu",
+    weighted: bool = False,
+    steps: int = 3,
+    batch: int = 8,
 ) -> Dict[str, List[float]]:
     """Train the sharded and the unsharded module side by side; return max abs differences.
 
@@ -60,8 +71,10 @@ def _parity_run(
     torch.manual_seed(0)
     device = torch.device(device_type, rank) if device_type == "cuda" else torch.device(device_type)
     tables, schemes = parity_tables(), parity_schemes()
-    ref = CompressedEmbeddingBagCollection(copy.deepcopy(tables), schemes).to(device)
-    model = CompressedEmbeddingBagCollection(copy.deepcopy(tables), schemes, device=torch.device("meta"))
+    if weighted:
+        tables = [dataclasses.replace(t, pooling=PoolingType.SUM) for t in tables]
+    ref = CompressedEmbeddingBagCollection(copy.deepcopy(tables), schemes, is_weighted=weighted).to(device)
+    model = CompressedEmbeddingBagCollection(copy.deepcopy(tables), schemes, is_weighted=weighted, device=torch.device("meta"))
     opt_cls, opt_kw = (RowWiseAdagrad, {"lr": LR, "eps": EPS}) if optimizer == "rowwise_adagrad" else (torch.optim.SGD, {"lr": LR})
     apply_optimizer_in_backward(opt_cls, model.parameters(), dict(opt_kw))
     dmp = DistributedModelParallel(
@@ -79,7 +92,7 @@ def _parity_run(
     lo, hi = rank * batch // world, (rank + 1) * batch // world
     diffs: Dict[str, List[float]] = {"forward": [], "params": []}
     for step in range(steps):
-        bags = random_bags(tables, batch, seed=100 + step)
+        bags = random_bags(tables, batch, seed=100 + step, weighted=weighted)
         g = torch.randn(batch, sum(t.embedding_dim * len(t.feature_names) for t in tables), generator=torch.Generator().manual_seed(step)).to(device)
         out = dmp(bags.slice(lo, hi).kjt(device)).values()
         ref_out = ref(bags.kjt(device)).values()
