@@ -1,9 +1,11 @@
 import dataclasses
 
+import torch
+
 import pytest
 from torchrec import EmbeddingBagConfig
 
-from torchrec_compress import QR, CompressedEmbeddingBagCollection, Hashing, MEmCom, SchemeConfig, register_scheme
+from torchrec_compress import QR, CompressedEmbeddingBagCollection, Hashing, MEmCom, MemRec, SchemeConfig, register_scheme
 from torchrec_compress.config import scheme_class_for
 from torchrec_compress.schemes.hashing import HashingScheme
 
@@ -12,7 +14,7 @@ def _t(rows=1000, dim=16, name="t"):
     return EmbeddingBagConfig(name=name, embedding_dim=dim, num_embeddings=rows, feature_names=[f"f_{name}"])
 
 
-@pytest.mark.parametrize("cls", [Hashing, QR, MEmCom])
+@pytest.mark.parametrize("cls", [Hashing, QR, MEmCom, MemRec])
 def test_configs_are_frozen_and_reject_bad_ratio(cls):
     cfg = cls(ratio=4)
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -76,7 +78,19 @@ def test_registry_rejects_duplicates_and_unknown():
     class NotRegistered(SchemeConfig):
         pass
 
-    with pytest.raises(ValueError, match="no scheme registered for config .*NotRegistered.*known schemes: Hashing, MEmCom, QR"):
+    with pytest.raises(ValueError, match="no scheme registered for config .*NotRegistered.*known schemes: Hashing, MEmCom, MemRec, QR"):
         scheme_class_for(NotRegistered(ratio=2))
     with pytest.raises(ValueError, match="already registered"):
         register_scheme(Hashing)(HashingScheme)
+
+
+def test_memrec_config_and_criteotb_scale_ratio():
+    with pytest.raises(ValueError, match="hashes must be a positive int"):
+        MemRec(ratio=10, hashes=0)
+    with pytest.raises(ValueError, match="weight_rows= goes with rows="):
+        MemRec(ratio=10, weight_rows=8)
+    # one 40M-row CriteoTB table at dim 128: memory independent of the vocabulary
+    t = EmbeddingBagConfig(name="t", embedding_dim=128, num_embeddings=40_000_000, feature_names=["f"])
+    m = CompressedEmbeddingBagCollection([t], {"t": MemRec(ratio=2000)}, device=torch.device("meta"))
+    rep = m.memory_report().tables["t"]
+    assert rep.ratio >= 2000 and rep.compressed_bytes < 40_000_000 * 128 * 4 / 1999

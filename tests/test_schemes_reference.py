@@ -5,7 +5,7 @@ import pytest
 import torch
 from torchrec import EmbeddingBagConfig, PoolingType
 
-from torchrec_compress import QR, CompressedEmbeddingBagCollection, Hashing, MEmCom
+from torchrec_compress import QR, CompressedEmbeddingBagCollection, Hashing, MEmCom, MemRec
 from torchrec_compress.testing.data import random_bags
 from torchrec_compress.testing.reference import physical_weights, reference_forward
 
@@ -15,6 +15,8 @@ SCHEMES = {
     "qr_add": QR(num_buckets=10, combiner="add"),
     "qr_concat": QR(ratio=3, combiner="concat"),
     "memcom": MEmCom(ratio=6, seed=2),
+    "memrec": MemRec(ratio=20, hashes=3, seed=4),
+    "memrec_explicit": MemRec(rows=13, weight_rows=10, hashes=2),
     "uncompressed": None,
 }
 

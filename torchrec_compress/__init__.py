@@ -7,13 +7,14 @@ Public API::
 from .config import SchemeConfig, register_scheme
 from .modules import CompressedEmbeddingBagCollection, MemoryReport, TableMemory
 from .modules.compress import compress_
-from .schemes import QR, Hashing, MEmCom
+from .schemes import QR, Hashing, MEmCom, MemRec
 from .distributed.sharders import sharders
 
 __all__ = [
     "CompressedEmbeddingBagCollection",
     "Hashing",
     "MEmCom",
+    "MemRec",
     "MemoryReport",
     "QR",
     "SchemeConfig",

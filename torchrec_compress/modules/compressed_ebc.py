@@ -108,7 +108,7 @@ class CompressedEmbeddingBagCollection(nn.Module):
                     name=p.name(t.name),
                     num_embeddings=p.num_embeddings,
                     embedding_dim=p.embedding_dim,
-                    feature_names=[f"{f}{p.suffix}" for f in t.feature_names],
+                    feature_names=[f"{f}{s}" for f in t.feature_names for s in p.feature_suffixes()],
                     data_type=t.data_type,
                     # per-id lookups are bags of one; the logical pooling is applied after combine
                     pooling=PoolingType.SUM if impl.per_value else t.pooling,
@@ -161,7 +161,7 @@ class CompressedEmbeddingBagCollection(nn.Module):
             impl = self._schemes[self._feature_table[f].name]
             jt = jts[f]
             ids = impl.transform(jt.values())
-            suffixes = [p.suffix for p in impl.physical_tables()]
+            suffixes = impl.feature_suffixes()
             if impl.per_value:
                 per_id_feats.append((f, [(f"{f}{s}", i) for s, i in zip(suffixes, ids)]))
                 continue
@@ -188,7 +188,7 @@ class CompressedEmbeddingBagCollection(nn.Module):
         for f in self._embedding_names:
             t = self._feature_table[f]
             impl = self._schemes[t.name]
-            suffixes = [p.suffix for p in impl.physical_tables()]
+            suffixes = impl.feature_suffixes()
             jt = jts[f]
             if not impl.per_value:
                 outs.append(impl.combine([pooled_out[f"{f}{s}"] for s in suffixes], jt.values()))

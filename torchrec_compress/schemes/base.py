@@ -37,9 +37,14 @@ class PhysicalTable:
     embedding_dim: int
     init_fn: Optional[Callable[[torch.Tensor], Optional[torch.Tensor]]] = None
     role: str = "table"
+    lookups: int = 1  # ids per logical id read from this table (e.g. Mem-Rec's K hashes)
 
     def name(self, logical: str) -> str:
         return f"{logical}{self.suffix}"
+
+    def feature_suffixes(self) -> List[str]:
+        """Suffixes of the virtual features that read this table, one per lookup."""
+        return [self.suffix] if self.lookups == 1 else [f"{self.suffix}{k}" for k in range(self.lookups)]
 
 
 def uniform_init(table: EmbeddingBagConfig) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -82,7 +87,11 @@ class TableScheme:
         raise NotImplementedError
 
     def transform(self, values: torch.Tensor) -> List[torch.Tensor]:
+        """``[N]`` logical ids -> one ``[N]`` id tensor per entry of :meth:`feature_suffixes`."""
         raise NotImplementedError
+
+    def feature_suffixes(self) -> List[str]:
+        return [s for p in self.physical_tables() for s in p.feature_suffixes()]
 
     def combine(self, parts: List[torch.Tensor], values: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -15,7 +15,7 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from ..distributed.plans import uniform_plan
 from ..distributed.sharders import sharders
 from ..modules import CompressedEmbeddingBagCollection
-from ..schemes import QR, Hashing, MEmCom
+from ..schemes import QR, Hashing, MEmCom, MemRec
 from .data import random_bags
 from .reference import physical_weights, rowwise_adagrad_step
 
@@ -30,6 +30,7 @@ def parity_tables() -> List[EmbeddingBagConfig]:
         EmbeddingBagConfig(name="t_qradd", embedding_dim=16, num_embeddings=400, feature_names=["qradd"]),
         EmbeddingBagConfig(name="t_memcom", embedding_dim=16, num_embeddings=1000, feature_names=["memcom"]),
         EmbeddingBagConfig(name="t_memcom_mean", embedding_dim=8, num_embeddings=300, feature_names=["memcom_mean"], pooling=PoolingType.MEAN),
+        EmbeddingBagConfig(name="t_memrec", embedding_dim=16, num_embeddings=5000, feature_names=["memrec"]),
     ]
 
 
@@ -40,6 +41,7 @@ def parity_schemes() -> Dict[str, object]:
         "t_qradd": QR(num_buckets=16, combiner="add"),
         "t_memcom": MEmCom(ratio=8),
         "t_memcom_mean": MEmCom(rows=20, seed=1),
+        "t_memrec": MemRec(ratio=50, hashes=3),
     }
 
 

@@ -12,7 +12,8 @@ from torchrec import EmbeddingBagConfig, PoolingType
 
 from ..config import SchemeConfig
 from ..ops import MERSENNE_P, hash_params
-from ..schemes import QR, Hashing, MEmCom
+from ..schemes import QR, Hashing, MEmCom, MemRec
+from ..schemes.memrec import MemRecScheme
 from .data import Bags
 
 
@@ -38,6 +39,11 @@ def reference_embedding(
         shared = w[f"{n}__shared"]
         # paper eq.: e(x) = w_x * E[h(x)]; the packed [v/4, 4] table read flat is w
         return w[f"{n}__w"].reshape(-1)[x] * shared[py_hash(x, shared.shape[0], scheme.seed)]
+    if isinstance(scheme, MemRec):
+        # alpha(x) * SUM_k T[h_k(x)]; W (weight slots) is a derived size, not stored in the table shape
+        tok, alpha = w[f"{n}__tok"], w[f"{n}__alpha"].reshape(-1)
+        slot = py_hash(x, MemRecScheme(table, scheme).weight_rows, scheme.seed * 1000 + 999)
+        return alpha[slot] * sum(tok[py_hash(x, tok.shape[0], scheme.seed * 1000 + k)] for k in range(scheme.hashes))
     raise NotImplementedError(type(scheme))
 
 

@@ -1,0 +1,80 @@
+"""Mem-Rec (Jha et al. 2023): e(x) = alpha(x) * SUM_k T[h_k(x) mod D].
+
+A token table T (D x d) read through K independent hashes of the id (a Bloom-filter
+signature: two ids rarely share all K rows) and a scalar weight alpha(x) from a much
+smaller weight table addressed by its own hash. Neither table depends on the vocabulary
+size v, so the ratio is unbounded (1000x+ on CriteoTB). The weights are packed 4 per
+physical row (FBGEMM dims are multiples of 4); the product makes this a per-id scheme.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Optional
+
+import torch
+
+from ..config import SchemeConfig, _check_positive_int, register_scheme
+from ..ops import universal_hash
+from .base import PhysicalTable, TableScheme, ceil_div, constant_init, uniform_init
+
+PACK = 4
+WEIGHT_SHARE = 0.1  # share of the budget given to the weight table when sizes come from ratio=
+
+
+@dataclasses.dataclass(frozen=True)
+class MemRec(SchemeConfig):
+    """``MemRec(ratio=1000)`` or ``MemRec(rows=D, weight_rows=W)``; ``hashes`` = K; ``seed`` picks the hashes."""
+
+    rows: Optional[int] = None
+    weight_rows: Optional[int] = None
+    hashes: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_positive_int("MemRec", "rows", self.rows)
+        _check_positive_int("MemRec", "weight_rows", self.weight_rows)
+        _check_positive_int("MemRec", "hashes", self.hashes)
+        if (self.ratio is None) == (self.rows is None):
+            raise ValueError(f"MemRec: give exactly one of ratio= or rows=, got ratio={self.ratio!r}, rows={self.rows!r}")
+        if self.ratio is not None and self.weight_rows is not None:
+            raise ValueError("MemRec: weight_rows= goes with rows=, not with ratio=")
+
+
+@register_scheme(MemRec)
+class MemRecScheme(TableScheme):
+    per_value = True
+    accepts_any_id = True  # every id is hashed, so any non-negative id has an embedding
+
+    def __init__(self, table, config: MemRec) -> None:
+        super().__init__(table, config)
+        d = table.embedding_dim
+        if config.rows is not None:
+            self.rows = config.rows
+            self.weight_rows = config.weight_rows or max(PACK, config.rows)
+        else:
+            elems = self._target_bytes() / 4
+            self.weight_rows = PACK * max(1, int(elems * WEIGHT_SHARE) // PACK)
+            self.rows = int((elems - self.weight_rows) // d)
+            if self.rows < 1:
+                raise self._too_small(f"the budget of {elems:.0f} floats holds no row of dim {d}")
+
+    def physical_tables(self) -> List[PhysicalTable]:
+        return [
+            PhysicalTable("__tok", self.rows, self.table.embedding_dim, uniform_init(self.table), lookups=self.config.hashes),
+            PhysicalTable("__alpha", ceil_div(self.weight_rows, PACK), PACK, constant_init(1.0), role="hashed weights"),
+        ]
+
+    def _weight_slot(self, values: torch.Tensor) -> torch.Tensor:
+        return universal_hash(values, self.weight_rows, self.config.seed * 1000 + 999)
+
+    def transform(self, values: torch.Tensor) -> List[torch.Tensor]:
+        """``[N]`` ids -> K x ``[N]`` token rows h_k(x), then ``[N]`` weight rows h_w(x) // 4."""
+        toks = [universal_hash(values, self.rows, self.config.seed * 1000 + k) for k in range(self.config.hashes)]
+        return toks + [torch.div(self._weight_slot(values), PACK, rounding_mode="floor")]
+
+    def combine(self, parts: List[torch.Tensor], values: torch.Tensor) -> torch.Tensor:
+        """K x ``[N, d]`` token rows, ``[N, 4]`` packed weights -> ``[N, d]``."""
+        *toks, packed = parts
+        alpha = packed.gather(1, torch.remainder(self._weight_slot(values), PACK).unsqueeze(1))
+        return alpha * torch.stack(toks).sum(dim=0)
