@@ -49,6 +49,8 @@ def test_sizes_derived_from_ratio():
 
 
 def test_unreachable_ratio_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"table 't' \(3 x 16\).*at most 3x is reachable"):
+        CompressedEmbeddingBagCollection([_t(3, 16)], {"t": Hashing(ratio=16)})
     with pytest.raises(ValueError, match=r"table 't'.*QR needs at least 2\*sqrt\(v\) rows"):
         CompressedEmbeddingBagCollection([_t(100, 16)], {"t": QR(ratio=50)})
     with pytest.raises(ValueError, match=r"MEmCom keeps one fp32 weight per id.*embedding_dim=16"):

@@ -35,7 +35,12 @@ class HashingScheme(TableScheme):
 
     def __init__(self, table, config: Hashing) -> None:
         super().__init__(table, config)
-        self.rows = config.rows if config.rows is not None else max(1, int(table.num_embeddings / config.ratio))
+        if config.rows is not None:
+            self.rows = config.rows
+        else:
+            self.rows = int(table.num_embeddings / config.ratio)
+            if self.rows < 1:
+                raise self._too_small(f"one row is the least a hashed table keeps, so at most {table.num_embeddings}x is reachable")
 
     def physical_tables(self) -> List[PhysicalTable]:
         return [PhysicalTable("__hash", self.rows, self.table.embedding_dim, uniform_init(self.table))]

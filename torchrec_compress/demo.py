@@ -1,0 +1,265 @@
+"""Demo: DLRM on synthetic Criteo-like data, uncompressed vs each scheme at the same ratio.
+
+Every run trains ``torchrec.models.dlrm.DLRM`` at the full Criteo Kaggle cardinalities
+(33.8M rows; 4.3 GB of fp32 embeddings at dim 32) under ``DistributedModelParallel`` in
+one gloo process: the tables are built on ``meta`` and materialized by DMP, and a fused
+row-wise Adagrad updates them inside backward, so no dense [rows, dim] gradient is ever
+formed. All runs see the same seed, the same batches and the same dense initialisation.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import socket
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tabulate import tabulate
+from torchmetrics.functional.classification import binary_auroc
+from torchrec.datasets.utils import Batch
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.models.dlrm import DLRM
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+from tqdm import tqdm
+
+from .config import SchemeConfig
+from .data.synthetic import CRITEO_KAGGLE_CARDINALITIES, NUM_DENSE, SyntheticCriteo, cat_names
+from .distributed.plans import uniform_plan
+from .distributed.sharders import sharders
+from .modules.compress import compress_
+from .modules.compressed_ebc import CompressedEmbeddingBagCollection, replace_configs
+from .schemes import QR, Hashing, MEmCom
+
+SCHEMES = {"none": None, "hashing": Hashing, "qr": QR, "memcom": MEmCom}
+META = torch.device("meta")
+CPU = torch.device("cpu")
+
+
+@dataclass
+class RunResult:
+    """One row of the demo table."""
+
+    scheme: str
+    compressed_tables: List[str]
+    embedding_bytes: int
+    uncompressed_bytes: int
+    ratio: float
+    table_ratios: Dict[str, float]
+    train_loss: float
+    eval_auc: float
+    eval_logloss: float
+    samples_per_s: float
+    setup_s: float
+    train_s: float
+    losses: List[float] = field(repr=False, default_factory=list)
+
+
+def make_tables(cardinalities: Sequence[int], dim: int) -> List[EmbeddingBagConfig]:
+    """One table ``t_cat_i`` of ``cardinalities[i]`` rows x ``dim`` per feature ``cat_i``."""
+    return [
+        EmbeddingBagConfig(name=f"t_{f}", embedding_dim=dim, num_embeddings=v, feature_names=[f])
+        for f, v in zip(cat_names(len(cardinalities)), cardinalities)
+    ]
+
+
+def qualifying_schemes(tables: Sequence[EmbeddingBagConfig], scheme: str, ratio: float) -> Dict[str, SchemeConfig]:
+    """``{table: scheme(ratio=ratio)}`` for the tables the scheme can compress by ~``ratio``.
+
+    A table qualifies when the scheme config accepts it (QR raises ``ValueError`` below
+    ~(2 ratio)^2 rows, MEmCom below ~ratio x dim) and reaches at least 95% of the ratio
+    (Hashing always builds, but a 10-row table cannot be compressed 16x: it keeps >= 1 row).
+    """
+    cls = SCHEMES[scheme]
+    if cls is None:
+        return {}
+    out: Dict[str, SchemeConfig] = {}
+    for t in tables:
+        cfg = cls(ratio=ratio)
+        try:
+            probe = CompressedEmbeddingBagCollection([t], {t.name: cfg}, device=META)
+        except ValueError:
+            continue
+        if probe.memory_report().total.ratio >= 0.95 * ratio:
+            out[t.name] = cfg
+    return out
+
+
+def build_model(tables: Sequence[EmbeddingBagConfig], schemes: Dict[str, SchemeConfig], dim: int, seed: int) -> DLRM:
+    """DLRM with its embeddings on ``meta`` (DMP materializes them) and dense layers on CPU."""
+    torch.manual_seed(seed)  # identical dense initialisation for every scheme
+    ebc = EmbeddingBagCollection(replace_configs(list(tables)), device=META)
+    model = DLRM(
+        embedding_bag_collection=ebc,
+        dense_in_features=NUM_DENSE,
+        dense_arch_layer_sizes=[64, dim],
+        over_arch_layer_sizes=[64, 32, 1],
+        dense_device=CPU,
+    )
+    if schemes:
+        compress_(model, schemes)
+    return model
+
+
+def train_and_eval(
+    name: str,
+    tables: Sequence[EmbeddingBagConfig],
+    schemes: Dict[str, SchemeConfig],
+    train: Sequence[Batch],
+    held_out: Sequence[Batch],
+    dim: int,
+    seed: int,
+    lr_sparse: float,
+    lr_dense: float,
+    progress: bool = True,
+) -> RunResult:
+    """Train one DLRM under single-process DMP on ``train``, evaluate on ``held_out``."""
+    t0 = time.perf_counter()
+    model = build_model(tables, schemes, dim, seed)
+    ebc = model.sparse_arch.embedding_bag_collection
+    if not isinstance(ebc, CompressedEmbeddingBagCollection):  # uncompressed: same accounting, no scheme
+        ebc = CompressedEmbeddingBagCollection(replace_configs(list(ebc.embedding_bag_configs())), {}, device=META)
+    report = ebc.memory_report()
+    # fused row-wise Adagrad: applied in backward by FBGEMM, one state float per row
+    apply_optimizer_in_backward(RowWiseAdagrad, model.sparse_arch.parameters(), {"lr": lr_sparse})
+    with warnings.catch_warnings():  # torchrec's own DDP wrapper uses a deprecated argument
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+        dmp = DistributedModelParallel(model, device=CPU, plan=uniform_plan(model, "table_wise", 1), sharders=sharders())
+    dense_opt = torch.optim.Adagrad([p for _, p in in_backward_optimizer_filter(dmp.named_parameters())], lr=lr_dense)
+    setup_s = time.perf_counter() - t0
+
+    losses: List[float] = []
+    batch_size = train[0].labels.numel()
+    dmp.train()
+    t1 = time.perf_counter()
+    with tqdm(total=len(train) * batch_size, desc=f"{name:>8}", unit="samples", unit_scale=True,
+              disable=not progress, leave=True, mininterval=1.0) as bar:
+        for b in train:
+            logits = dmp(b.dense_features, b.sparse_features).squeeze(-1)  # [B]
+            loss = F.binary_cross_entropy_with_logits(logits, b.labels)
+            loss.backward()  # embeddings are updated here (fused optimizer)
+            dense_opt.step()
+            dense_opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            bar.update(batch_size)
+            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}", refresh=False)
+    train_s = time.perf_counter() - t1
+
+    dmp.eval()
+    logits_all, labels_all = [], []
+    with torch.no_grad():
+        for b in held_out:
+            logits_all.append(dmp(b.dense_features, b.sparse_features).squeeze(-1))
+            labels_all.append(b.labels)
+    logits, labels = torch.cat(logits_all), torch.cat(labels_all)
+    result = RunResult(
+        scheme=name,
+        compressed_tables=sorted(schemes),
+        embedding_bytes=report.total.compressed_bytes,
+        uncompressed_bytes=report.total.uncompressed_bytes,
+        ratio=report.total.ratio,
+        table_ratios={t: m.ratio for t, m in report.tables.items()},
+        train_loss=sum(losses[-20:]) / len(losses[-20:]),
+        eval_auc=binary_auroc(torch.sigmoid(logits), labels.long()).item(),
+        eval_logloss=F.binary_cross_entropy_with_logits(logits, labels).item(),
+        samples_per_s=len(train) * batch_size / train_s,
+        setup_s=setup_s,
+        train_s=train_s,
+        losses=losses,
+    )
+    del dmp, model, ebc, dense_opt  # one model alive at a time: the uncompressed one is 4.3 GB
+    gc.collect()
+    return result
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_demo(
+    steps: int = 300,
+    batch_size: int = 4096,
+    dim: int = 32,
+    ratio: float = 16.0,
+    eval_batches: int = 10,
+    seed: int = 0,
+    schemes: Sequence[str] = ("none", "hashing", "qr", "memcom"),
+    out: Optional[str] = "runs/demo.json",
+    cardinalities: Sequence[int] = CRITEO_KAGGLE_CARDINALITIES,
+    lr_sparse: float = 0.05,
+    lr_dense: float = 0.05,
+    progress: bool = True,
+) -> Dict[str, object]:
+    """Train and evaluate DLRM once per scheme; print a table, write JSON to ``out``.
+
+    Returns ``{"config": ..., "results": [RunResult as dict, ...], "wall_s": ...}``.
+    """
+    unknown = [s for s in schemes if s not in SCHEMES]
+    if unknown:
+        raise ValueError(f"unknown schemes {unknown}; choose from {list(SCHEMES)}")
+    if steps < 1 or batch_size < 1 or eval_batches < 1:
+        raise ValueError(f"steps, batch_size and eval_batches must be >= 1, got {steps}, {batch_size}, {eval_batches}")
+    t0 = time.perf_counter()
+    tables = make_tables(cardinalities, dim)
+    # the same batches for every run, generated once (a 4096 batch is ~5 ms)
+    train = list(SyntheticCriteo(cardinalities, batch_size, steps, seed=seed, split="train"))
+    held_out = list(SyntheticCriteo(cardinalities, batch_size, eval_batches, seed=seed, split="eval"))
+
+    own_group = not dist.is_initialized()
+    if own_group:  # DMP needs a process group; world size 1, local only
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    results: List[RunResult] = []
+    try:
+        for name in schemes:
+            plan = qualifying_schemes(tables, name, ratio)
+            if progress:
+                skipped = [t.name for t in tables if t.name not in plan]
+                print(f"{name}: uncompressed baseline, {len(tables)} tables" if SCHEMES[name] is None else
+                      f"{name}: compressing {len(plan)} tables at {ratio:g}x; left uncompressed (too small): {', '.join(skipped) or '-'}")
+            results.append(train_and_eval(name, tables, plan, train, held_out, dim, seed, lr_sparse, lr_dense, progress))
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+    wall_s = time.perf_counter() - t0
+    summary: Dict[str, object] = {
+        "config": dict(steps=steps, batch_size=batch_size, dim=dim, ratio=ratio, eval_batches=eval_batches, seed=seed,
+                       schemes=list(schemes), cardinalities=list(cardinalities), lr_sparse=lr_sparse, lr_dense=lr_dense),
+        "results": [asdict(r) for r in results],
+        "wall_s": wall_s,
+    }
+    if out:
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(summary, f, indent=1)
+    if progress:
+        print(format_table(results))
+        print(f"wall time {wall_s:.1f} s" + (f"; results in {out}" if out else ""))
+    return summary
+
+
+def format_table(results: Sequence[RunResult]) -> str:
+    rows = [
+        [r.scheme, _fmt_bytes(r.embedding_bytes), f"{r.ratio:.2f}x", len(r.compressed_tables),
+         f"{r.train_loss:.4f}", f"{r.eval_auc:.4f}", f"{r.eval_logloss:.4f}", f"{r.samples_per_s:,.0f}"]
+        for r in results
+    ]
+    return tabulate(rows, headers=["scheme", "emb bytes", "ratio", "tables", "train loss", "eval AUC", "eval logloss", "samples/s"])
+
+
+def _fmt_bytes(n: float) -> str:
+    units = ("B", "KiB", "MiB", "GiB")
+    i = min(len(units) - 1, int(math.log(max(n, 1), 1024)))
+    return f"{n / 1024 ** i:.1f} {units[i]}"
