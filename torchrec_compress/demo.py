@@ -12,34 +12,23 @@ import gc
 import json
 import math
 import os
-import socket
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from tabulate import tabulate
-from torchmetrics.functional.classification import binary_auroc
 from torchrec.datasets.utils import Batch
-from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.models.dlrm import DLRM
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
-from torchrec.optim.optimizers import in_backward_optimizer_filter
-from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
-from tqdm import tqdm
 
 from .config import SchemeConfig
 from .data.synthetic import CRITEO_KAGGLE_CARDINALITIES, NUM_DENSE, SyntheticCriteo, cat_names
-from .distributed.plans import uniform_plan
-from .distributed.sharders import sharders
 from .modules.compress import compress_
 from .modules.compressed_ebc import CompressedEmbeddingBagCollection, replace_configs
 from .schemes import QR, Hashing, MEmCom
+from .train.loop import evaluate, local_process_group, shard_for_training, train_steps
 
 SCHEMES = {"none": None, "hashing": Hashing, "qr": QR, "memcom": MEmCom}
 META = torch.device("meta")
@@ -130,38 +119,11 @@ def train_and_eval(
     if not isinstance(ebc, CompressedEmbeddingBagCollection):  # uncompressed: same accounting, no scheme
         ebc = CompressedEmbeddingBagCollection(replace_configs(list(ebc.embedding_bag_configs())), {}, device=META)
     report = ebc.memory_report()
-    # fused row-wise Adagrad: applied in backward by FBGEMM, one state float per row
-    apply_optimizer_in_backward(RowWiseAdagrad, model.sparse_arch.parameters(), {"lr": lr_sparse})
-    with warnings.catch_warnings():  # torchrec's own DDP wrapper uses a deprecated argument
-        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
-        dmp = DistributedModelParallel(model, device=CPU, plan=uniform_plan(model, "table_wise", 1), sharders=sharders())
-    dense_opt = torch.optim.Adagrad([p for _, p in in_backward_optimizer_filter(dmp.named_parameters())], lr=lr_dense)
+    dmp, dense_opt = shard_for_training(model, model.sparse_arch, lr_sparse, lr_dense)
     setup_s = time.perf_counter() - t0
-
-    losses: List[float] = []
     batch_size = train[0].labels.numel()
-    dmp.train()
-    t1 = time.perf_counter()
-    with tqdm(total=len(train) * batch_size, desc=f"{name:>8}", unit="samples", unit_scale=True,
-              disable=not progress, leave=True, mininterval=1.0) as bar:
-        for b in train:
-            logits = dmp(b.dense_features, b.sparse_features).squeeze(-1)  # [B]
-            loss = F.binary_cross_entropy_with_logits(logits, b.labels)
-            loss.backward()  # embeddings are updated here (fused optimizer)
-            dense_opt.step()
-            dense_opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            bar.update(batch_size)
-            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}", refresh=False)
-    train_s = time.perf_counter() - t1
-
-    dmp.eval()
-    logits_all, labels_all = [], []
-    with torch.no_grad():
-        for b in held_out:
-            logits_all.append(dmp(b.dense_features, b.sparse_features).squeeze(-1))
-            labels_all.append(b.labels)
-    logits, labels = torch.cat(logits_all), torch.cat(labels_all)
+    losses, train_s, _ = train_steps(dmp, dense_opt, train, desc=name, total=len(train) * batch_size, progress=progress)
+    auc, logloss = evaluate(dmp, held_out)
     result = RunResult(
         scheme=name,
         compressed_tables=sorted(schemes),
@@ -170,8 +132,8 @@ def train_and_eval(
         ratio=report.total.ratio,
         table_ratios={t: m.ratio for t, m in report.tables.items()},
         train_loss=sum(losses[-20:]) / len(losses[-20:]),
-        eval_auc=binary_auroc(torch.sigmoid(logits), labels.long()).item(),
-        eval_logloss=F.binary_cross_entropy_with_logits(logits, labels).item(),
+        eval_auc=auc,
+        eval_logloss=logloss,
         samples_per_s=len(train) * batch_size / train_s,
         setup_s=setup_s,
         train_s=train_s,
@@ -180,12 +142,6 @@ def train_and_eval(
     del dmp, model, ebc, dense_opt  # one model alive at a time: the uncompressed one is 4.3 GB
     gc.collect()
     return result
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_demo(
@@ -217,11 +173,8 @@ def run_demo(
     train = list(SyntheticCriteo(cardinalities, batch_size, steps, seed=seed, split="train"))
     held_out = list(SyntheticCriteo(cardinalities, batch_size, eval_batches, seed=seed, split="eval"))
 
-    own_group = not dist.is_initialized()
-    if own_group:  # DMP needs a process group; world size 1, local only
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     results: List[RunResult] = []
-    try:
+    with local_process_group():  # DMP needs a process group; world size 1, local only
         for name in schemes:
             plan = qualifying_schemes(tables, name, ratio)
             if progress:
@@ -229,9 +182,6 @@ def run_demo(
                 print(f"{name}: uncompressed baseline, {len(tables)} tables" if SCHEMES[name] is None else
                       f"{name}: compressing {len(plan)} tables at {ratio:g}x; left uncompressed (too small): {', '.join(skipped) or '-'}")
             results.append(train_and_eval(name, tables, plan, train, held_out, dim, seed, lr_sparse, lr_dense, progress))
-    finally:
-        if own_group:
-            dist.destroy_process_group()
 
     wall_s = time.perf_counter() - t0
     summary: Dict[str, object] = {

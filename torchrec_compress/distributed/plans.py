@@ -6,7 +6,7 @@ planner cannot do for row-wise on CPU, and which tests and benchmarks use to pin
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Dict, Optional
 
 from torch import nn
 from torchrec.distributed.sharding_plan import (

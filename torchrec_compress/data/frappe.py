@@ -1,0 +1,75 @@
+"""Frappe (Baltrunas et al. 2015) in libFM format: 10 one-hot fields, labels 1 / -1.
+
+Rows read ``label idx:1 ... idx:1`` with one global index per field, in field order.
+Global indices are mapped to per-field ids by the field offsets. The files live in
+``../shared/data/frappe`` (not redistributable: read at run time, never copied).
+"""
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+from typing import Iterator, List, Tuple
+
+import torch
+from torchrec.datasets.utils import Batch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+FRAPPE_FIELDS: List[str] = ["user", "item", "daytime", "weekday", "isweekend", "homework", "cost", "weather", "country", "city"]
+FRAPPE_CARDINALITIES: List[int] = [957, 4082, 7, 7, 2, 3, 2, 9, 80, 233]
+FRAPPE_FILES = {"train": "frappe.validation.libfm.gz", "test": "frappe.test.libfm.gz"}
+
+
+@dataclass
+class FrappeSplit:
+    """``ids [N, 10]`` per-field ids, ``labels [N]`` in {0, 1}."""
+
+    ids: torch.Tensor
+    labels: torch.Tensor
+
+    def batches(self, batch_size: int, shuffle_seed: int = -1, drop_last: bool = False) -> Iterator[Batch]:
+        """``Batch`` objects: one constant dense feature (DLRM needs a dense input), 10 one-hot features."""
+        n = self.ids.shape[0]
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(shuffle_seed)) if shuffle_seed >= 0 else torch.arange(n)
+        stop = n - n % batch_size if drop_last else n
+        for s in range(0, stop, batch_size):
+            idx = order[s:s + batch_size]
+            b = idx.numel()
+            yield Batch(
+                dense_features=torch.ones(b, 1),
+                sparse_features=KeyedJaggedTensor(
+                    keys=FRAPPE_FIELDS, values=self.ids[idx].t().reshape(-1), lengths=torch.ones(b * len(FRAPPE_FIELDS), dtype=torch.int64), stride=b
+                ),
+                labels=self.labels[idx],
+            )
+
+
+def read_libfm(path: str) -> FrappeSplit:
+    """Parse one Frappe libFM file (gzip or plain). Raises ``ValueError`` naming the line on a malformed row."""
+    offsets = torch.tensor([0] + FRAPPE_CARDINALITIES).cumsum(0)[:-1]
+    opener = gzip.open if path.endswith(".gz") else open
+    rows, labels = [], []
+    with opener(path, "rt") as fh:
+        for lineno, line in enumerate(fh, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != 1 + len(FRAPPE_FIELDS) or parts[0] not in ("1", "-1"):
+                raise ValueError(f"{path}:{lineno}: expected a label (1/-1) and {len(FRAPPE_FIELDS)} idx:1 entries, got {line.strip()[:80]!r}")
+            labels.append(1.0 if parts[0] == "1" else 0.0)
+            rows.append([int(p.split(":", 1)[0]) for p in parts[1:]])
+    ids = torch.tensor(rows, dtype=torch.int64) - offsets
+    card = torch.tensor(FRAPPE_CARDINALITIES)
+    bad = (ids < 0) | (ids >= card)
+    if bad.any():
+        r, c = bad.nonzero()[0].tolist()
+        raise ValueError(f"{path}: row {r + 1}, field {FRAPPE_FIELDS[c]!r}: global index {rows[r][c]} is outside that field's range")
+    return FrappeSplit(ids, torch.tensor(labels))
+
+
+def load_frappe(root: str) -> Tuple[FrappeSplit, FrappeSplit]:
+    """(train, test): train = the validation file (57,722 rows), test = the test file (28,860)."""
+    missing = [f for f in FRAPPE_FILES.values() if not os.path.exists(os.path.join(root, f))]
+    if missing:
+        raise FileNotFoundError(f"Frappe files {missing} not found under {root}")
+    return tuple(read_libfm(os.path.join(root, FRAPPE_FILES[s])) for s in ("train", "test"))  # type: ignore[return-value]

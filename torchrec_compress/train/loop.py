@@ -1,0 +1,109 @@
+"""Train and evaluate a DLRM-style model under DistributedModelParallel.
+
+The model's forward is ``model(dense [B, n_dense], sparse KJT) -> logits [B, 1]``
+(``torchrec.models.dlrm.DLRM`` / ``DLRM_DCN``). Embeddings are updated by a fused
+row-wise Adagrad inside backward (FBGEMM), so no dense ``[rows, dim]`` gradient is ever
+formed; the remaining parameters by a dense optimizer.
+"""
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+import warnings
+from typing import Iterable, Iterator, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.functional.classification import binary_auroc
+from torchrec.datasets.utils import Batch
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+from tqdm import tqdm
+
+from ..distributed.plans import uniform_plan
+from ..distributed.sharders import sharders
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def local_process_group() -> Iterator[None]:
+    """A gloo process group of world size 1 unless one exists (DMP needs one)."""
+    own = not dist.is_initialized()
+    if own:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        if own:
+            dist.destroy_process_group()
+
+
+def shard_for_training(
+    model: nn.Module,
+    embeddings: nn.Module,
+    lr_sparse: float,
+    lr_dense: float,
+    sharding_type: str = "table_wise",
+    device: torch.device = torch.device("cpu"),
+) -> Tuple[DistributedModelParallel, torch.optim.Optimizer]:
+    """Fused row-wise Adagrad on ``embeddings``' tables, DMP over the current process group,
+    Adagrad on everything else. Returns ``(dmp, dense_optimizer)``."""
+    apply_optimizer_in_backward(RowWiseAdagrad, embeddings.parameters(), {"lr": lr_sparse})
+    world = dist.get_world_size()
+    with warnings.catch_warnings():  # torchrec's own DDP wrapper uses a deprecated argument
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+        dmp = DistributedModelParallel(
+            model, device=device, plan=uniform_plan(model, sharding_type, world, device_type=device.type), sharders=sharders()
+        )
+    dense = [p for _, p in in_backward_optimizer_filter(dmp.named_parameters())]
+    return dmp, torch.optim.Adagrad(dense, lr=lr_dense)
+
+
+def train_steps(
+    dmp: nn.Module,
+    dense_opt: torch.optim.Optimizer,
+    batches: Iterable[Batch],
+    desc: str = "train",
+    total: Optional[int] = None,
+    progress: bool = True,
+) -> Tuple[List[float], float, int]:
+    """One pass over ``batches`` with BCE loss. Returns ``(losses, seconds, samples)``."""
+    losses: List[float] = []
+    samples = 0
+    dmp.train()
+    t0 = time.perf_counter()
+    with tqdm(total=total, desc=f"{desc:>8}", unit="samples", unit_scale=True, disable=not progress, mininterval=1.0) as bar:
+        for b in batches:
+            logits = dmp(b.dense_features, b.sparse_features).squeeze(-1)  # [B]
+            loss = F.binary_cross_entropy_with_logits(logits, b.labels)
+            loss.backward()  # embeddings are updated here (fused optimizer)
+            dense_opt.step()
+            dense_opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            samples += b.labels.numel()
+            bar.update(b.labels.numel())
+            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}", refresh=False)
+    return losses, time.perf_counter() - t0, samples
+
+
+@torch.no_grad()
+def evaluate(dmp: nn.Module, batches: Iterable[Batch]) -> Tuple[float, float]:
+    """``(AUC, log loss)`` over ``batches``."""
+    dmp.eval()
+    logits_all, labels_all = [], []
+    for b in batches:
+        logits_all.append(dmp(b.dense_features, b.sparse_features).squeeze(-1))
+        labels_all.append(b.labels)
+    logits, labels = torch.cat(logits_all), torch.cat(labels_all)
+    auc = binary_auroc(torch.sigmoid(logits), labels.long()).item()
+    return auc, F.binary_cross_entropy_with_logits(logits, labels).item()
