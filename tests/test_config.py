@@ -5,7 +5,7 @@ import torch
 import pytest
 from torchrec import EmbeddingBagConfig
 
-from torchrec_compress import QR, CompressedEmbeddingBagCollection, Hashing, MEmCom, MemRec, SchemeConfig, register_scheme
+from torchrec_compress import QR, CompressedEmbeddingBagCollection, FreqThreshold, Hashing, MEmCom, MemRec, SchemeConfig, register_scheme
 from torchrec_compress.config import scheme_class_for
 from torchrec_compress.schemes.hashing import HashingScheme
 
@@ -14,7 +14,7 @@ def _t(rows=1000, dim=16, name="t"):
     return EmbeddingBagConfig(name=name, embedding_dim=dim, num_embeddings=rows, feature_names=[f"f_{name}"])
 
 
-@pytest.mark.parametrize("cls", [Hashing, QR, MEmCom, MemRec])
+@pytest.mark.parametrize("cls", [Hashing, QR, MEmCom, MemRec, FreqThreshold])
 def test_configs_are_frozen_and_reject_bad_ratio(cls):
     cfg = cls(ratio=4)
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -80,7 +80,7 @@ def test_registry_rejects_duplicates_and_unknown():
     class NotRegistered(SchemeConfig):
         pass
 
-    with pytest.raises(ValueError, match="no scheme registered for config .*NotRegistered.*known schemes: Hashing, MEmCom, MemRec, QR"):
+    with pytest.raises(ValueError, match="no scheme registered for config .*NotRegistered.*known schemes: FreqThreshold, Hashing, MEmCom, MemRec, QR"):
         scheme_class_for(NotRegistered(ratio=2))
     with pytest.raises(ValueError, match="already registered"):
         register_scheme(Hashing)(HashingScheme)

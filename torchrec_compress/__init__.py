@@ -7,11 +7,13 @@ Public API::
 from .config import SchemeConfig, register_scheme
 from .modules import CompressedEmbeddingBagCollection, MemoryReport, TableMemory
 from .modules.compress import compress_
-from .schemes import QR, Hashing, MEmCom, MemRec
+from .schemes import QR, FreqThreshold, Hashing, MEmCom, MemRec
+from .fit import fit_frequency_
 from .distributed.sharders import sharders
 
 __all__ = [
     "CompressedEmbeddingBagCollection",
+    "FreqThreshold",
     "Hashing",
     "MEmCom",
     "MemRec",
@@ -20,6 +22,7 @@ __all__ = [
     "SchemeConfig",
     "TableMemory",
     "compress_",
+    "fit_frequency_",
     "register_scheme",
     "sharders",
 ]

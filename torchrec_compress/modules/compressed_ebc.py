@@ -124,6 +124,16 @@ class CompressedEmbeddingBagCollection(nn.Module):
         self.per_id: Optional[EmbeddingBagCollection] = (
             EmbeddingBagCollection(per_id_cfgs, is_weighted=False, device=device) if per_id_cfgs else None
         )
+        # id maps of schemes that keep them (FreqThreshold, Saec): plain buffers, replicated
+        self.maps = nn.ModuleDict()
+        for t in tables:
+            bufs = self._schemes[t.name].initial_buffers()
+            if bufs:
+                holder = nn.Module()
+                for name, tensor in bufs.items():
+                    holder.register_buffer(name, tensor.to(device) if device is not None else tensor)
+                self.maps[t.name] = holder
+                self._schemes[t.name].bind(holder)
         # follows .to(); lets forward() check the input device without touching sharded tables
         self.register_buffer("_device_probe", torch.empty(0, device=device), persistent=False)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
@@ -96,10 +96,20 @@ class TableScheme:
     def combine(self, parts: List[torch.Tensor], values: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    # --- state outside the tables (id maps) -------------------------------------------
+    def initial_buffers(self) -> Dict[str, torch.Tensor]:
+        """Maps the scheme keeps (name -> tensor of its final shape). The module registers
+        them as buffers (so they follow ``.to()``, ``state_dict`` and DMP) and binds them
+        back with :meth:`bind`; transforms read them as ``self.buffers.<name>``."""
+        return {}
+
+    def bind(self, holder: torch.nn.Module) -> None:
+        self.buffers = holder
+
     # --- memory accounting -----------------------------------------------------------
     def extra_bytes(self) -> int:
         """Bytes kept outside the physical tables (maps, per-id state)."""
-        return 0
+        return sum(t.numel() * t.element_size() for t in self.initial_buffers().values())
 
     def table_bytes(self) -> int:
         width = _BYTES_PER_ELEMENT.get(self.table.data_type, 4)

@@ -15,7 +15,9 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from ..distributed.plans import uniform_plan
 from ..distributed.sharders import sharders
 from ..modules import CompressedEmbeddingBagCollection
-from ..schemes import QR, Hashing, MEmCom, MemRec
+from ..fit import fit_frequency_
+from ..schemes import QR, FreqThreshold, Hashing, MEmCom, MemRec
+from ..stats import FrequencyStats
 from .data import random_bags
 from .reference import physical_weights, rowwise_adagrad_step
 
@@ -31,6 +33,7 @@ def parity_tables() -> List[EmbeddingBagConfig]:
         EmbeddingBagConfig(name="t_memcom", embedding_dim=16, num_embeddings=1000, feature_names=["memcom"]),
         EmbeddingBagConfig(name="t_memcom_mean", embedding_dim=8, num_embeddings=300, feature_names=["memcom_mean"], pooling=PoolingType.MEAN),
         EmbeddingBagConfig(name="t_memrec", embedding_dim=16, num_embeddings=5000, feature_names=["memrec"]),
+        EmbeddingBagConfig(name="t_freq", embedding_dim=8, num_embeddings=200, feature_names=["freq"]),
     ]
 
 
@@ -42,7 +45,15 @@ def parity_schemes() -> Dict[str, object]:
         "t_memcom": MEmCom(ratio=8),
         "t_memcom_mean": MEmCom(rows=20, seed=1),
         "t_memrec": MemRec(ratio=50, hashes=3),
+        "t_freq": FreqThreshold(capacity=20, shared_rows=5),
     }
+
+
+def fit_reference(module: CompressedEmbeddingBagCollection, tables: List[EmbeddingBagConfig]) -> None:
+    """Fill FreqThreshold maps from a fixed batch (the same on every rank)."""
+    stats = FrequencyStats({f: t.num_embeddings for t in tables for f in t.feature_names})
+    stats.update(random_bags(tables, 64, seed=4242).kjt())
+    fit_frequency_(module, stats)
 
 
 def sharded_parity_worker(rank: int, world: int, sharding_type: str, device_type: str = "cpu") -> Dict[str, Dict[str, List[float]]]:
@@ -75,14 +86,16 @@ def _parity_run(
     tables, schemes = parity_tables(), parity_schemes()
     if weighted:
         tables = [dataclasses.replace(t, pooling=PoolingType.SUM) for t in tables]
-    ref = CompressedEmbeddingBagCollection(copy.deepcopy(tables), schemes, is_weighted=weighted).to(device)
+    ref = CompressedEmbeddingBagCollection(copy.deepcopy(tables), schemes, is_weighted=weighted)
+    fit_reference(ref, tables)
+    ref = ref.to(device)
     model = CompressedEmbeddingBagCollection(copy.deepcopy(tables), schemes, is_weighted=weighted, device=torch.device("meta"))
     opt_cls, opt_kw = (RowWiseAdagrad, {"lr": LR, "eps": EPS}) if optimizer == "rowwise_adagrad" else (torch.optim.SGD, {"lr": LR})
     apply_optimizer_in_backward(opt_cls, model.parameters(), dict(opt_kw))
     dmp = DistributedModelParallel(
         model, device=device, plan=uniform_plan(model, sharding_type, world, device_type=device_type), sharders=sharders()
     )
-    copy_state_dict(dmp.state_dict(), ref.state_dict())
+    copy_state_dict(dmp.state_dict(), ref.state_dict())  # tables and id maps
     # data-parallel tables are not fused: TorchRec leaves them to the dense optimizer
     dense = [p for _, p in in_backward_optimizer_filter(dmp.named_parameters())]
     dense_opt = opt_cls(dense, **opt_kw) if dense else None

@@ -12,7 +12,7 @@ from torchrec import EmbeddingBagConfig, PoolingType
 
 from ..config import SchemeConfig
 from ..ops import MERSENNE_P, hash_params
-from ..schemes import QR, Hashing, MEmCom, MemRec
+from ..schemes import QR, FreqThreshold, Hashing, MEmCom, MemRec
 from ..schemes.memrec import MemRecScheme
 from .data import Bags
 
@@ -23,9 +23,11 @@ def py_hash(x: int, buckets: int, seed: int) -> int:
 
 
 def reference_embedding(
-    table: EmbeddingBagConfig, scheme: Optional[SchemeConfig], w: Dict[str, torch.Tensor], x: int
+    table: EmbeddingBagConfig, scheme: Optional[SchemeConfig], w: Dict[str, torch.Tensor], x: int,
+    frequent: Optional[Dict[str, List[int]]] = None,
 ) -> torch.Tensor:
-    """e(x) ``[d]`` from the physical weights ``w`` (physical table name -> weight)."""
+    """e(x) ``[d]`` from the physical weights ``w`` (physical table name -> weight);
+    ``frequent``: table -> its fitted frequent ids (FreqThreshold)."""
     n = table.name
     if scheme is None:
         return w[n][x]
@@ -44,6 +46,12 @@ def reference_embedding(
         tok, alpha = w[f"{n}__tok"], w[f"{n}__alpha"].reshape(-1)
         slot = py_hash(x, MemRecScheme(table, scheme).weight_rows, scheme.seed * 1000 + 999)
         return alpha[slot] * sum(tok[py_hash(x, tok.shape[0], scheme.seed * 1000 + k)] for k in range(scheme.hashes))
+    if isinstance(scheme, FreqThreshold):
+        ids = [i for i in frequent[n] if i < 2**31 - 1]  # drop the padding sentinel
+        if x in ids:  # its own row: the rank of x among the frequent ids
+            return w[f"{n}__ft"][sorted(ids).index(x)]
+        cap = len(frequent[n])
+        return w[f"{n}__ft"][cap + py_hash(x, w[f"{n}__ft"].shape[0] - cap, scheme.seed)]
     raise NotImplementedError(type(scheme))
 
 
@@ -52,6 +60,7 @@ def reference_forward(
     schemes: Dict[str, SchemeConfig],
     w: Dict[str, torch.Tensor],
     bags: Bags,
+    frequent: Optional[Dict[str, List[int]]] = None,
 ) -> torch.Tensor:
     """``[B, sum(dims)]`` pooled output, features in table order, by explicit loops."""
     cols = []
@@ -61,7 +70,7 @@ def reference_forward(
             for b, bag in enumerate(bags.ids[f]):
                 acc = torch.zeros(t.embedding_dim)
                 for j, x in enumerate(bag):
-                    e = reference_embedding(t, schemes.get(t.name), w, x)
+                    e = reference_embedding(t, schemes.get(t.name), w, x, frequent)
                     acc = acc + (bags.weights[f][b][j] * e if bags.weights is not None else e)
                 if t.pooling == PoolingType.MEAN and bag:
                     acc = acc / len(bag)
@@ -92,3 +101,8 @@ def rowwise_adagrad_step(
     for k, (p, g) in enumerate(zip(param.chunk(column_blocks, dim=1), grad.chunk(column_blocks, dim=1))):
         state[touched, k] += g[touched].pow(2).mean(dim=1)
         p[touched] -= lr * g[touched] / (state[touched, k].sqrt().unsqueeze(1) + eps)
+
+
+def frequent_ids(module: torch.nn.Module) -> Dict[str, List[int]]:
+    """Table -> fitted frequent-id map (padding included) of a CompressedEmbeddingBagCollection."""
+    return {name: holder.frequent_ids.tolist() for name, holder in module.maps.items() if hasattr(holder, "frequent_ids")}
