@@ -7,8 +7,8 @@ Public API::
 from .config import SchemeConfig, register_scheme
 from .modules import CompressedEmbeddingBagCollection, MemoryReport, TableMemory
 from .modules.compress import compress_
-from .schemes import QR, FreqThreshold, Hashing, MEmCom, MemRec
-from .fit import fit_frequency_
+from .schemes import QR, FreqThreshold, Hashing, MEmCom, MemRec, Saec
+from .fit import fit_frequency_, fit_saec_
 from .distributed.sharders import sharders
 
 __all__ = [
@@ -19,10 +19,12 @@ __all__ = [
     "MemRec",
     "MemoryReport",
     "QR",
+    "Saec",
     "SchemeConfig",
     "TableMemory",
     "compress_",
     "fit_frequency_",
+    "fit_saec_",
     "register_scheme",
     "sharders",
 ]

@@ -1,13 +1,15 @@
 """Data-driven fitting of schemes that need statistics before training."""
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Mapping, Tuple
 
 import torch
 from torch import nn
 
+from .distributed.state import copy_full_into_
 from .modules.compressed_ebc import CompressedEmbeddingBagCollection
 from .schemes.freq_threshold import FreqThresholdScheme
+from .schemes.saec import SaecScheme
 from .stats import FrequencyStats
 
 
@@ -48,3 +50,52 @@ def fit_frequency_(model: nn.Module, stats: FrequencyStats) -> Dict[str, int]:
     if not kept:
         raise ValueError("fit_frequency_: the model has no FreqThreshold table")
     return kept
+
+
+def _count_vector(stats: FrequencyStats, features: List[str], num_embeddings: int) -> torch.Tensor:
+    """``[v]`` counts summed over ``features`` (sketched features: their heavy hitters only)."""
+    counts = torch.zeros(num_embeddings, dtype=torch.int64)
+    for f in features:
+        if f in stats.exact:
+            counts += stats.exact[f]
+        else:
+            ids, c = stats.top_k(f, stats.top_k_size)
+            counts.index_add_(0, ids, c)
+    return counts
+
+
+def fit_saec_(model: nn.Module, embeddings: Mapping[str, torch.Tensor], stats: FrequencyStats) -> Dict[str, int]:
+    """Fit every ``Saec`` table of ``model`` from warmed-up embeddings and id statistics.
+
+    Args:
+        model: holds CompressedEmbeddingBagCollections (unsharded, or sharded by DMP).
+        embeddings: logical table name -> ``[v, d]`` embeddings of the warmed-up
+            uncompressed table (e.g. ``ebc.embedding_bags[name].weight``).
+        stats: id counts keyed by feature name (all-reduced: the same on every rank).
+    Returns:
+        table -> number of distinct ids that were assigned a cluster from data.
+
+    Writes the id -> cluster map and sets the centroid table to the k-means centroids;
+    fine-tune afterwards. Call it on every rank with the same inputs.
+    """
+    fitted: Dict[str, int] = {}
+    for m in model.modules():
+        if not isinstance(m, CompressedEmbeddingBagCollection):
+            continue
+        state = m.state_dict()
+        for t in m.embedding_bag_configs():
+            impl = m.scheme(t.name)
+            if not isinstance(impl, SaecScheme):
+                continue
+            if t.name not in embeddings:
+                raise ValueError(f"fit_saec_: no warmed-up embeddings given for Saec table {t.name!r}")
+            emb = embeddings[t.name]
+            if tuple(emb.shape) != (t.num_embeddings, t.embedding_dim):
+                raise ValueError(f"fit_saec_: table {t.name!r}: embeddings have shape {tuple(emb.shape)}, expected {(t.num_embeddings, t.embedding_dim)}")
+            counts = _count_vector(stats, t.feature_names, t.num_embeddings)
+            centroids = impl.fit(emb, counts)
+            copy_full_into_(state[f"pooled.embedding_bags.{t.name}__centroids.weight"], centroids)
+            fitted[t.name] = int((counts > 0).sum())
+    if not fitted:
+        raise ValueError("fit_saec_: the model has no Saec table")
+    return fitted

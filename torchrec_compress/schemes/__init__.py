@@ -5,5 +5,6 @@ from .hashing import Hashing
 from .memcom import MEmCom
 from .memrec import MemRec
 from .qr import QR
+from .saec import Saec
 
-__all__ = ["FreqThreshold", "Hashing", "MEmCom", "MemRec", "PhysicalTable", "QR", "TableScheme", "Uncompressed"]
+__all__ = ["FreqThreshold", "Hashing", "MEmCom", "MemRec", "PhysicalTable", "QR", "Saec", "TableScheme", "Uncompressed"]

@@ -13,6 +13,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from ..distributed.plans import uniform_plan
+from ..distributed.state import load_full_state_dict_
 from ..distributed.sharders import sharders
 from ..modules import CompressedEmbeddingBagCollection
 from ..fit import fit_frequency_
@@ -95,7 +96,7 @@ def _parity_run(
     dmp = DistributedModelParallel(
         model, device=device, plan=uniform_plan(model, sharding_type, world, device_type=device_type), sharders=sharders()
     )
-    copy_state_dict(dmp.state_dict(), ref.state_dict())  # tables and id maps
+    load_full_state_dict_(dmp.state_dict(), ref.state_dict())  # tables and id maps
     # data-parallel tables are not fused: TorchRec leaves them to the dense optimizer
     dense = [p for _, p in in_backward_optimizer_filter(dmp.named_parameters())]
     dense_opt = opt_cls(dense, **opt_kw) if dense else None
@@ -126,19 +127,6 @@ def _parity_run(
                 w.grad = None
         diffs["params"].append(_max_param_diff(dmp.state_dict(), ref.state_dict()))
     return diffs
-
-
-def copy_state_dict(sharded: Dict[str, object], full: Dict[str, torch.Tensor]) -> None:
-    """Copy full (unsharded) tensors into the local shards of a sharded state dict, in place."""
-    with torch.no_grad():
-        for name, t in sharded.items():
-            glob = full[name]
-            if hasattr(t, "local_shards"):
-                for shard in t.local_shards():
-                    o, s = shard.metadata.shard_offsets, shard.tensor.shape
-                    shard.tensor.copy_(glob[o[0]:o[0] + s[0], o[1]:o[1] + s[1]])
-            else:
-                t.copy_(glob)
 
 
 def _max_param_diff(sharded: Dict[str, object], full: Dict[str, torch.Tensor]) -> float:

@@ -1,0 +1,24 @@
+"""Write full (unsharded) tensors into a module's state, sharded or not."""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+
+@torch.no_grad()
+def copy_full_into_(target: object, full: torch.Tensor) -> None:
+    """Copy ``full`` into ``target``: a plain tensor, or a ShardedTensor whose local shards
+    are views of the sharded module's storage (TorchRec's ShardedEBC state dict)."""
+    if hasattr(target, "local_shards"):
+        for shard in target.local_shards():
+            o, s = shard.metadata.shard_offsets, shard.tensor.shape
+            shard.tensor.copy_(full[o[0]:o[0] + s[0], o[1]:o[1] + s[1]])
+    else:
+        target.copy_(full)
+
+
+def load_full_state_dict_(sharded: Mapping[str, object], full: Mapping[str, torch.Tensor]) -> None:
+    """``copy_full_into_`` for every entry of ``sharded`` (e.g. ``dmp.state_dict()``) from ``full``."""
+    for name, t in sharded.items():
+        copy_full_into_(t, full[name])
