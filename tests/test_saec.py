@@ -1,5 +1,4 @@
 """Saec: k-means, the map, and the planted-structure acceptance test (ARI > 0.9, AUC within 0.005)."""
-import copy
 
 import pytest
 import torch

@@ -5,10 +5,10 @@ import pytest
 import torch
 from torchrec import EmbeddingBagConfig, PoolingType
 
-from torchrec_compress import QR, CompressedEmbeddingBagCollection, FreqThreshold, Hashing, MEmCom, MemRec, fit_frequency_
+from torchrec_compress import QR, CompressedEmbeddingBagCollection, FreqThreshold, Hashing, MEmCom, MemRec, Saec, fit_frequency_, fit_saec_
 from torchrec_compress.stats import FrequencyStats
 from torchrec_compress.testing.data import random_bags
-from torchrec_compress.testing.reference import frequent_ids, physical_weights, reference_forward
+from torchrec_compress.testing.reference import physical_weights, reference_forward, scheme_maps
 
 SCHEMES = {
     "hashing": Hashing(ratio=7, seed=5),
@@ -19,6 +19,7 @@ SCHEMES = {
     "memrec": MemRec(ratio=20, hashes=3, seed=4),
     "memrec_explicit": MemRec(rows=13, weight_rows=10, hashes=2),
     "freq_threshold": FreqThreshold(capacity=40, shared_rows=7, min_count=2),
+    "saec": Saec(clusters=9),
     "uncompressed": None,
 }
 
@@ -46,11 +47,15 @@ def test_forward_backward_match_reference(name, pooling, weighted):
         stats = FrequencyStats({f: t.num_embeddings for t in tables for f in t.feature_names})
         stats.update(random_bags(tables, batch=40, seed=7, max_len=5).kjt())
         assert min(fit_frequency_(m, stats).values()) > 0
+    if isinstance(scheme, Saec):  # clusters fitted from random "warm" embeddings and counts
+        stats = FrequencyStats({f: t.num_embeddings for t in tables for f in t.feature_names})
+        stats.update(random_bags(tables, batch=40, seed=7, max_len=5).kjt())
+        fit_saec_(m, {t.name: torch.randn(t.num_embeddings, t.embedding_dim) for t in tables}, stats)
     out = m(bags.kjt())
     assert out.keys() == ["a", "b", "c"] and out.length_per_key() == [16, 16, 8]
 
     ref_w = {n: p.detach().clone().requires_grad_(True) for n, p in physical_weights(m).items()}
-    ref = reference_forward(tables, schemes, ref_w, bags, frequent_ids(m))
+    ref = reference_forward(tables, schemes, ref_w, bags, scheme_maps(m))
     torch.testing.assert_close(out.values(), ref, rtol=1e-5, atol=1e-6)  # fp32 sums in another order
 
     g = torch.randn_like(ref)

@@ -16,8 +16,8 @@ from ..distributed.plans import uniform_plan
 from ..distributed.state import load_full_state_dict_
 from ..distributed.sharders import sharders
 from ..modules import CompressedEmbeddingBagCollection
-from ..fit import fit_frequency_
-from ..schemes import QR, FreqThreshold, Hashing, MEmCom, MemRec
+from ..fit import fit_frequency_, fit_saec_
+from ..schemes import QR, FreqThreshold, Hashing, MEmCom, MemRec, Saec
 from ..stats import FrequencyStats
 from .data import random_bags
 from .reference import physical_weights, rowwise_adagrad_step
@@ -35,6 +35,7 @@ def parity_tables() -> List[EmbeddingBagConfig]:
         EmbeddingBagConfig(name="t_memcom_mean", embedding_dim=8, num_embeddings=300, feature_names=["memcom_mean"], pooling=PoolingType.MEAN),
         EmbeddingBagConfig(name="t_memrec", embedding_dim=16, num_embeddings=5000, feature_names=["memrec"]),
         EmbeddingBagConfig(name="t_freq", embedding_dim=8, num_embeddings=200, feature_names=["freq"]),
+        EmbeddingBagConfig(name="t_saec", embedding_dim=8, num_embeddings=300, feature_names=["saec"]),
     ]
 
 
@@ -47,14 +48,17 @@ def parity_schemes() -> Dict[str, object]:
         "t_memcom_mean": MEmCom(rows=20, seed=1),
         "t_memrec": MemRec(ratio=50, hashes=3),
         "t_freq": FreqThreshold(capacity=20, shared_rows=5),
+        "t_saec": Saec(clusters=12),
     }
 
 
 def fit_reference(module: CompressedEmbeddingBagCollection, tables: List[EmbeddingBagConfig]) -> None:
-    """Fill FreqThreshold maps from a fixed batch (the same on every rank)."""
+    """Fill FreqThreshold and Saec maps from a fixed batch (the same on every rank)."""
     stats = FrequencyStats({f: t.num_embeddings for t in tables for f in t.feature_names})
     stats.update(random_bags(tables, 64, seed=4242).kjt())
     fit_frequency_(module, stats)
+    warm = torch.randn(300, 8, generator=torch.Generator().manual_seed(5))  # stands in for warmed-up embeddings
+    fit_saec_(module, {"t_saec": warm}, stats)
 
 
 def sharded_parity_worker(rank: int, world: int, sharding_type: str, device_type: str = "cpu") -> Dict[str, Dict[str, List[float]]]:

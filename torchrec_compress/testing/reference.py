@@ -12,7 +12,7 @@ from torchrec import EmbeddingBagConfig, PoolingType
 
 from ..config import SchemeConfig
 from ..ops import MERSENNE_P, hash_params
-from ..schemes import QR, FreqThreshold, Hashing, MEmCom, MemRec
+from ..schemes import QR, FreqThreshold, Hashing, MEmCom, MemRec, Saec
 from ..schemes.memrec import MemRecScheme
 from .data import Bags
 
@@ -24,10 +24,10 @@ def py_hash(x: int, buckets: int, seed: int) -> int:
 
 def reference_embedding(
     table: EmbeddingBagConfig, scheme: Optional[SchemeConfig], w: Dict[str, torch.Tensor], x: int,
-    frequent: Optional[Dict[str, List[int]]] = None,
+    maps: Optional[Dict[str, Dict[str, torch.Tensor]]] = None,
 ) -> torch.Tensor:
     """e(x) ``[d]`` from the physical weights ``w`` (physical table name -> weight);
-    ``frequent``: table -> its fitted frequent ids (FreqThreshold)."""
+    ``maps``: table -> fitted id maps (FreqThreshold's frequent ids, Saec's clusters)."""
     n = table.name
     if scheme is None:
         return w[n][x]
@@ -47,11 +47,14 @@ def reference_embedding(
         slot = py_hash(x, MemRecScheme(table, scheme).weight_rows, scheme.seed * 1000 + 999)
         return alpha[slot] * sum(tok[py_hash(x, tok.shape[0], scheme.seed * 1000 + k)] for k in range(scheme.hashes))
     if isinstance(scheme, FreqThreshold):
-        ids = [i for i in frequent[n] if i < 2**31 - 1]  # drop the padding sentinel
+        frequent = maps[n]["frequent_ids"].tolist()
+        ids = [i for i in frequent if i < 2**31 - 1]  # drop the padding sentinel
         if x in ids:  # its own row: the rank of x among the frequent ids
             return w[f"{n}__ft"][sorted(ids).index(x)]
-        cap = len(frequent[n])
+        cap = len(frequent)
         return w[f"{n}__ft"][cap + py_hash(x, w[f"{n}__ft"].shape[0] - cap, scheme.seed)]
+    if isinstance(scheme, Saec):
+        return w[f"{n}__centroids"][int(maps[n]["cluster_of"][x])]
     raise NotImplementedError(type(scheme))
 
 
@@ -60,7 +63,7 @@ def reference_forward(
     schemes: Dict[str, SchemeConfig],
     w: Dict[str, torch.Tensor],
     bags: Bags,
-    frequent: Optional[Dict[str, List[int]]] = None,
+    maps: Optional[Dict[str, Dict[str, torch.Tensor]]] = None,
 ) -> torch.Tensor:
     """``[B, sum(dims)]`` pooled output, features in table order, by explicit loops."""
     cols = []
@@ -70,7 +73,7 @@ def reference_forward(
             for b, bag in enumerate(bags.ids[f]):
                 acc = torch.zeros(t.embedding_dim)
                 for j, x in enumerate(bag):
-                    e = reference_embedding(t, schemes.get(t.name), w, x, frequent)
+                    e = reference_embedding(t, schemes.get(t.name), w, x, maps)
                     acc = acc + (bags.weights[f][b][j] * e if bags.weights is not None else e)
                 if t.pooling == PoolingType.MEAN and bag:
                     acc = acc / len(bag)
@@ -103,6 +106,6 @@ def rowwise_adagrad_step(
         p[touched] -= lr * g[touched] / (state[touched, k].sqrt().unsqueeze(1) + eps)
 
 
-def frequent_ids(module: torch.nn.Module) -> Dict[str, List[int]]:
-    """Table -> fitted frequent-id map (padding included) of a CompressedEmbeddingBagCollection."""
-    return {name: holder.frequent_ids.tolist() for name, holder in module.maps.items() if hasattr(holder, "frequent_ids")}
+def scheme_maps(module: torch.nn.Module) -> Dict[str, Dict[str, torch.Tensor]]:
+    """Table -> {buffer name: tensor} of the id maps of a CompressedEmbeddingBagCollection."""
+    return {name: dict(holder.named_buffers()) for name, holder in module.maps.items()}
