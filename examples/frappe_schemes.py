@@ -5,7 +5,8 @@
 Trains on the validation split (57,722 rows), evaluates on the test split (28,860);
 reads ../shared/data/frappe at run time. The user (957) and item (4,082) tables are
 compressed at --ratio; the 8 small context tables stay exact. FreqThreshold is fitted
-from the training split's id counts before training.
+from the training split's id counts before training. Saec warms up uncompressed for
+--warm-epochs, clusters user/item by their embeddings, then fine-tunes for the rest.
 """
 from __future__ import annotations
 
@@ -13,14 +14,15 @@ import argparse
 import json
 import os
 import statistics
-from typing import Dict, List
+from typing import Dict
 
 import torch
 from tabulate import tabulate
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.models.dlrm import DLRM
 
-from torchrec_compress import CompressedEmbeddingBagCollection, FreqThreshold, Hashing, MEmCom, MemRec, QR, compress_, fit_frequency_
+from torchrec_compress import QR, CompressedEmbeddingBagCollection, FreqThreshold, Hashing, MEmCom, MemRec, Saec, compress_, fit_frequency_, fit_saec_
+from torchrec_compress.distributed.state import copy_full_into_
 from torchrec_compress.data.frappe import FRAPPE_CARDINALITIES, FRAPPE_FIELDS, load_frappe
 from torchrec_compress.stats import FrequencyStats
 from torchrec_compress.train import evaluate, local_process_group, shard_for_training, train_steps
@@ -33,34 +35,56 @@ SCHEMES = {
     "memcom": lambda r: MEmCom(ratio=r),
     "memrec": lambda r: MemRec(ratio=r, hashes=2),
     "freq_threshold": lambda r: FreqThreshold(ratio=r),
+    "saec": lambda r: Saec(ratio=r),
 }
 COMPRESSED = ("t_user", "t_item")
 
 
-def run(scheme: str, ratio: float, seed: int, epochs: int, dim: int, root: str) -> Dict[str, float]:
-    train, test = load_frappe(root)
-    tables = [EmbeddingBagConfig(name=f"t_{f}", embedding_dim=dim, num_embeddings=v, feature_names=[f])
-              for f, v in zip(FRAPPE_FIELDS, FRAPPE_CARDINALITIES)]
+def _model(tables, schemes, seed: int, dim: int):
     torch.manual_seed(seed)
     model = DLRM(embedding_bag_collection=EmbeddingBagCollection(tables, device=torch.device("meta")), dense_in_features=1,
                  dense_arch_layer_sizes=[16, dim], over_arch_layer_sizes=[64, 32, 1], dense_device=torch.device("cpu"))
+    if schemes:
+        compress_(model, schemes)
+    dmp, opt = shard_for_training(model, model.sparse_arch, lr_sparse=0.05, lr_dense=0.01)
+    return model, dmp, opt
+
+
+def _full_state(dmp) -> Dict[str, torch.Tensor]:
+    return {k: (v.local_shards()[0].tensor if hasattr(v, "local_shards") else v).detach().clone() for k, v in dmp.state_dict().items()}
+
+
+def run(scheme: str, ratio: float, seed: int, epochs: int, dim: int, root: str, warm_epochs: int = 2) -> Dict[str, float]:
+    train, test = load_frappe(root)
+    tables = [EmbeddingBagConfig(name=f"t_{f}", embedding_dim=dim, num_embeddings=v, feature_names=[f])
+              for f, v in zip(FRAPPE_FIELDS, FRAPPE_CARDINALITIES)]
     cfg = SCHEMES[scheme](ratio)
-    if cfg is not None:
-        compress_(model, {t: cfg for t in COMPRESSED})
+    stats = FrequencyStats(dict(zip(FRAPPE_FIELDS, FRAPPE_CARDINALITIES)))
+    stats.update_from(train.batches(4096), progress=False)
+    first = 0
+    if scheme == "saec":  # warm up uncompressed, then cluster the warmed embeddings
+        _, dmp, opt = _model(tables, None, seed, dim)
+        for e in range(warm_epochs):
+            train_steps(dmp, opt, train.batches(512, shuffle_seed=seed * 100 + e), desc=scheme, progress=False)
+        warm = _full_state(dmp)
+        first = warm_epochs
+    model, dmp, opt = _model(tables, {t: cfg for t in COMPRESSED} if cfg is not None else None, seed, dim)
+    if scheme == "freq_threshold":
+        fit_frequency_(dmp, stats)
+    if scheme == "saec":
+        state = dmp.state_dict()
+        for k, v in warm.items():  # dense layers and the exact context tables continue from the warm-up
+            if k in state:
+                copy_full_into_(state[k], v)
+        prefix = "sparse_arch.embedding_bag_collection.embedding_bags."
+        fit_saec_(dmp, {t: warm[f"{prefix}{t}.weight"] for t in COMPRESSED}, stats)
+    for e in range(first, epochs):
+        train_steps(dmp, opt, train.batches(512, shuffle_seed=seed * 100 + e), desc=scheme, progress=False)
+    auc, logloss = evaluate(dmp, test.batches(4096))
     ebc = model.sparse_arch.embedding_bag_collection
     if not isinstance(ebc, CompressedEmbeddingBagCollection):
         ebc = CompressedEmbeddingBagCollection(tables, {}, device=torch.device("meta"))
     rep = ebc.memory_report()
-    dmp, opt = shard_for_training(model, model.sparse_arch, lr_sparse=0.05, lr_dense=0.01)
-    if scheme == "freq_threshold":
-        stats = FrequencyStats(dict(zip(FRAPPE_FIELDS, FRAPPE_CARDINALITIES)))
-        stats.update_from(train.batches(4096), progress=False)
-        fit_frequency_(dmp, stats)
-    losses: List[float] = []
-    for e in range(epochs):
-        l, _, _ = train_steps(dmp, opt, train.batches(512, shuffle_seed=seed * 100 + e), desc=scheme, progress=False)
-        losses += l
-    auc, logloss = evaluate(dmp, test.batches(4096))
     big = sum(rep.tables[t].compressed_bytes for t in COMPRESSED)
     big_u = sum(rep.tables[t].uncompressed_bytes for t in COMPRESSED)
     return {"auc": auc, "logloss": logloss, "user_item_ratio": big_u / big, "total_ratio": rep.total.ratio}

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import time
 
 import torch
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
