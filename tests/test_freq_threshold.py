@@ -72,3 +72,13 @@ def test_fit_errors():
         fit_frequency_(CompressedEmbeddingBagCollection([t], {"t": Hashing(ratio=2)}), FrequencyStats({"f": 100}))
     with pytest.raises(ValueError, match=r"table 't': no statistics for features \['f'\]"):
         fit_frequency_(CompressedEmbeddingBagCollection([t], {"t": FreqThreshold(capacity=5)}), FrequencyStats({"g": 100}))
+
+
+def test_fit_from_batches_equals_fit_from_stats():
+    t = EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=10_000, feature_names=["f"])
+    kjts = [_zipf_kjt(10_000, 1000, seed=s) for s in range(3)]
+    a = CompressedEmbeddingBagCollection([t], {"t": FreqThreshold(capacity=30)})
+    b = CompressedEmbeddingBagCollection([t], {"t": FreqThreshold(capacity=30)})
+    fit_frequency_(a, kjts)
+    fit_frequency_(b, FrequencyStats({"f": 10_000}).update_from(kjts, progress=False))
+    assert torch.equal(a.maps["t"].frequent_ids, b.maps["t"].frequent_ids)

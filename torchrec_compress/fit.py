@@ -1,7 +1,7 @@
 """Data-driven fitting of schemes that need statistics before training."""
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Tuple
+from typing import Dict, Iterable, List, Mapping, Tuple, Union
 
 import torch
 from torch import nn
@@ -31,10 +31,11 @@ def table_counts(stats: FrequencyStats, features: List[str], top: int) -> Tuple[
     return uniq, torch.zeros_like(uniq).index_add_(0, inv, counts)
 
 
-def fit_frequency_(model: nn.Module, stats: FrequencyStats) -> Dict[str, int]:
-    """Fill the frequent-id maps of every ``FreqThreshold`` table in ``model`` from ``stats``
-    (keyed by feature name). Returns table -> number of ids given a private row.
-    Call it with the same (all-reduced) statistics on every rank."""
+def fit_frequency_(model: nn.Module, data: Union[FrequencyStats, Iterable[object]]) -> Dict[str, int]:
+    """Fill the frequent-id maps of every ``FreqThreshold`` table in ``model`` from ``data``:
+    a ``FrequencyStats`` keyed by feature name (the same, all-reduced, on every rank) or
+    batches / KJTs to count (all-reduced here). Returns table -> ids given a private row."""
+    stats = data if isinstance(data, FrequencyStats) else _stats_from(model, data, FreqThresholdScheme)
     kept: Dict[str, int] = {}
     for m in model.modules():
         if not isinstance(m, CompressedEmbeddingBagCollection):
@@ -64,20 +65,35 @@ def _count_vector(stats: FrequencyStats, features: List[str], num_embeddings: in
     return counts
 
 
-def fit_saec_(model: nn.Module, embeddings: Mapping[str, torch.Tensor], stats: FrequencyStats) -> Dict[str, int]:
+def _stats_from(model: nn.Module, data: Iterable[object], scheme_type: type) -> FrequencyStats:
+    """Count the features of every ``scheme_type`` table of ``model`` over ``data`` (all ranks)."""
+    vocab = {
+        f: t.num_embeddings
+        for m in model.modules() if isinstance(m, CompressedEmbeddingBagCollection)
+        for t in m.embedding_bag_configs() if isinstance(m.scheme(t.name), scheme_type)
+        for f in t.feature_names
+    }
+    return FrequencyStats(vocab).update_from(data).all_reduce()
+
+
+def fit_saec_(
+    model: nn.Module, embeddings: Mapping[str, torch.Tensor], data: Union[FrequencyStats, Iterable[object]]
+) -> Dict[str, int]:
     """Fit every ``Saec`` table of ``model`` from warmed-up embeddings and id statistics.
 
     Args:
         model: holds CompressedEmbeddingBagCollections (unsharded, or sharded by DMP).
         embeddings: logical table name -> ``[v, d]`` embeddings of the warmed-up
             uncompressed table (e.g. ``ebc.embedding_bags[name].weight``).
-        stats: id counts keyed by feature name (all-reduced: the same on every rank).
+        data: id counts keyed by feature name (all-reduced: the same on every rank), or
+            batches / KJTs to count them from (all-reduced here under torch.distributed).
     Returns:
         table -> number of distinct ids that were assigned a cluster from data.
 
     Writes the id -> cluster map and sets the centroid table to the k-means centroids;
     fine-tune afterwards. Call it on every rank with the same inputs.
     """
+    stats = data if isinstance(data, FrequencyStats) else _stats_from(model, data, SaecScheme)
     fitted: Dict[str, int] = {}
     for m in model.modules():
         if not isinstance(m, CompressedEmbeddingBagCollection):
