@@ -89,6 +89,8 @@ def test_registry_rejects_duplicates_and_unknown():
 def test_memrec_config_and_criteotb_scale_ratio():
     with pytest.raises(ValueError, match="hashes must be a positive int"):
         MemRec(ratio=10, hashes=0)
+    with pytest.raises(ValueError, match="weight_dim must be 1"):
+        MemRec(ratio=10, weight_dim=3)
     with pytest.raises(ValueError, match="weight_rows= goes with rows="):
         MemRec(ratio=10, weight_rows=8)
     # one 40M-row CriteoTB table at dim 128: memory independent of the vocabulary

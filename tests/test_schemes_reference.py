@@ -18,6 +18,7 @@ SCHEMES = {
     "memcom": MEmCom(ratio=6, seed=2),
     "memrec": MemRec(ratio=20, hashes=3, seed=4),
     "memrec_explicit": MemRec(rows=13, weight_rows=10, hashes=2),
+    "memrec_vector": MemRec(ratio=10, hashes=2, weight_dim="full"),
     "freq_threshold": FreqThreshold(capacity=40, shared_rows=7, min_count=2),
     "saec": Saec(clusters=9),
     "uncompressed": None,

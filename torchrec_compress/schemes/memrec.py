@@ -23,11 +23,15 @@ WEIGHT_SHARE = 0.1  # share of the budget given to the weight table when sizes c
 
 @dataclasses.dataclass(frozen=True)
 class MemRec(SchemeConfig):
-    """``MemRec(ratio=1000)`` or ``MemRec(rows=D, weight_rows=W)``; ``hashes`` = K; ``seed`` picks the hashes."""
+    """``MemRec(ratio=1000)`` or ``MemRec(rows=D, weight_rows=W)``; ``hashes`` = K; ``seed`` picks the hashes.
+
+    ``weight_dim``: 1 (a scalar alpha(x), packed 4 per row) or ``"full"`` (a vector
+    alpha(x) of the embedding dim, applied elementwise)."""
 
     rows: Optional[int] = None
     weight_rows: Optional[int] = None
     hashes: int = 2
+    weight_dim: object = 1
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -39,6 +43,8 @@ class MemRec(SchemeConfig):
             raise ValueError(f"MemRec: give exactly one of ratio= or rows=, got ratio={self.ratio!r}, rows={self.rows!r}")
         if self.ratio is not None and self.weight_rows is not None:
             raise ValueError("MemRec: weight_rows= goes with rows=, not with ratio=")
+        if self.weight_dim not in (1, "full"):
+            raise ValueError(f"MemRec: weight_dim must be 1 (scalar) or 'full' (embedding dim), got {self.weight_dim!r}")
 
 
 @register_scheme(MemRec)
@@ -49,32 +55,36 @@ class MemRecScheme(TableScheme):
     def __init__(self, table, config: MemRec) -> None:
         super().__init__(table, config)
         d = table.embedding_dim
+        self.pack = PACK if config.weight_dim == 1 else 1  # ids per physical weight row
+        self.wdim = PACK if config.weight_dim == 1 else d
         if config.rows is not None:
             self.rows = config.rows
             self.weight_rows = config.weight_rows or max(PACK, config.rows)
         else:
             elems = self._target_bytes() / 4
-            self.weight_rows = PACK * max(1, int(elems * WEIGHT_SHARE) // PACK)
-            self.rows = int((elems - self.weight_rows) // d)
+            physical = max(1, int(elems * WEIGHT_SHARE) // self.wdim)
+            self.weight_rows = self.pack * physical
+            self.rows = int((elems - physical * self.wdim) // d)
             if self.rows < 1:
                 raise self._too_small(f"the budget of {elems:.0f} floats holds no row of dim {d}")
 
     def physical_tables(self) -> List[PhysicalTable]:
         return [
             PhysicalTable("__tok", self.rows, self.table.embedding_dim, uniform_init(self.table), lookups=self.config.hashes),
-            PhysicalTable("__alpha", ceil_div(self.weight_rows, PACK), PACK, constant_init(1.0), role="hashed weights"),
+            PhysicalTable("__alpha", ceil_div(self.weight_rows, self.pack), self.wdim, constant_init(1.0), role="hashed weights"),
         ]
 
     def _weight_slot(self, values: torch.Tensor) -> torch.Tensor:
         return universal_hash(values, self.weight_rows, self.config.seed * 1000 + 999)
 
     def transform(self, values: torch.Tensor) -> List[torch.Tensor]:
-        """``[N]`` ids -> K x ``[N]`` token rows h_k(x), then ``[N]`` weight rows h_w(x) // 4."""
+        """``[N]`` ids -> K x ``[N]`` token rows h_k(x), then ``[N]`` weight rows h_w(x) // pack."""
         toks = [universal_hash(values, self.rows, self.config.seed * 1000 + k) for k in range(self.config.hashes)]
-        return toks + [torch.div(self._weight_slot(values), PACK, rounding_mode="floor")]
+        return toks + [torch.div(self._weight_slot(values), self.pack, rounding_mode="floor")]
 
     def combine(self, parts: List[torch.Tensor], values: torch.Tensor) -> torch.Tensor:
-        """K x ``[N, d]`` token rows, ``[N, 4]`` packed weights -> ``[N, d]``."""
-        *toks, packed = parts
-        alpha = packed.gather(1, torch.remainder(self._weight_slot(values), PACK).unsqueeze(1))
+        """K x ``[N, d]`` token rows, ``[N, 4]`` packed scalars or ``[N, d]`` vectors -> ``[N, d]``."""
+        *toks, alpha = parts
+        if self.pack > 1:
+            alpha = alpha.gather(1, torch.remainder(self._weight_slot(values), self.pack).unsqueeze(1))
         return alpha * torch.stack(toks).sum(dim=0)

@@ -43,9 +43,10 @@ def reference_embedding(
         return w[f"{n}__w"].reshape(-1)[x] * shared[py_hash(x, shared.shape[0], scheme.seed)]
     if isinstance(scheme, MemRec):
         # alpha(x) * SUM_k T[h_k(x)]; W (weight slots) is a derived size, not stored in the table shape
-        tok, alpha = w[f"{n}__tok"], w[f"{n}__alpha"].reshape(-1)
+        tok, alpha = w[f"{n}__tok"], w[f"{n}__alpha"]
         slot = py_hash(x, MemRecScheme(table, scheme).weight_rows, scheme.seed * 1000 + 999)
-        return alpha[slot] * sum(tok[py_hash(x, tok.shape[0], scheme.seed * 1000 + k)] for k in range(scheme.hashes))
+        a = alpha.reshape(-1)[slot] if scheme.weight_dim == 1 else alpha[slot]
+        return a * sum(tok[py_hash(x, tok.shape[0], scheme.seed * 1000 + k)] for k in range(scheme.hashes))
     if isinstance(scheme, FreqThreshold):
         frequent = maps[n]["frequent_ids"].tolist()
         ids = [i for i in frequent if i < 2**31 - 1]  # drop the padding sentinel
