@@ -20,6 +20,7 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import torch
 import torch.distributed as dist
 from torch import nn
+from torchrec.distributed.types import ShardedModule
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
@@ -225,7 +226,7 @@ class CompressedEmbeddingBagCollection(nn.Module):
                 counts.append(ids.numel())
         stride = max(1, max(counts))
         device = vals[0].device
-        if not isinstance(self.per_id, EmbeddingBagCollection):
+        if isinstance(self.per_id, ShardedModule):
             # Sharded by DMP: row-wise output distribution (reduce-scatter) needs one stride
             # on every rank, so agree on the largest.
             stride = _max_over_ranks(stride, getattr(getattr(self.per_id, "_env", None), "process_group", None), device)

@@ -1,0 +1,100 @@
+"""Quantized export: parity with the dequantized reference per dtype, mixed dtypes, memory, errors."""
+import copy
+
+import pytest
+import torch
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+from torchrec.models.dlrm import DLRM
+from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEBC
+
+from torchrec_compress import CompressedEmbeddingBagCollection, Hashing, compress_
+from torchrec_compress.quant import dequantized_tables, export, quantized_memory_report
+from torchrec_compress.testing.data import random_bags
+from torchrec_compress.testing.parity import fit_reference, parity_schemes, parity_tables
+
+# per-element error bound of row-wise quantization: half a step of (max - min) / (2^bits - 1)
+STEP = {"int8": 255, "int4": 15, "int2": 3}
+NARROW = {"t_memcom__w": "int8", "t_memcom_mean__w": "int8", "t_memrec__alpha": "int8"}  # dim-4 tables: int2 needs 8 | dim
+
+
+def _model():
+    torch.manual_seed(0)
+    m = CompressedEmbeddingBagCollection(parity_tables(), parity_schemes())
+    fit_reference(m, parity_tables())
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return m
+
+
+def _dequantized_float_copy(m, q):
+    ref = copy.deepcopy(m)
+    for inner_q, inner_f in ((q.pooled, ref.pooled), (q.per_id, ref.per_id)):
+        for n, w in dequantized_tables(inner_q).items():
+            inner_f.embedding_bags[n].weight.data.copy_(w)
+    return ref
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "int8", "int4", "int2"])
+def test_export_matches_dequantized_reference(dtype):
+    m = _model()
+    q = export(m, NARROW if dtype == "int2" else {}, default=dtype)
+    assert isinstance(q.pooled, QuantEBC) and isinstance(q.per_id, QuantEBC)
+    assert isinstance(m.pooled, EmbeddingBagCollection)  # the float model is untouched
+    kjt = random_bags(parity_tables(), 16, seed=3).kjt()
+    out = q(kjt).values()
+    # same transforms and combines over the stored (dequantized) rows: equal up to fp32 rounding
+    torch.testing.assert_close(out, _dequantized_float_copy(m, q)(kjt).values(), rtol=1e-5, atol=1e-5)
+    if dtype in STEP:  # and each stored row is within half a quantization step of the float row
+        for inner_q, inner_f in ((q.pooled, m.pooled), (q.per_id, m.per_id)):
+            deq = dequantized_tables(inner_q)
+            for cfg in inner_q.embedding_bag_configs():
+                w = inner_f.embedding_bags[cfg.name].weight
+                bits = {"INT8": "int8", "INT4": "int4", "INT2": "int2"}.get(cfg.data_type.name)
+                if bits is None:
+                    continue
+                half_step = (w.max(1).values - w.min(1).values) / STEP[bits] / 2
+                # + fp16 rounding of scale and bias
+                assert ((deq[cfg.name] - w).abs().max(1).values <= half_step * 1.01 + 2e-3 * w.abs().max(1).values + 1e-6).all(), cfg.name
+    elif dtype == "fp32":
+        assert torch.equal(out, m(kjt).values())
+
+
+def test_mixed_dtypes_in_one_model_and_memory_report():
+    m = _model()
+    dtypes = {"t_plain": "fp32", "t_hash": "int4", "t_qr": "int8", "t_memcom": "fp16", "t_memcom__w": "fp32", "t_memrec": "int2", "t_memrec__alpha": "int8"}
+    q = export(m, dtypes, default="int8")
+    kinds = {c.name: c.data_type.name for c in q.pooled.embedding_bag_configs() + q.per_id.embedding_bag_configs()}
+    assert kinds["t_plain"] == "FP32" and kinds["t_hash__hash"] == "INT4" and kinds["t_qr__q"] == "INT8"
+    assert kinds["t_memcom__shared"] == "FP16" and kinds["t_memcom__w"] == "FP32" and kinds["t_memrec__tok"] == "INT2"
+    kjt = random_bags(parity_tables(), 16, seed=4).kjt()
+    torch.testing.assert_close(q(kjt).values(), _dequantized_float_copy(m, q)(kjt).values(), rtol=1e-5, atol=1e-5)
+    rep = quantized_memory_report(q)
+    assert rep.tables["t_hash"].scheme == "Hashing/int4"
+    # stored rows = actual uint8 buffers (FBGEMM aligns rows to 16 bytes); maps still counted
+    assert rep.tables["t_freq"].parts["t_freq (maps)"] == 20 * 4
+    assert rep.total.compressed_bytes < m.memory_report().total.compressed_bytes
+
+
+def test_export_dlrm_with_plain_and_compressed_ebcs():
+    tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=16, num_embeddings=1000, feature_names=[f"f{i}"]) for i in range(3)]
+    torch.manual_seed(0)
+    dlrm = DLRM(embedding_bag_collection=EmbeddingBagCollection(tables), dense_in_features=4,
+                dense_arch_layer_sizes=[8, 16], over_arch_layer_sizes=[8, 1])
+    compress_(dlrm, {"t0": Hashing(ratio=4)})
+    q = export(dlrm, {"t1": "int4"}, default="int8")
+    dense, kjt = torch.randn(5, 4), random_bags(tables, 5, seed=0).kjt()
+    a, b = q(dense, kjt), dlrm(dense, kjt)
+    assert a.shape == b.shape and (a - b).abs().max() < 0.05
+
+
+def test_export_errors():
+    m = _model()
+    with pytest.raises(ValueError, match="dtype 'int3' is not supported"):
+        export(m, default="int3")
+    with pytest.raises(ValueError, match=r"unknown tables \['nope'\]"):
+        export(m, {"nope": "int8"})
+    with pytest.raises(ValueError, match=r"table 't_memcom__w': dim 4 at int2 packs into 1 bytes"):
+        export(m, default="int2")
+    with pytest.raises(ValueError, match="holds no torchrec EmbeddingBagCollection"):
+        export(torch.nn.Linear(2, 2))
