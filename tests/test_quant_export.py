@@ -98,3 +98,31 @@ def test_export_errors():
         export(m, default="int2")
     with pytest.raises(ValueError, match="holds no torchrec EmbeddingBagCollection"):
         export(torch.nn.Linear(2, 2))
+
+
+def test_torch_export_program_round_trip(tmp_path):
+    from torchrec_compress.quant import load_program, to_program
+
+    q = export(_model(), default="int8")
+    kjt = random_bags(parity_tables(), 8, seed=5).kjt()
+    prog = to_program(q, kjt)
+    torch.export.save(prog, str(tmp_path / "m.pt2"))
+    loaded = load_program(str(tmp_path / "m.pt2"))
+    assert torch.equal(loaded.module()(kjt), q(kjt).values())
+    assert q._validate  # the served copy has checks compiled out, the module keeps them
+
+
+def test_torchrec_inference_sharder_takes_the_exported_model():
+    """TorchRec's inference sharding swaps the inner quantized EBCs for sharded ones. On CPU
+    it can only be built on meta: FBGEMM's IntNBit TBE asserts CUDA when TorchRec builds it
+    for a 'cpu' sharding device (see the issue note); on GPUs shard with compute_device='cuda'."""
+    from torchrec.distributed.quant_embeddingbag import ShardedQuantEmbeddingBagCollection
+    from torchrec.inference.modules import shard_quant_model
+
+    from torchrec_compress.quant.export import _ValuesOf
+
+    q = export(_model(), default="int8")
+    sq, plan = shard_quant_model(_ValuesOf(q), world_size=1, compute_device="cpu", sharding_device="meta")
+    assert isinstance(sq.model.pooled, ShardedQuantEmbeddingBagCollection)
+    assert isinstance(sq.model.per_id, ShardedQuantEmbeddingBagCollection)
+    assert set(plan.plan) == {"model.pooled", "model.per_id"}

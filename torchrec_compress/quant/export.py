@@ -179,3 +179,38 @@ def quantized_memory_report(model: nn.Module) -> MemoryReport:
 
 def _inside_compressed(model: nn.Module, qebc: nn.Module) -> bool:
     return any(isinstance(m, CompressedEmbeddingBagCollection) and qebc in (m.pooled, m.per_id) for m in model.modules())
+
+
+class _ValuesOf(nn.Module):
+    """``model(kjt).values()``: a tensor output for torch.export."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, kjt):  # type: ignore[no-untyped-def]
+        return self.model(kjt).values()
+
+
+def to_program(model: nn.Module, example_kjt) -> "torch.export.ExportedProgram":  # type: ignore[no-untyped-def]
+    """``torch.export`` program of an exported (quantized) embedding module for serving.
+
+    Input checks are compiled out (they read tensor values on the host). The program is
+    specialized to the example's shapes (batch size and number of ids): TorchRec's KJT
+    does not yet export with dynamic jagged sizes here, so export one program per
+    serving shape, or pad requests to it. ``torch.export.save`` / ``load`` round-trip it.
+    """
+    m = copy.deepcopy(model).eval()
+    for sub in m.modules():
+        if isinstance(sub, CompressedEmbeddingBagCollection):
+            sub._validate = False
+    with torch.no_grad():
+        return torch.export.export(_ValuesOf(m), (example_kjt,), strict=False)
+
+
+def load_program(path: str) -> "torch.export.ExportedProgram":
+    """``torch.export.load`` with TorchRec's KJT allowed in the saved example inputs."""
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    with torch.serialization.safe_globals([KeyedJaggedTensor]):
+        return torch.export.load(path)
