@@ -111,8 +111,9 @@ class CompressedEmbeddingBagCollection(nn.Module):
                     embedding_dim=p.embedding_dim,
                     feature_names=[f"{f}{s}" for f in t.feature_names for s in p.feature_suffixes()],
                     data_type=t.data_type,
-                    # per-id lookups are bags of one; the logical pooling is applied after combine
-                    pooling=PoolingType.SUM if impl.per_value else t.pooling,
+                    # per-id lookups are bags of one and ragged routes see part of a bag:
+                    # the logical pooling is applied after combine
+                    pooling=PoolingType.SUM if impl.per_value or impl.ragged else t.pooling,
                     init_fn=p.init_fn or uniform_init(t),
                 )
                 (per_id_cfgs if impl.per_value else pooled_cfgs).append(cfg)
@@ -171,17 +172,17 @@ class CompressedEmbeddingBagCollection(nn.Module):
         for f in self._embedding_names:
             impl = self._schemes[self._feature_table[f].name]
             jt = jts[f]
-            ids = impl.transform(jt.values())
             suffixes = impl.feature_suffixes()
             if impl.per_value:
+                ids = impl.transform(jt.values())
                 per_id_feats.append((f, [(f"{f}{s}", i) for s, i in zip(suffixes, ids)]))
                 continue
-            for s, i in zip(suffixes, ids):
+            for s, (i, lengths, weights) in zip(suffixes, impl.route(jt)):
                 pooled_keys.append(f"{f}{s}")
                 pooled_vals.append(i)
-                pooled_lens.append(jt.lengths())
+                pooled_lens.append(lengths)
                 if self._is_weighted:
-                    pooled_wts.append(jt.weights())
+                    pooled_wts.append(weights)
 
         pooled_out: Dict[str, torch.Tensor] = {}
         if pooled_keys:
@@ -202,7 +203,10 @@ class CompressedEmbeddingBagCollection(nn.Module):
             suffixes = impl.feature_suffixes()
             jt = jts[f]
             if not impl.per_value:
-                outs.append(impl.combine([pooled_out[f"{f}{s}"] for s in suffixes], jt.values()))
+                out = impl.combine([pooled_out[f"{f}{s}"] for s in suffixes], jt.values())
+                if impl.ragged and t.pooling == PoolingType.MEAN:
+                    out = out / jt.lengths().clamp(min=1).unsqueeze(1).to(out.dtype)
+                outs.append(out)
                 continue
             n = jt.values().numel()
             per = impl.combine([per_id_out[f"{f}{s}"][:n] for s in suffixes], jt.values())

@@ -44,17 +44,22 @@ def _physical_dtypes(
     module: nn.Module, ebc: EmbeddingBagCollection, dtypes: Mapping[str, str], default: str, used: set
 ) -> Dict[str, torch.dtype]:
     """Physical table -> dtype: its own entry, else its logical table's entry, else ``default``."""
-    logical = {}
+    logical, preset = {}, {}
     if isinstance(module, CompressedEmbeddingBagCollection):
         for t in module.embedding_bag_configs():
             for p in module.scheme(t.name).physical_tables():
                 logical[p.name(t.name)] = t.name
+                if p.export_dtype is not None:  # chosen by the scheme (MPE's precision groups)
+                    preset[p.name(t.name)] = p.export_dtype
     out = {}
     for cfg in ebc.embedding_bag_configs():
-        key = cfg.name if cfg.name in dtypes else logical.get(cfg.name)
-        name = dtypes[key] if key in dtypes else default
+        # a physical entry wins, then the scheme's own choice, then the logical table's entry
+        key = cfg.name if cfg.name in dtypes else (None if cfg.name in preset else logical.get(cfg.name))
         if key in dtypes:
+            name = dtypes[key]
             used.add(key)
+        else:
+            name = preset.get(cfg.name, default)
         bits = BITS.get(str(name).lower(), 32)
         if bits < 16 and (cfg.embedding_dim * bits % 8 or cfg.embedding_dim * bits // 8 % 2):
             # FBGEMM's row-wise quantizer needs an even number of bytes per row

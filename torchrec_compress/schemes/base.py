@@ -18,10 +18,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
+from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from ..config import SchemeConfig
 
@@ -37,6 +38,7 @@ class PhysicalTable:
     embedding_dim: int
     init_fn: Optional[Callable[[torch.Tensor], Optional[torch.Tensor]]] = None
     role: str = "table"
+    export_dtype: Optional[str] = None  # dtype quant.export gives this table unless told otherwise
     lookups: int = 1  # ids per logical id read from this table (e.g. Mem-Rec's K hashes)
 
     def name(self, logical: str) -> str:
@@ -70,6 +72,7 @@ class TableScheme:
 
     per_value: bool = False
     accepts_any_id: bool = False  # True: ids >= num_embeddings are valid (hashed by design)
+    ragged: bool = False  # True: route() sends each id to a subset of the physical tables
 
     def __init__(self, table: EmbeddingBagConfig, config: Optional[SchemeConfig]) -> None:
         self.table = table
@@ -92,6 +95,11 @@ class TableScheme:
 
     def feature_suffixes(self) -> List[str]:
         return [s for p in self.physical_tables() for s in p.feature_suffixes()]
+
+    def route(self, jt: JaggedTensor) -> List[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
+        """(ids, lengths, weights) per virtual feature for the pooled path. Default: every
+        id goes to every physical table (``transform``); ragged schemes send each id to one."""
+        return [(ids, jt.lengths(), jt.weights_or_none()) for ids in self.transform(jt.values())]
 
     def combine(self, parts: List[torch.Tensor], values: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
