@@ -7,7 +7,8 @@ Public API::
 from .config import SchemeConfig, register_scheme
 from .modules import CompressedEmbeddingBagCollection, MemoryReport, TableMemory
 from .modules.compress import compress_
-from .schemes import QR, FreqThreshold, Hashing, MEmCom, MemRec, Saec
+from .schemes import MPE, QR, FreqThreshold, Hashing, MEmCom, MemRec, Saec
+from .mpe import fit_mpe_groups_, mpe_choose_, mpe_finalize, mpe_penalty, run_mpe
 from .fit import fit_frequency_, fit_saec_
 from .distributed.sharders import sharders
 
@@ -16,6 +17,7 @@ __all__ = [
     "FreqThreshold",
     "Hashing",
     "MEmCom",
+    "MPE",
     "MemRec",
     "MemoryReport",
     "QR",
@@ -25,6 +27,11 @@ __all__ = [
     "compress_",
     "fit_frequency_",
     "fit_saec_",
+    "fit_mpe_groups_",
+    "mpe_choose_",
+    "mpe_finalize",
+    "mpe_penalty",
+    "run_mpe",
     "register_scheme",
     "sharders",
 ]

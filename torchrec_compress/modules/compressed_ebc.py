@@ -129,13 +129,10 @@ class CompressedEmbeddingBagCollection(nn.Module):
         # id maps of schemes that keep them (FreqThreshold, Saec): plain buffers, replicated
         self.maps = nn.ModuleDict()
         for t in tables:
-            bufs = self._schemes[t.name].initial_buffers()
-            if bufs:
-                holder = nn.Module()
-                for name, tensor in bufs.items():
-                    holder.register_buffer(name, tensor.to(device) if device is not None else tensor)
-                self.maps[t.name] = holder
-                self._schemes[t.name].bind(holder)
+            impl = self._schemes[t.name]
+            if impl.initial_buffers() or impl.initial_parameters():
+                self.maps[t.name] = _SchemeState(impl, device)
+                impl.bind(self.maps[t.name])
         # follows .to(); lets forward() check the input device without touching sharded tables
         self.register_buffer("_device_probe", torch.empty(0, device=device), persistent=False)
 
@@ -286,10 +283,7 @@ class CompressedEmbeddingBagCollection(nn.Module):
         tables: Dict[str, TableMemory] = {}
         for t in self._tables:
             impl = self._schemes[t.name]
-            width = 2 if t.data_type.name in ("FP16", "BF16") else 4
-            parts = {p.name(t.name): p.num_embeddings * p.embedding_dim * width for p in impl.physical_tables()}
-            if impl.extra_bytes():
-                parts[f"{t.name} (maps)"] = impl.extra_bytes()
+            parts = impl.memory_parts()
             tables[t.name] = TableMemory(
                 scheme=impl.name,
                 compressed_bytes=sum(parts.values()),
@@ -297,6 +291,24 @@ class CompressedEmbeddingBagCollection(nn.Module):
                 parts=parts,
             )
         return MemoryReport(tables)
+
+
+class _SchemeState(nn.Module):
+    """A scheme's maps (buffers) and small parameters, registered under ``maps.<table>``."""
+
+    def __init__(self, impl: TableScheme, device: Optional[torch.device]) -> None:
+        super().__init__()
+        self._impl = [impl]  # a list: not a submodule
+        for name, tensor in impl.initial_buffers().items():
+            self.register_buffer(name, tensor.to(device) if device is not None else tensor)
+        for name, tensor in impl.initial_parameters().items():
+            self.register_parameter(name, nn.Parameter(tensor.to(device) if device is not None else tensor))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """DMP calls this after materializing meta parameters."""
+        for name, tensor in self._impl[0].initial_parameters().items():
+            getattr(self, name).copy_(tensor)
 
 
 def _max_over_ranks(value: int, group: Optional[dist.ProcessGroup], device: torch.device) -> int:

@@ -111,8 +111,21 @@ class TableScheme:
         back with :meth:`bind`; transforms read them as ``self.buffers.<name>``."""
         return {}
 
+    def initial_parameters(self) -> Dict[str, torch.Tensor]:
+        """Small trainable tensors the scheme keeps beside its tables (e.g. MPE's precision
+        logits); replicated and trained data-parallel under DMP. Read as ``self.buffers.<name>``."""
+        return {}
+
     def bind(self, holder: torch.nn.Module) -> None:
         self.buffers = holder
+
+    def memory_parts(self) -> Dict[str, int]:
+        """Stored bytes by part (physical tables and maps) for ``memory_report``."""
+        width = _BYTES_PER_ELEMENT.get(self.table.data_type, 4)
+        parts = {p.name(self.table.name): p.num_embeddings * p.embedding_dim * width for p in self.physical_tables()}
+        if self.extra_bytes():
+            parts[f"{self.table.name} (maps)"] = self.extra_bytes()
+        return parts
 
     # --- memory accounting -----------------------------------------------------------
     def extra_bytes(self) -> int:

@@ -11,7 +11,7 @@ import contextlib
 import socket
 import time
 import warnings
-from typing import Iterable, Iterator, List, Optional, Tuple
+from typing import Callable, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -76,8 +76,10 @@ def train_steps(
     desc: str = "train",
     total: Optional[int] = None,
     progress: bool = True,
+    extra_loss: Optional[Callable[[], torch.Tensor]] = None,
 ) -> Tuple[List[float], float, int]:
-    """One pass over ``batches`` with BCE loss. Returns ``(losses, seconds, samples)``."""
+    """One pass over ``batches`` with BCE loss (+ ``extra_loss()``, e.g. MPE's bit penalty).
+    Returns ``(losses, seconds, samples)``; losses are the BCE part."""
     losses: List[float] = []
     samples = 0
     dmp.train()
@@ -86,7 +88,7 @@ def train_steps(
         for b in batches:
             logits = dmp(b.dense_features, b.sparse_features).squeeze(-1)  # [B]
             loss = F.binary_cross_entropy_with_logits(logits, b.labels)
-            loss.backward()  # embeddings are updated here (fused optimizer)
+            (loss + extra_loss() if extra_loss is not None else loss).backward()  # embeddings are updated here (fused)
             dense_opt.step()
             dense_opt.zero_grad(set_to_none=True)
             losses.append(loss.item())

@@ -1,0 +1,68 @@
+"""A table stored at several precisions: what MPE exports (one physical table per precision).
+
+Each id lives in exactly one physical table (or none: dropped ids read zeros), found
+through an id -> (table, row) map. Bags are routed raggedly: the virtual feature of the
+b-bit table gets only the bag's b-bit ids, and the pooled parts add up to the bag's sum.
+``quant.export`` stores each physical table at its own FBGEMM dtype.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torchrec.sparse.jagged_tensor import JaggedTensor
+
+from ..config import SchemeConfig, register_scheme
+from .base import PhysicalTable, TableScheme
+
+EXPORT_DTYPE = {2: "int2", 4: "int4", 8: "int8", 16: "fp16", 32: "fp32"}
+DROPPED = 255
+
+
+@dataclasses.dataclass(frozen=True)
+class MixedPrecision(SchemeConfig):
+    """``rows_per_bits``: ((bits, rows), ...) of the kept precisions (built by ``mpe_finalize``)."""
+
+    rows_per_bits: Tuple[Tuple[int, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.ratio is not None:
+            raise ValueError("MixedPrecision is built by mpe_finalize from an MPE table; it takes no ratio")
+        if not self.rows_per_bits:
+            raise ValueError("MixedPrecision: every id is dropped; keep at least one precision")
+        for bits, rows in self.rows_per_bits:
+            if bits not in EXPORT_DTYPE or not isinstance(rows, int) or rows <= 0:
+                raise ValueError(f"MixedPrecision: ({bits}, {rows}) needs bits in {sorted(EXPORT_DTYPE)} and rows > 0")
+
+
+@register_scheme(MixedPrecision)
+class MixedPrecisionScheme(TableScheme):
+    ragged = True
+
+    def initial_buffers(self) -> Dict[str, torch.Tensor]:
+        v = self.table.num_embeddings
+        return {"table_of": torch.full((v,), DROPPED, dtype=torch.uint8), "row_of": torch.zeros(v, dtype=torch.int32)}
+
+    def physical_tables(self) -> List[PhysicalTable]:
+        return [
+            PhysicalTable(f"__b{bits}", rows, self.table.embedding_dim, export_dtype=EXPORT_DTYPE[bits])
+            for bits, rows in self.config.rows_per_bits
+        ]
+
+    def route(self, jt: JaggedTensor) -> List[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
+        """Per kept precision k: (rows of the bag's ids stored at k, per-bag counts, weights)."""
+        values, lengths, weights = jt.values(), jt.lengths(), jt.weights_or_none()
+        table = self.buffers.table_of[values]
+        rows = self.buffers.row_of[values].long()
+        bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=values.device), lengths.long())
+        out = []
+        for k in range(len(self.config.rows_per_bits)):
+            m = table == k
+            counts = torch.zeros_like(lengths).index_add_(0, bag[m], torch.ones_like(bag[m]).to(lengths.dtype))
+            out.append((rows[m], counts, None if weights is None else weights[m]))
+        return out
+
+    def combine(self, parts: List[torch.Tensor], values: torch.Tensor) -> torch.Tensor:
+        return torch.stack(parts).sum(dim=0)
