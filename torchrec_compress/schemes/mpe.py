@@ -139,7 +139,9 @@ class MPEScheme(TableScheme):
             probs = torch.softmax(self.buffers.logits[g] / self.config.temperature, dim=1)  # [N, P]
             return sum(probs[:, k:k + 1] * fake_quant(w, b) for k, b in enumerate(self.candidates))
         bits = self.buffers.bits[g].long()
-        out = torch.zeros_like(w)
+        # logits are fixed now (and clip unused when every id here is dropped), but DDP's
+        # static graph wants every parameter in every step
+        out = torch.zeros_like(w) + 0.0 * (self.buffers.logits.sum() + self.buffers.clip.sum())
         for b in self.candidates:
             m = bits == b
             if bool(m.any()):

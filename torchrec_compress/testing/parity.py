@@ -17,7 +17,8 @@ from ..distributed.state import load_full_state_dict_
 from ..distributed.sharders import sharders
 from ..modules import CompressedEmbeddingBagCollection
 from ..fit import fit_frequency_, fit_saec_
-from ..schemes import QR, FreqThreshold, Hashing, MEmCom, MemRec, Saec
+from ..mpe import fit_mpe_groups_
+from ..schemes import MPE, QR, FreqThreshold, Hashing, MEmCom, MemRec, Saec
 from ..stats import FrequencyStats
 from .data import random_bags
 from .reference import physical_weights, rowwise_adagrad_step
@@ -36,6 +37,7 @@ def parity_tables() -> List[EmbeddingBagConfig]:
         EmbeddingBagConfig(name="t_memrec", embedding_dim=16, num_embeddings=5000, feature_names=["memrec"]),
         EmbeddingBagConfig(name="t_freq", embedding_dim=8, num_embeddings=200, feature_names=["freq"]),
         EmbeddingBagConfig(name="t_saec", embedding_dim=8, num_embeddings=300, feature_names=["saec"]),
+        EmbeddingBagConfig(name="t_mpe", embedding_dim=16, num_embeddings=400, feature_names=["mpe"]),
     ]
 
 
@@ -49,6 +51,7 @@ def parity_schemes() -> Dict[str, object]:
         "t_memrec": MemRec(ratio=50, hashes=3),
         "t_freq": FreqThreshold(capacity=20, shared_rows=5),
         "t_saec": Saec(clusters=12),
+        "t_mpe": MPE(ratio=4, groups=4),  # searching: logits and clip are DDP-replicated parameters
     }
 
 
@@ -59,6 +62,7 @@ def fit_reference(module: CompressedEmbeddingBagCollection, tables: List[Embeddi
     fit_frequency_(module, stats)
     warm = torch.randn(300, 8, generator=torch.Generator().manual_seed(5))  # stands in for warmed-up embeddings
     fit_saec_(module, {"t_saec": warm}, stats)
+    fit_mpe_groups_(module, stats)
 
 
 def sharded_parity_worker(rank: int, world: int, sharding_type: str, device_type: str = "cpu") -> Dict[str, Dict[str, List[float]]]:
@@ -96,14 +100,18 @@ def _parity_run(
     ref = ref.to(device)
     model = CompressedEmbeddingBagCollection(copy.deepcopy(tables), schemes, is_weighted=weighted, device=torch.device("meta"))
     opt_cls, opt_kw = (RowWiseAdagrad, {"lr": LR, "eps": EPS}) if optimizer == "rowwise_adagrad" else (torch.optim.SGD, {"lr": LR})
-    apply_optimizer_in_backward(opt_cls, model.parameters(), dict(opt_kw))
+    table_params = [p for inner in (model.pooled, model.per_id) for p in inner.parameters()]
+    apply_optimizer_in_backward(opt_cls, table_params, dict(opt_kw))
     dmp = DistributedModelParallel(
         model, device=device, plan=uniform_plan(model, sharding_type, world, device_type=device_type), sharders=sharders()
     )
     load_full_state_dict_(dmp.state_dict(), ref.state_dict())  # tables and id maps
-    # data-parallel tables are not fused: TorchRec leaves them to the dense optimizer
-    dense = [p for _, p in in_backward_optimizer_filter(dmp.named_parameters())]
-    dense_opt = opt_cls(dense, **opt_kw) if dense else None
+    # data-parallel tables are not fused: TorchRec leaves them to the dense optimizer;
+    # schemes' small parameters (MPE's logits, clip) are dense too, trained with SGD here
+    dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+    dp_tables = [p for n, p in dense.items() if ".maps." not in f".{n}"]
+    scheme_params = [p for n, p in dense.items() if ".maps." in f".{n}"]
+    dense_opts = ([opt_cls(dp_tables, **opt_kw)] if dp_tables else []) + ([torch.optim.SGD(scheme_params, lr=LR)] if scheme_params else [])
 
     ref_w = physical_weights(ref)
     blocks = {n: (world if sharding_type == "column_wise" and w.shape[1] % (4 * world) == 0 else 1) for n, w in ref_w.items()}
@@ -118,9 +126,9 @@ def _parity_run(
         ref_out = ref(bags.kjt(device)).values()
         diffs["forward"].append((out - ref_out[lo:hi]).abs().max().item())
         (out * g[lo:hi]).sum().backward()
-        if dense_opt is not None:
-            dense_opt.step()
-            dense_opt.zero_grad()
+        for o in dense_opts:
+            o.step()
+            o.zero_grad()
         (ref_out * g).sum().mul(scale).backward()
         with torch.no_grad():
             for n, w in ref_w.items():
@@ -129,6 +137,9 @@ def _parity_run(
                 else:
                     rowwise_adagrad_step(w, w.grad, state[n], LR, EPS, blocks[n])
                 w.grad = None
+            for p in ref.maps.parameters():
+                p -= LR * p.grad
+                p.grad = None
         diffs["params"].append(_max_param_diff(dmp.state_dict(), ref.state_dict()))
     return diffs
 

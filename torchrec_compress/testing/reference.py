@@ -12,7 +12,7 @@ from torchrec import EmbeddingBagConfig, PoolingType
 
 from ..config import SchemeConfig
 from ..ops import MERSENNE_P, hash_params
-from ..schemes import QR, FreqThreshold, Hashing, MEmCom, MemRec, Saec
+from ..schemes import MPE, QR, FreqThreshold, Hashing, MEmCom, MemRec, Saec
 from ..schemes.memrec import MemRecScheme
 from .data import Bags
 
@@ -54,6 +54,8 @@ def reference_embedding(
             return w[f"{n}__ft"][sorted(ids).index(x)]
         cap = len(frequent)
         return w[f"{n}__ft"][cap + py_hash(x, w[f"{n}__ft"].shape[0] - cap, scheme.seed)]
+    if isinstance(scheme, MPE):
+        return _reference_mpe(table, scheme, w[f"{n}__full"][x], maps[n], x)
     if isinstance(scheme, Saec):
         return w[f"{n}__centroids"][int(maps[n]["cluster_of"][x])]
     raise NotImplementedError(type(scheme))
@@ -108,5 +110,30 @@ def rowwise_adagrad_step(
 
 
 def scheme_maps(module: torch.nn.Module) -> Dict[str, Dict[str, torch.Tensor]]:
-    """Table -> {buffer name: tensor} of the id maps of a CompressedEmbeddingBagCollection."""
-    return {name: dict(holder.named_buffers()) for name, holder in module.maps.items()}
+    """Table -> {name: tensor} of the id maps (and small parameters) of a CompressedEmbeddingBagCollection."""
+    return {name: {**dict(holder.named_buffers()), **dict(holder.named_parameters())} for name, holder in module.maps.items()}
+
+
+def fbgemm_stored(row: torch.Tensor, bits: int) -> torch.Tensor:
+    """What FBGEMM's inference table returns for ``row [d]`` stored at ``bits`` (its own ops)."""
+    if bits == 32:
+        return row
+    if bits == 0:
+        return torch.zeros_like(row)
+    if bits == 16:
+        return row.half().float()
+    q = torch.ops.fbgemm.FloatOrHalfToFusedNBitRowwiseQuantizedSBHalf(row.detach().unsqueeze(0).contiguous(), bits)
+    deq = torch.ops.fbgemm.FusedNBitRowwiseQuantizedSBHalfToFloat(q, bits)[0]
+    return row + (deq - row).detach()  # straight-through, as the scheme trains
+
+
+def _reference_mpe(table: EmbeddingBagConfig, scheme: MPE, row: torch.Tensor, maps: Dict[str, torch.Tensor], x: int) -> torch.Tensor:
+    """Search: SUM_p softmax(a_g / T)_p Q_p(clip_g(row)); retrain: Q_{bits_g}(clip_g(row))."""
+    g = int(maps["group_of"][x])
+    c = maps["clip"][g].abs()
+    row = torch.maximum(torch.minimum(row, c), -c)
+    cands = sorted(scheme.candidates)
+    if int(maps["stage"]) == 0:
+        p = torch.softmax(maps["logits"][g] / scheme.temperature, dim=0)
+        return sum(p[k] * fbgemm_stored(row, b) for k, b in enumerate(cands))
+    return fbgemm_stored(row, int(maps["bits"][g]))

@@ -20,6 +20,7 @@ from torch import nn
 from torchmetrics.functional.classification import binary_auroc
 from torchrec.datasets.utils import Batch
 from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
@@ -56,9 +57,11 @@ def shard_for_training(
     sharding_type: str = "table_wise",
     device: torch.device = torch.device("cpu"),
 ) -> Tuple[DistributedModelParallel, torch.optim.Optimizer]:
-    """Fused row-wise Adagrad on ``embeddings``' tables, DMP over the current process group,
-    Adagrad on everything else. Returns ``(dmp, dense_optimizer)``."""
-    apply_optimizer_in_backward(RowWiseAdagrad, embeddings.parameters(), {"lr": lr_sparse})
+    """Fused row-wise Adagrad on the tables of every EBC inside ``embeddings``, DMP over the
+    current process group, Adagrad on everything else (dense layers, schemes' small
+    parameters such as MPE's logits). Returns ``(dmp, dense_optimizer)``."""
+    tables = [p for m in embeddings.modules() if type(m) is EmbeddingBagCollection for p in m.parameters()]
+    apply_optimizer_in_backward(RowWiseAdagrad, tables, {"lr": lr_sparse})
     world = dist.get_world_size()
     with warnings.catch_warnings():  # torchrec's own DDP wrapper uses a deprecated argument
         warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
