@@ -21,6 +21,16 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--schemes", default="none,hashing,qr,memcom", help="comma-separated; 'none' is the uncompressed baseline")
     d.add_argument("--max-rows", type=int, default=None, help="cap every table's rows (quick smoke runs)")
     d.add_argument("--out", default="runs/demo.json", help="results JSON")
+    b = sub.add_parser("bench", help="benchmarks against stock TorchRec in the same run")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    bi = bsub.add_parser("inference", help="lookups/s of exported quantized tables vs stock TorchRec FP32/FP16",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    bi.add_argument("--max-rows", type=int, default=1_000_000, help="cap on the Criteo Kaggle table sizes")
+    bi.add_argument("--dim", type=int, default=64)
+    bi.add_argument("--batch-size", type=int, default=2048)
+    bi.add_argument("--batches", type=int, default=8)
+    bi.add_argument("--reps", type=int, default=5)
+    bi.add_argument("--out", default=None, help="results JSON")
     return p
 
 
@@ -33,6 +43,18 @@ def main(argv: Optional[List[str]] = None) -> None:
         run_demo(steps=args.steps, batch_size=args.batch_size, dim=args.dim, ratio=args.ratio,
                  eval_batches=args.eval_batches, seed=args.seed, schemes=[s for s in args.schemes.split(",") if s],
                  out=args.out, cardinalities=cards)
+
+
+    elif args.command == "bench" and args.bench == "inference":
+        import json
+
+        from .benchmarks.inference import bench_inference, format_results
+
+        res = bench_inference(max_rows=args.max_rows, dim=args.dim, batch=args.batch_size, batches=args.batches, reps=args.reps)
+        print(format_results(res))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(res, f, indent=1)
 
 
 if __name__ == "__main__":

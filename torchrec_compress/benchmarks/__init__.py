@@ -1,0 +1,1 @@
+"""Benchmarks: always against stock TorchRec in the same run, reported as ratios."""
