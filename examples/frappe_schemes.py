@@ -6,7 +6,10 @@ Trains on the validation split (57,722 rows), evaluates on the test split (28,86
 reads ../shared/data/frappe at run time. The user (957) and item (4,082) tables are
 compressed at --ratio; the 8 small context tables stay exact. FreqThreshold is fitted
 from the training split's id counts before training. Saec warms up uncompressed for
---warm-epochs, clusters user/item by their embeddings, then fine-tunes for the rest.
+--warm-epochs, clusters user/item by their embeddings, then fine-tunes for the rest. MPE
+searches precisions for --warm-epochs (bit penalty), retrains (QAT) for the rest, and is
+evaluated both as trained and as the exported FBGEMM model (the reported AUC and ratio
+are the exported model's).
 """
 from __future__ import annotations
 
@@ -21,7 +24,8 @@ from tabulate import tabulate
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.models.dlrm import DLRM
 
-from torchrec_compress import QR, CompressedEmbeddingBagCollection, FreqThreshold, Hashing, MEmCom, MemRec, Saec, compress_, fit_frequency_, fit_saec_
+from torchrec_compress import MPE, QR, CompressedEmbeddingBagCollection, FreqThreshold, Hashing, MEmCom, MemRec, Saec, compress_, fit_frequency_, fit_mpe_groups_, fit_saec_, mpe_finalize, run_mpe
+from torchrec_compress.quant import export, quantized_memory_report
 from torchrec_compress.distributed.state import copy_full_into_
 from torchrec_compress.data.frappe import FRAPPE_CARDINALITIES, FRAPPE_FIELDS, load_frappe
 from torchrec_compress.stats import FrequencyStats
@@ -36,6 +40,7 @@ SCHEMES = {
     "memrec": lambda r: MemRec(ratio=r, hashes=2),
     "freq_threshold": lambda r: FreqThreshold(ratio=r),
     "saec": lambda r: Saec(ratio=r),
+    "mpe": lambda r: MPE(ratio=r, groups=32, penalty=0.1),
 }
 COMPRESSED = ("t_user", "t_item")
 
@@ -48,6 +53,15 @@ def _model(tables, schemes, seed: int, dim: int):
         compress_(model, schemes)
     dmp, opt = shard_for_training(model, model.sparse_arch, lr_sparse=0.05, lr_dense=0.01)
     return model, dmp, opt
+
+
+def _unsharded(tables, schemes, dim: int, state: Dict[str, torch.Tensor]):
+    """A CPU copy of the trained model (world size 1: every shard is the full table)."""
+    model = DLRM(embedding_bag_collection=EmbeddingBagCollection(tables), dense_in_features=1,
+                 dense_arch_layer_sizes=[16, dim], over_arch_layer_sizes=[64, 32, 1])
+    compress_(model, schemes)
+    model.load_state_dict(state)
+    return model
 
 
 def _full_state(dmp) -> Dict[str, torch.Tensor]:
@@ -78,6 +92,19 @@ def run(scheme: str, ratio: float, seed: int, epochs: int, dim: int, root: str, 
                 copy_full_into_(state[k], v)
         prefix = "sparse_arch.embedding_bag_collection.embedding_bags."
         fit_saec_(dmp, {t: warm[f"{prefix}{t}.weight"] for t in COMPRESSED}, stats)
+    if scheme == "mpe":
+        fit_mpe_groups_(dmp, stats)
+        epochs_of = lambda lo, hi: (b for e in range(lo, hi) for b in train.batches(512, shuffle_seed=seed * 100 + e))  # noqa: E731
+        chosen = run_mpe(dmp, opt, epochs_of(0, warm_epochs), epochs_of(warm_epochs, epochs), progress=False)["chosen"]
+        qat_auc, _ = evaluate(dmp, test.batches(4096))
+        unsharded = _unsharded(tables, {t: cfg for t in COMPRESSED}, dim, _full_state(dmp))
+        inference = export(mpe_finalize(unsharded), default="fp32")
+        auc, logloss = evaluate(inference, test.batches(4096))
+        rep = quantized_memory_report(inference)
+        big = sum(rep.tables[t].compressed_bytes for t in COMPRESSED)
+        big_u = sum(rep.tables[t].uncompressed_bytes for t in COMPRESSED)
+        return {"auc": auc, "logloss": logloss, "qat_auc": qat_auc, "user_item_ratio": big_u / big, "total_ratio": rep.total.ratio,
+                "chosen_bits": chosen}
     for e in range(first, epochs):
         train_steps(dmp, opt, train.batches(512, shuffle_seed=seed * 100 + e), desc=scheme, progress=False)
     auc, logloss = evaluate(dmp, test.batches(4096))

@@ -58,25 +58,36 @@ def mpe_penalty(model: nn.Module) -> torch.Tensor:
 
 @torch.no_grad()
 def mpe_choose_(model: nn.Module) -> Dict[str, Dict[int, int]]:
-    """Fix each group's precision to its most probable candidate, then lower the least
-    frequent groups one candidate at a time until the table meets its bit budget; switch
-    to quantization-aware retraining. Returns table -> {bits: ids}."""
+    """Fix each group's precision to the candidate nearest its learned expected precision
+    (SUM_p p_gp bits_p), then, while over the bit budget, lower the group with the lowest
+    expected precision (ties: the less frequent) one candidate; the most frequent group is
+    never dropped. Switches to quantization-aware retraining. Returns table -> {bits: ids}."""
     chosen = {}
     for _, t, impl in _mpe_tables(model):
         cands = impl.candidates
-        pick = impl.buffers.logits.argmax(dim=1).cpu().tolist()
+        probs = torch.softmax(impl.buffers.logits.detach().cpu().double() / impl.config.temperature, dim=1)
+        expected = probs @ torch.tensor(cands, dtype=torch.float64)  # [G] learned precision of each group
+        # the candidate nearest each group's expected precision (argmax ignores how the mass is spread)
+        pick = (expected.unsqueeze(1) - torch.tensor(cands, dtype=torch.float64)).abs().argmin(dim=1).tolist()
         n = impl.group_sizes().double()
         eff = torch.tensor([impl.eff_bits(c) for c in cands], dtype=torch.float64)
 
         def avg() -> float:
             return float((eff[torch.tensor(pick)] * n).sum() / n.sum())
 
-        g = impl.G - 1
-        while avg() > impl.row_target + 1e-9 and g >= 0:
-            if pick[g] > 0:
-                pick[g] -= 1
-            else:
-                g -= 1
+        floor = [0] * impl.G
+        floor[0] = next((k for k, c in enumerate(cands) if c > 0), 0)  # never drop the most frequent group
+        pick[0] = max(pick[0], floor[0])
+        # over budget: lower the group the search valued least (ties: the less frequent) one step at a time
+        order = sorted(range(impl.G), key=lambda g: (expected[g].item(), -g))
+        while avg() > impl.row_target + 1e-9:
+            lowerable = [g for g in order if pick[g] > floor[g]]
+            if not lowerable:
+                raise ValueError(
+                    f"mpe_choose_: table {t.name!r}: even with every other group dropped the rows take "
+                    f"{avg():.2f} bits per element, over the {impl.row_target:.2f} left after the id map; use a lower ratio"
+                )
+            pick[lowerable[0]] -= 1
         bits = torch.tensor([cands[k] for k in pick], dtype=torch.int8)
         impl.buffers.bits.copy_(bits.to(impl.buffers.bits.device))
         impl.buffers.stage.fill_(RETRAIN)

@@ -56,10 +56,12 @@ def shard_for_training(
     lr_dense: float,
     sharding_type: str = "table_wise",
     device: torch.device = torch.device("cpu"),
+    scheme_lr_scale: float = 10.0,
 ) -> Tuple[DistributedModelParallel, torch.optim.Optimizer]:
     """Fused row-wise Adagrad on the tables of every EBC inside ``embeddings``, DMP over the
     current process group, Adagrad on everything else (dense layers, schemes' small
-    parameters such as MPE's logits). Returns ``(dmp, dense_optimizer)``."""
+    parameters such as MPE's logits, at ``scheme_lr_scale`` x ``lr_dense``: their gradient
+    is a small share of the loss's). Returns ``(dmp, dense_optimizer)``."""
     tables = [p for m in embeddings.modules() if type(m) is EmbeddingBagCollection for p in m.parameters()]
     apply_optimizer_in_backward(RowWiseAdagrad, tables, {"lr": lr_sparse})
     world = dist.get_world_size()
@@ -68,8 +70,11 @@ def shard_for_training(
         dmp = DistributedModelParallel(
             model, device=device, plan=uniform_plan(model, sharding_type, world, device_type=device.type), sharders=sharders()
         )
-    dense = [p for _, p in in_backward_optimizer_filter(dmp.named_parameters())]
-    return dmp, torch.optim.Adagrad(dense, lr=lr_dense)
+    dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+    schemes = [p for n, p in dense.items() if ".maps." in f".{n}"]
+    others = [p for n, p in dense.items() if ".maps." not in f".{n}"]
+    groups = [{"params": others}] + ([{"params": schemes, "lr": lr_dense * scheme_lr_scale}] if schemes else [])
+    return dmp, torch.optim.Adagrad(groups, lr=lr_dense)
 
 
 def train_steps(
