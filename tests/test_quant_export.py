@@ -103,7 +103,11 @@ def test_export_errors():
 def test_torch_export_program_round_trip(tmp_path):
     from torchrec_compress.quant import load_program, to_program
 
-    q = export(_model(), default="int8")
+    from torchrec_compress import mpe_choose_, mpe_finalize
+
+    m = _model()
+    mpe_choose_(m)
+    q = export(mpe_finalize(m), default="int8")
     kjt = random_bags(parity_tables(), 8, seed=5).kjt()
     prog = to_program(q, kjt)
     torch.export.save(prog, str(tmp_path / "m.pt2"))
