@@ -21,6 +21,15 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--schemes", default="none,hashing,qr,memcom", help="comma-separated; 'none' is the uncompressed baseline")
     d.add_argument("--max-rows", type=int, default=None, help="cap every table's rows (quick smoke runs)")
     d.add_argument("--out", default="runs/demo.json", help="results JSON")
+    pl = sub.add_parser("plan", help="compression-aware sharding plan for a memory budget",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    src = pl.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", choices=["dlrmv2"], help="dlrmv2: the 26 MLPerf DLRMv2 CriteoTB tables at dim 128")
+    src.add_argument("--tables", help="YAML list of {name, rows, dim[, features, pooling_factor, importance]}")
+    pl.add_argument("--world-size", type=int, required=True)
+    pl.add_argument("--memory-per-rank", required=True, help="e.g. 16GiB (embeddings + optimizer state)")
+    pl.add_argument("--compute-device", choices=["cpu", "cuda"], default="cpu")
+    pl.add_argument("--json", default=None, help="also write the plan as JSON here")
     b = sub.add_parser("bench", help="benchmarks against stock TorchRec in the same run")
     bsub = b.add_subparsers(dest="bench", required=True)
     bi = bsub.add_parser("inference", help="lookups/s of exported quantized tables vs stock TorchRec FP32/FP16",
@@ -45,6 +54,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                  out=args.out, cardinalities=cards)
 
 
+    elif args.command == "plan":
+        _plan(args)
     elif args.command == "bench" and args.bench == "inference":
         import json
 
@@ -55,6 +66,47 @@ def main(argv: Optional[List[str]] = None) -> None:
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(res, f, indent=1)
+
+
+def _plan(args: argparse.Namespace) -> None:
+    from torchrec import EmbeddingBagConfig
+
+    from .distributed.planner import parse_bytes, plan_compression_, tables_module
+
+    if args.world_size < 1:
+        raise SystemExit(f"--world-size must be >= 1, got {args.world_size}")
+    importance, pooling = {}, {}
+    if args.preset == "dlrmv2":
+        from .data.mlperf import DLRMV2_CARDINALITIES, DLRMV2_DIM, DLRMV2_MULTI_HOT
+
+        tables = [EmbeddingBagConfig(name=f"t_cat_{i}", embedding_dim=DLRMV2_DIM, num_embeddings=v, feature_names=[f"cat_{i}"])
+                  for i, v in enumerate(DLRMV2_CARDINALITIES)]
+        pooling = {f"t_cat_{i}": float(h) for i, h in enumerate(DLRMV2_MULTI_HOT)}
+    else:
+        import yaml
+
+        with open(args.tables) as f:
+            spec = yaml.safe_load(f)
+        if not isinstance(spec, list) or not spec:
+            raise SystemExit(f"{args.tables}: expected a non-empty YAML list of tables")
+        tables = []
+        for i, t in enumerate(spec):
+            missing = [k for k in ("name", "rows", "dim") if k not in t]
+            if missing:
+                raise SystemExit(f"{args.tables}: table #{i} lacks {missing} (allowed keys: name, rows, dim, features, pooling_factor, importance)")
+            tables.append(EmbeddingBagConfig(name=t["name"], num_embeddings=int(t["rows"]), embedding_dim=int(t["dim"]),
+                                             feature_names=list(t.get("features", [t["name"]]))))
+            pooling[t["name"]] = float(t.get("pooling_factor", 1.0))
+            importance[t["name"]] = float(t.get("importance", 1.0))
+    try:
+        plan = plan_compression_(tables_module(tables), args.world_size, parse_bytes(args.memory_per_rank),
+                                 compute_device=args.compute_device, importance=importance, pooling_factors=pooling)
+    except ValueError as e:
+        raise SystemExit(f"torchrec-compress plan: {e}")
+    print(plan)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(plan.to_json())
 
 
 if __name__ == "__main__":

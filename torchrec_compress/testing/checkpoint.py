@@ -47,3 +47,25 @@ def planner_worker(rank: int, world: int) -> dict:
     out = dmp(random_bags(parity_tables(), 4, seed=rank).kjt()).values()
     out.sum().backward()
     return {n: ps.sharding_type for mod in plan.plan.values() for n, ps in mod.items()}
+
+
+def compression_plan_worker(rank: int, world: int) -> dict:
+    """Plan a budget that forces compression, shard with the plan, train two steps."""
+    from torchrec import EmbeddingBagConfig
+
+    from ..distributed.planner import plan_compression_, tables_module
+
+    tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=16, num_embeddings=v, feature_names=[f"f{i}"])
+              for i, v in enumerate([200_000, 50_000, 3_000, 40])]
+    model = tables_module(tables)
+    plan = plan_compression_(model, world, 4 * 2**20)  # 4 MiB per rank: the 200k x 16 table alone is 13 MiB
+    table_params = [p for m in model.modules() if type(m).__name__ == "EmbeddingBagCollection" for p in m.parameters()]
+    apply_optimizer_in_backward(RowWiseAdagrad, table_params, {"lr": 0.1})
+    dmp = DistributedModelParallel(model, device=torch.device("cpu"), plan=plan.sharding_plan, sharders=sharders())
+    losses = []
+    for step in range(2):
+        out = dmp.module.ebc(random_bags(tables, 8, seed=10 * step + rank).kjt()).values()
+        loss = out.pow(2).sum()
+        loss.backward()
+        losses.append(loss.item())
+    return {"schemes": {k: repr(v) for k, v in plan.schemes.items()}, "per_rank": plan.per_rank_bytes, "losses": losses}
