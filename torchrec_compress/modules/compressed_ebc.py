@@ -154,6 +154,16 @@ class CompressedEmbeddingBagCollection(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """``features``: KJT over the logical feature names, B bags each -> ``KeyedTensor [B, sum(dims)]``."""
+        jts, pooled_kjt, per_id_kjt = self.split(features)
+        pooled_out = self.pooled(pooled_kjt).to_dict() if pooled_kjt is not None else {}
+        per_id_out = self.per_id(per_id_kjt).to_dict() if per_id_kjt is not None else {}
+        return self.combine(jts, features.stride(), pooled_out, per_id_out)
+
+    def split(
+        self, features: KeyedJaggedTensor
+    ) -> Tuple[Dict[str, JaggedTensor], Optional[KeyedJaggedTensor], Optional[KeyedJaggedTensor]]:
+        """Validate and transform: logical KJT -> (its features, the ``pooled`` inner KJT,
+        the ``per_id`` inner KJT with every id a bag of one; None where unused)."""
         if self._validate:
             self._check_input(features)
         jts = features.to_dict()
@@ -180,19 +190,21 @@ class CompressedEmbeddingBagCollection(nn.Module):
                 pooled_lens.append(lengths)
                 if self._is_weighted:
                     pooled_wts.append(weights)
-
-        pooled_out: Dict[str, torch.Tensor] = {}
+        pooled_kjt = None
         if pooled_keys:
-            kjt = KeyedJaggedTensor(
+            pooled_kjt = KeyedJaggedTensor(
                 keys=pooled_keys,
                 values=torch.cat(pooled_vals),
                 lengths=torch.cat(pooled_lens),
                 weights=torch.cat(pooled_wts) if self._is_weighted else None,
                 stride=batch,
             )
-            pooled_out = self.pooled(kjt).to_dict()
-        per_id_out = self._per_id_lookup(per_id_feats)
+        return jts, pooled_kjt, self._per_id_kjt(per_id_feats)
 
+    def combine(
+        self, jts: Dict[str, JaggedTensor], batch: int, pooled_out: Dict[str, torch.Tensor], per_id_out: Dict[str, torch.Tensor]
+    ) -> KeyedTensor:
+        """Inner lookups (``[B, d_p]`` pooled, ``[S, d_p]`` per id) -> logical ``KeyedTensor``."""
         outs: List[torch.Tensor] = []
         for f in self._embedding_names:
             t = self._feature_table[f]
@@ -210,13 +222,11 @@ class CompressedEmbeddingBagCollection(nn.Module):
             outs.append(_pool(per, jt, t.pooling, self._is_weighted, batch))
         return KeyedTensor(keys=self._embedding_names, length_per_key=self._dims, values=torch.cat(outs, dim=1))
 
-    def _per_id_lookup(self, feats: List[Tuple[str, List[Tuple[str, torch.Tensor]]]]) -> Dict[str, torch.Tensor]:
-        """Look every id up as a bag of one: ``[N_f]`` ids -> ``[S, d_p]`` rows, S = max_f N_f.
-
-        Features are padded with empty bags to a common stride S (a KJT has one stride).
-        """
+    def _per_id_kjt(self, feats: List[Tuple[str, List[Tuple[str, torch.Tensor]]]]) -> Optional[KeyedJaggedTensor]:
+        """Every id a bag of one: ``[N_f]`` ids per virtual feature, stride S = max_f N_f
+        (features padded with empty bags: a KJT has one stride)."""
         if not feats:
-            return {}
+            return None
         keys: List[str] = []
         vals: List[torch.Tensor] = []
         counts: List[int] = []
@@ -232,8 +242,7 @@ class CompressedEmbeddingBagCollection(nn.Module):
             # on every rank, so agree on the largest.
             stride = _max_over_ranks(stride, getattr(getattr(self.per_id, "_env", None), "process_group", None), device)
         lengths = torch.cat([_ones_then_zeros(n, stride, device) for n in counts])
-        kjt = KeyedJaggedTensor(keys=keys, values=torch.cat(vals), lengths=lengths, stride=stride)
-        return self.per_id(kjt).to_dict()
+        return KeyedJaggedTensor(keys=keys, values=torch.cat(vals), lengths=lengths, stride=stride)
 
     # ------------------------------------------------------------------ validation
     def _check_input(self, kjt: KeyedJaggedTensor) -> None:
