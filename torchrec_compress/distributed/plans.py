@@ -50,17 +50,34 @@ def uniform_plan(
     world_size: int,
     local_size: Optional[int] = None,
     device_type: str = "cpu",
+    pipelineable: bool = False,
 ) -> ShardingPlan:
     """One ``sharding_type`` for every table of every EBC inside ``model`` (inner tables of
-    CompressedEmbeddingBagCollections included). Returns a plan for ``DistributedModelParallel``."""
-    sharder = CpuRowWiseEmbeddingBagCollectionSharder()
+    CompressedEmbeddingBagCollections included). Returns a plan for ``DistributedModelParallel``.
+
+    ``pipelineable=True`` plans each CompressedEmbeddingBagCollection as one module, to be
+    sharded by ``CompressedEmbeddingBagCollectionSharder`` (pass ``sharders(pipelineable=True)``
+    to DMP), which ``TrainPipelineSparseDist`` can pipeline."""
+    from ..modules.compressed_ebc import CompressedEmbeddingBagCollection
+    from .compressed_sharder import CompressedEmbeddingBagCollectionSharder
+
     plan: Dict[str, object] = {}
     index = 0
+    skip: tuple = ()
     for path, module in model.named_modules():
-        if type(module) is not EmbeddingBagCollection:
+        if skip and path.startswith(skip):
+            continue
+        if pipelineable and isinstance(module, CompressedEmbeddingBagCollection):
+            inner_tables = [t for m in (module.pooled, module.per_id) if m is not None for t in m.embedding_bag_configs()]
+            sharder: object = CompressedEmbeddingBagCollectionSharder()
+            skip = tuple(f"{path}.{c}" for c in ("pooled", "per_id"))
+        elif type(module) is EmbeddingBagCollection:
+            inner_tables = module.embedding_bag_configs()
+            sharder = CpuRowWiseEmbeddingBagCollectionSharder()
+        else:
             continue
         per_param = {}
-        for t in module.embedding_bag_configs():
+        for t in inner_tables:
             per_param[t.name] = _generator(sharding_type, t, index, world_size)
             index += 1
         plan[path] = construct_module_sharding_plan(

@@ -26,9 +26,18 @@ class CpuRowWiseEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
         return types
 
 
-def sharders(fused_params: Optional[Dict[str, Any]] = None) -> List[ModuleSharder[nn.Module]]:
+def sharders(fused_params: Optional[Dict[str, Any]] = None, pipelineable: bool = False) -> List[ModuleSharder[nn.Module]]:
     """Everything DMP and the planner need: TorchRec's default sharders with the EBC sharder
-    replaced by :class:`CpuRowWiseEmbeddingBagCollectionSharder` (``fused_params`` go to it)."""
-    out: List[ModuleSharder[nn.Module]] = [CpuRowWiseEmbeddingBagCollectionSharder(fused_params=fused_params)]
+    replaced by :class:`CpuRowWiseEmbeddingBagCollectionSharder` (``fused_params`` go to it).
+
+    ``pipelineable=True`` adds ``CompressedEmbeddingBagCollectionSharder``: compressed
+    modules are then sharded as one module whose transform runs in its input
+    distribution, so ``TrainPipelineSparseDist`` overlaps it with compute."""
+    ebc = CpuRowWiseEmbeddingBagCollectionSharder(fused_params=fused_params)
+    out: List[ModuleSharder[nn.Module]] = [ebc]
+    if pipelineable:
+        from .compressed_sharder import CompressedEmbeddingBagCollectionSharder
+
+        out.append(CompressedEmbeddingBagCollectionSharder(ebc_sharder=ebc))
     out += [s for s in get_default_sharders() if type(s) is not EmbeddingBagCollectionSharder]
     return out
