@@ -55,6 +55,13 @@ def test_uncompressed_when_it_fits_and_large_flat_tables_go_first():
     assert max(plan.per_rank_bytes) <= 10 * 2**20
 
 
+def test_pipelineable_plan_targets_the_compressed_module():
+    tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=16, num_embeddings=v, feature_names=[f"f{i}"]) for i, v in enumerate([200_000, 300])]
+    plan = plan_compression_(tables_module(tables), 2, 4 * 2**20, pipelineable=True)
+    assert list(plan.sharding_plan.plan) == ["ebc"] and "t0" in plan.schemes
+    assert max(plan.per_rank_bytes) <= 4 * 2**20
+
+
 def test_no_plan_error_names_the_dominant_table():
     tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=64, num_embeddings=40, feature_names=[f"f{i}"]) for i in range(3)]
     with pytest.raises(ValueError, match=r"no plan fits 1 x .*largest is 't0'"):

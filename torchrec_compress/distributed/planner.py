@@ -176,6 +176,7 @@ def plan_compression_(
     pooling_factors: Optional[Mapping[str, float]] = None,
     scheme_for: Callable[[EmbeddingBagConfig, float], Optional[SchemeConfig]] = default_scheme,
     batch_size: int = 512,
+    pipelineable: bool = False,
 ) -> CompressionPlan:
     """Compress ``model``'s EBC tables in place as far as the budget needs and plan sharding.
 
@@ -186,8 +187,10 @@ def plan_compression_(
         stats: frequency statistics (by feature) for the tail-mass proxy.
         importance: optional per-table weights of the proxy (default 1).
         pooling_factors: average ids per bag per table, used for lookup shares without stats.
+        pipelineable: plan compressed modules as whole modules for
+            ``sharders(pipelineable=True)`` (TrainPipelineSparseDist can then pipeline them).
     Returns:
-        the plan; ``DistributedModelParallel(model, plan=plan.sharding_plan, sharders=sharders())``.
+        the plan; ``DistributedModelParallel(model, plan=plan.sharding_plan, sharders=sharders(pipelineable=...))``.
     Raises:
         ValueError naming the dominant table and the shortfall when nothing fits.
     """
@@ -235,7 +238,7 @@ def plan_compression_(
         try:
             splan = EmbeddingShardingPlanner(
                 topology=planner_topology, batch_size=batch_size, storage_reservation=FixedPercentageStorageReservation(0.05)
-            ).plan(trial, sharders())
+            ).plan(trial, sharders(pipelineable=pipelineable))
             break
         except PlannerError as e:
             last_error = str(e).splitlines()[0][:300]
