@@ -21,6 +21,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--schemes", default="none,hashing,qr,memcom", help="comma-separated; 'none' is the uncompressed baseline")
     d.add_argument("--max-rows", type=int, default=None, help="cap every table's rows (quick smoke runs)")
     d.add_argument("--out", default="runs/demo.json", help="results JSON")
+    tr = sub.add_parser("train", help="train DLRM / DLRM_DCN from a YAML config (one process, torchrun or torchx)")
+    tr.add_argument("--config", required=True, help="YAML run config, e.g. examples/frappe.yaml")
+    tr.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.epochs=2 out=runs/x")
     pl = sub.add_parser("plan", help="compression-aware sharding plan for a memory budget",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = pl.add_mutually_exclusive_group(required=True)
@@ -54,6 +57,14 @@ def main(argv: Optional[List[str]] = None) -> None:
                  out=args.out, cardinalities=cards)
 
 
+    elif args.command == "train":
+        from .train.config import load_config
+        from .train.run import train
+
+        try:
+            train(load_config(args.config, args.overrides))
+        except ValueError as e:  # bad config or data: say what, without a traceback
+            raise SystemExit(f"torchrec-compress train: {e}")
     elif args.command == "plan":
         _plan(args)
     elif args.command == "bench" and args.bench == "inference":

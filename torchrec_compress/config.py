@@ -37,6 +37,12 @@ class SchemeConfig:
     def name(self) -> str:
         return type(self).__name__
 
+    def _ratio_or(self, field: str) -> None:
+        """Sizes come from exactly one of ``ratio=`` and the explicit ``field=``."""
+        value = getattr(self, field)
+        if (self.ratio is None) == (value is None):
+            raise ValueError(f"{self.name}: give exactly one of ratio= or {field}=, got ratio={self.ratio!r}, {field}={value!r}")
+
 
 _REGISTRY: Dict[Type[SchemeConfig], type] = {}
 T = TypeVar("T", bound=type)

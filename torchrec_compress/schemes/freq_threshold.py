@@ -36,8 +36,7 @@ class FreqThreshold(SchemeConfig):
         _check_positive_int("FreqThreshold", "capacity", self.capacity)
         _check_positive_int("FreqThreshold", "shared_rows", self.shared_rows)
         _check_positive_int("FreqThreshold", "min_count", self.min_count)
-        if (self.ratio is None) == (self.capacity is None):
-            raise ValueError(f"FreqThreshold: give exactly one of ratio= or capacity=, got ratio={self.ratio!r}, capacity={self.capacity!r}")
+        self._ratio_or("capacity")
 
 
 @register_scheme(FreqThreshold)

@@ -25,8 +25,7 @@ class Hashing(SchemeConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_positive_int("Hashing", "rows", self.rows)
-        if (self.ratio is None) == (self.rows is None):
-            raise ValueError(f"Hashing: give exactly one of ratio= or rows=, got ratio={self.ratio!r}, rows={self.rows!r}")
+        self._ratio_or("rows")
 
 
 @register_scheme(Hashing)

@@ -39,8 +39,7 @@ class MemRec(SchemeConfig):
         _check_positive_int("MemRec", "rows", self.rows)
         _check_positive_int("MemRec", "weight_rows", self.weight_rows)
         _check_positive_int("MemRec", "hashes", self.hashes)
-        if (self.ratio is None) == (self.rows is None):
-            raise ValueError(f"MemRec: give exactly one of ratio= or rows=, got ratio={self.ratio!r}, rows={self.rows!r}")
+        self._ratio_or("rows")
         if self.ratio is not None and self.weight_rows is not None:
             raise ValueError("MemRec: weight_rows= goes with rows=, not with ratio=")
         if self.weight_dim not in (1, "full"):

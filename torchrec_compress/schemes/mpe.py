@@ -73,8 +73,7 @@ class MPE(SchemeConfig):
         _check_positive_int("MPE", "groups", self.groups)
         if self.groups > 256:
             raise ValueError(f"MPE: groups={self.groups}; at most 256 (the id -> group map is uint8)")
-        if (self.ratio is None) == (self.target_bits is None):
-            raise ValueError(f"MPE: give exactly one of ratio= or target_bits=, got ratio={self.ratio!r}, target_bits={self.target_bits!r}")
+        self._ratio_or("target_bits")
         if self.target_bits is not None and not 0 < self.target_bits <= 32:
             raise ValueError(f"MPE: target_bits must be in (0, 32], got {self.target_bits!r}")
         bad = [c for c in self.candidates if c not in CANDIDATES]

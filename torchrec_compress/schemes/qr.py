@@ -28,8 +28,7 @@ class QR(SchemeConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_positive_int("QR", "num_buckets", self.num_buckets)
-        if (self.ratio is None) == (self.num_buckets is None):
-            raise ValueError(f"QR: give exactly one of ratio= or num_buckets=, got ratio={self.ratio!r}, num_buckets={self.num_buckets!r}")
+        self._ratio_or("num_buckets")
         if self.combiner not in COMBINERS:
             raise ValueError(f"QR: combiner={self.combiner!r} is not allowed; use one of {COMBINERS}")
 

@@ -32,8 +32,7 @@ class Saec(SchemeConfig):
         super().__post_init__()
         _check_positive_int("Saec", "clusters", self.clusters)
         _check_positive_int("Saec", "kmeans_iters", self.kmeans_iters)
-        if (self.ratio is None) == (self.clusters is None):
-            raise ValueError(f"Saec: give exactly one of ratio= or clusters=, got ratio={self.ratio!r}, clusters={self.clusters!r}")
+        self._ratio_or("clusters")
         if not 0.0 < self.head_fraction <= 1.0:
             raise ValueError(f"Saec: head_fraction must be in (0, 1], got {self.head_fraction!r}")
 

@@ -1,0 +1,79 @@
+"""`torchrec-compress train`: config validation, one process, 2 ranks via torchrun and torchx."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from torchrec_compress.cli import main
+from torchrec_compress.train.config import load_config, parse_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SYNTH = os.path.join(ROOT, "examples", "synthetic.yaml")
+
+
+def test_every_example_config_loads():
+    for name in sorted(os.listdir(os.path.join(ROOT, "examples"))):
+        if name.endswith(".yaml"):
+            cfg = load_config(os.path.join(ROOT, "examples", name))
+            assert cfg.train.epochs >= 1
+
+
+@pytest.mark.parametrize("raw,msg", [
+    ({"bogus": 1}, r"unknown sections \['bogus'\]"),
+    ({"data": {"kind": "parquet"}}, r"data.kind: 'parquet'; use one of"),
+    ({"data": {"batchsize": 3}}, r"data: unknown keys \['batchsize'\]; allowed"),
+    ({"train": {"epochs": 0}}, r"train.epochs: must be a positive int"),
+    ({"schemes": {"t_cat_2": {"type": "Zip"}}}, r"schemes.t_cat_2.type: 'Zip' is not a scheme"),
+    ({"schemes": {"t_cat_2": {"type": "QR", "rows": 3}}}, r"QR has no option\(s\) \['rows'\]"),
+    ({"schemes": {"t_cat_2": {"type": "QR", "ratio": 0.5}}}, r"ratio=0.5 is not allowed"),
+    ({"data": {"kind": "frappe"}}, r"data.root: the Frappe folder is required"),
+])
+def test_config_errors_say_what_is_allowed(raw, msg):
+    with pytest.raises(ValueError, match=msg):
+        parse_config(raw)
+
+
+def test_train_one_process_writes_results(tmp_path):
+    out = tmp_path / "run"
+    main(["train", "--config", SYNTH, f"out={out}", "data.train_batches=10", "data.eval_batches=2"])
+    res = json.loads((out / "results.json").read_text())
+    assert res["world_size"] == 1 and res["epochs"][0]["steps"] == 10
+    assert 0.5 < res["epochs"][0]["eval_auc"] <= 1.0 and res["ratio"] > 1
+    with pytest.raises(SystemExit, match="unknown tables"):
+        main(["train", "--config", SYNTH, f"out={out}", "schemes.t_nope={type: Hashing, ratio: 2}"])
+
+
+@pytest.mark.slow
+def test_train_two_ranks_torchrun(tmp_path):
+    out = tmp_path / "run2"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "torchrec_compress.cli",
+                    "train", "--config", SYNTH, f"out={out}", "data.train_batches=10", "data.eval_batches=2"],
+                   check=True, cwd=ROOT, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    res = json.loads((out / "results.json").read_text())
+    assert res["world_size"] == 2 and res["epochs"][0]["steps"] == 5  # 10 global batches, 5 per rank
+    assert res["epochs"][0]["eval_samples"] == 2 * 512  # both ranks' eval batches were gathered
+
+
+@pytest.mark.slow
+def test_train_two_ranks_torchx_local_cwd(tmp_path):
+    torchx = os.path.join(os.path.dirname(sys.executable), "torchx")
+    out = tmp_path / "run3"
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}  # torchx runs `torchrun`
+    subprocess.run([torchx, "run", "-s", "local_cwd", "launchers/components.py:train", "--nproc_per_node", "2", "--",
+                    "--config", SYNTH, f"out={out}", "data.train_batches=4", "data.eval_batches=2"],
+                   check=True, cwd=ROOT, capture_output=True, env=env)
+    assert json.loads((out / "results.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.data
+def test_frappe_example_trains(shared_data, tmp_path):
+    cfg = yaml.safe_load(open(os.path.join(ROOT, "examples", "frappe.yaml")))
+    assert cfg["data"]["root"] == "../shared/data/frappe"
+    out = tmp_path / "frappe"
+    main(["train", "--config", os.path.join(ROOT, "examples", "frappe.yaml"), f"data.root={os.path.join(shared_data, 'frappe')}",
+          "train.epochs=1", f"out={out}"])
+    res = json.loads((out / "results.json").read_text())
+    assert res["epochs"][0]["eval_auc"] > 0.85

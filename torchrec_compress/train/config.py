@@ -1,0 +1,125 @@
+"""Training run configuration (YAML), validated with messages that say what is allowed."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, List, Mapping, Optional
+
+import yaml
+
+from ..config import SchemeConfig
+from ..schemes import MPE, QR, FreqThreshold, Hashing, MEmCom, MemRec, Saec
+
+SCHEME_TYPES = {c.__name__: c for c in (Hashing, QR, MEmCom, MemRec, FreqThreshold, Saec, MPE)}
+DATA_KINDS = ("synthetic", "frappe", "criteo_tsv")
+MODEL_KINDS = ("dlrm", "dlrm_dcn")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    kind: str = "synthetic"
+    batch_size: int = 1024
+    root: Optional[str] = None  # frappe: folder with the libFM files
+    train_paths: List[str] = dataclasses.field(default_factory=list)  # criteo_tsv
+    eval_paths: List[str] = dataclasses.field(default_factory=list)
+    cardinalities: List[int] = dataclasses.field(default_factory=list)  # synthetic / criteo_tsv table sizes
+    train_batches: int = 100  # synthetic
+    eval_batches: int = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    kind: str = "dlrm"
+    embedding_dim: int = 16
+    dense_arch: List[int] = dataclasses.field(default_factory=lambda: [64])
+    over_arch: List[int] = dataclasses.field(default_factory=lambda: [64, 32, 1])
+    dcn_num_layers: int = 3
+    dcn_low_rank_dim: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 1
+    lr_sparse: float = 0.05
+    lr_dense: float = 0.01
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig
+    schemes: Dict[str, SchemeConfig]
+    out: str = "runs/train"
+
+
+def _section(cls: type, raw: Any, where: str) -> Any:
+    raw = raw or {}
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{where}: expected a mapping, got {raw!r}")
+    allowed = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(allowed))
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; allowed: {sorted(allowed)}")
+    return cls(**raw)
+
+
+def _scheme(table: str, raw: Any) -> SchemeConfig:
+    if not isinstance(raw, Mapping) or "type" not in raw:
+        raise ValueError(f"schemes.{table}: expected {{type: <one of {sorted(SCHEME_TYPES)}>, ...}}, got {raw!r}")
+    kw = dict(raw)
+    name = kw.pop("type")
+    if name not in SCHEME_TYPES:
+        raise ValueError(f"schemes.{table}.type: {name!r} is not a scheme; use one of {sorted(SCHEME_TYPES)}")
+    fields = {f.name for f in dataclasses.fields(SCHEME_TYPES[name])}
+    unknown = sorted(set(kw) - fields)
+    if unknown:
+        raise ValueError(f"schemes.{table}: {name} has no option(s) {unknown}; allowed: {sorted(fields)}")
+    return SCHEME_TYPES[name](**kw)
+
+
+def parse_config(raw: Mapping[str, Any]) -> RunConfig:
+    """Validate a config mapping (e.g. ``yaml.safe_load`` of ``examples/frappe.yaml``)."""
+    unknown = sorted(set(raw) - {"data", "model", "train", "schemes", "out"})
+    if unknown:
+        raise ValueError(f"config: unknown sections {unknown}; allowed: data, model, train, schemes, out")
+    data = _section(DataConfig, raw.get("data"), "data")
+    model = _section(ModelConfig, raw.get("model"), "model")
+    train = _section(TrainConfig, raw.get("train"), "train")
+    if data.kind not in DATA_KINDS:
+        raise ValueError(f"data.kind: {data.kind!r}; use one of {list(DATA_KINDS)}")
+    if model.kind not in MODEL_KINDS:
+        raise ValueError(f"model.kind: {model.kind!r}; use one of {list(MODEL_KINDS)}")
+    for name, value in (("data.batch_size", data.batch_size), ("train.epochs", train.epochs), ("model.embedding_dim", model.embedding_dim)):
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name}: must be a positive int, got {value!r}")
+    if data.kind == "frappe" and not data.root:
+        raise ValueError("data.root: the Frappe folder is required for data.kind=frappe (e.g. ../shared/data/frappe)")
+    if data.kind == "criteo_tsv" and (not data.train_paths or len(data.cardinalities) != 26):
+        raise ValueError("data: criteo_tsv needs train_paths and 26 cardinalities (table sizes ids are taken modulo)")
+    schemes = raw.get("schemes") or {}
+    if not isinstance(schemes, Mapping):
+        raise ValueError(f"schemes: expected a mapping table -> scheme, got {schemes!r}")
+    return RunConfig(data, model, train, {t: _scheme(t, s) for t, s in schemes.items()}, str(raw.get("out", "runs/train")))
+
+
+def apply_overrides(raw: Dict[str, Any], overrides: List[str]) -> Dict[str, Any]:
+    """``section.key=value`` overrides (value parsed as YAML), e.g. ``train.epochs=2``."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r}: expected section.key=value")
+        path, value = item.split("=", 1)
+        node = raw
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {p} is not a section")
+        node[leaf] = yaml.safe_load(value)
+    return raw
+
+
+def load_config(path: str, overrides: Optional[List[str]] = None) -> RunConfig:
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    return parse_config(apply_overrides(raw, list(overrides or [])))

@@ -1,0 +1,124 @@
+"""``train(cfg)``: one training run from a :class:`RunConfig`, in one process or under torchrun/torchx."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Dict, Iterator, List, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torchmetrics.functional.classification import binary_auroc
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+from torchrec.datasets.utils import Batch
+from torchrec.models.dlrm import DLRM, DLRM_DCN
+
+from ..data.criteo import CriteoTSV
+from ..data.frappe import FRAPPE_CARDINALITIES, FRAPPE_FIELDS, load_frappe
+from ..data.synthetic import CRITEO_KAGGLE_CARDINALITIES, SyntheticCriteo, cat_names
+from ..modules.compress import compress_
+from ..modules.compressed_ebc import CompressedEmbeddingBagCollection
+from .config import RunConfig
+from .loop import shard_for_training, train_steps
+
+
+def _features(cfg: RunConfig) -> Tuple[List[str], List[int], int]:
+    """(feature names, table sizes, dense inputs) of the configured data."""
+    if cfg.data.kind == "frappe":
+        return FRAPPE_FIELDS, FRAPPE_CARDINALITIES, 1
+    cards = cfg.data.cardinalities or CRITEO_KAGGLE_CARDINALITIES
+    return cat_names(len(cards)), list(cards), 13
+
+
+def _batches(cfg: RunConfig, split: str, epoch: int, rank: int, world: int) -> Iterator[Batch]:
+    d = cfg.data
+    if d.kind == "synthetic":
+        n = d.train_batches if split == "train" else d.eval_batches
+        cards = d.cardinalities or CRITEO_KAGGLE_CARDINALITIES
+        seed = cfg.train.seed + (1000 * epoch if split == "train" else 0)
+        # n global batches, split over the ranks (global batch i goes to rank i mod world)
+        yield from SyntheticCriteo(cards, d.batch_size, max(1, n // world), seed=seed, split=split, rank=rank, world_size=world)
+    elif d.kind == "frappe":
+        tr, te = load_frappe(d.root)
+        data = tr.batches(d.batch_size, shuffle_seed=cfg.train.seed * 100 + epoch) if split == "train" else te.batches(d.batch_size)
+        for i, b in enumerate(data):
+            if i % world == rank:
+                yield b
+    else:
+        paths = d.train_paths if split == "train" else (d.eval_paths or d.train_paths)
+        yield from CriteoTSV(paths, d.cardinalities, d.batch_size, rank=rank, world_size=world)
+
+
+def _model(cfg: RunConfig) -> torch.nn.Module:
+    names, cards, n_dense = _features(cfg)
+    m = cfg.model
+    tables = [EmbeddingBagConfig(name=f"t_{f}", embedding_dim=m.embedding_dim, num_embeddings=v, feature_names=[f]) for f, v in zip(names, cards)]
+    unknown = sorted(set(cfg.schemes) - {t.name for t in tables})
+    if unknown:
+        raise ValueError(f"schemes: unknown tables {unknown}; tables are {[t.name for t in tables]}")
+    ebc = EmbeddingBagCollection(tables, device=torch.device("meta"))
+    torch.manual_seed(cfg.train.seed)
+    kw = dict(embedding_bag_collection=ebc, dense_in_features=n_dense, dense_arch_layer_sizes=list(m.dense_arch) + [m.embedding_dim],
+              over_arch_layer_sizes=list(m.over_arch), dense_device=torch.device("cpu"))
+    model = DLRM(**kw) if m.kind == "dlrm" else DLRM_DCN(**kw, dcn_num_layers=m.dcn_num_layers, dcn_low_rank_dim=m.dcn_low_rank_dim)
+    if cfg.schemes:
+        compress_(model, dict(cfg.schemes))
+    return model
+
+
+@torch.no_grad()
+def _evaluate(dmp: torch.nn.Module, batches: Iterator[Batch]) -> Dict[str, float]:
+    """AUC and log loss over all ranks' evaluation batches."""
+    dmp.eval()
+    logits, labels = [], []
+    for b in batches:
+        logits.append(dmp(b.dense_features, b.sparse_features).squeeze(-1))
+        labels.append(b.labels)
+    lg, lb = torch.cat(logits), torch.cat(labels)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        parts: List = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, (lg, lb))
+        lg, lb = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    return {"auc": binary_auroc(torch.sigmoid(lg), lb.long()).item(), "logloss": F.binary_cross_entropy_with_logits(lg, lb).item(),
+            "samples": int(lb.numel())}
+
+
+def train(cfg: RunConfig, progress: bool = True) -> Dict[str, object]:
+    """Train and evaluate once per epoch; rank 0 writes ``<out>/results.json``. Returns the results."""
+    own = not dist.is_initialized()
+    if own:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun / torchx
+            dist.init_process_group("gloo")
+        else:
+            from .loop import _free_port
+
+            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        model = _model(cfg)
+        cebc = model.sparse_arch.embedding_bag_collection
+        report = cebc.memory_report() if isinstance(cebc, CompressedEmbeddingBagCollection) else None
+        dmp, opt = shard_for_training(model, model.sparse_arch, cfg.train.lr_sparse, cfg.train.lr_dense)
+        epochs = []
+        for epoch in range(cfg.train.epochs):
+            losses, seconds, samples = train_steps(dmp, opt, _batches(cfg, "train", epoch, rank, world),
+                                                   desc=f"epoch {epoch}", progress=progress and rank == 0)
+            ev = _evaluate(dmp, _batches(cfg, "eval", epoch, rank, world))
+            epochs.append({"epoch": epoch, "train_loss": sum(losses) / max(1, len(losses)), "samples_per_s": samples / max(seconds, 1e-9),
+                           "steps": len(losses), **{f"eval_{k}": v for k, v in ev.items()}})
+            if progress and rank == 0:
+                print(f"epoch {epoch}: train loss {epochs[-1]['train_loss']:.4f}, eval AUC {ev['auc']:.4f}, logloss {ev['logloss']:.4f}")
+        results = {
+            "world_size": world, "epochs": epochs, "schemes": {k: repr(v) for k, v in cfg.schemes.items()},
+            "embedding_bytes": report.total.compressed_bytes if report else None,
+            "ratio": report.total.ratio if report else 1.0, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        if rank == 0:
+            os.makedirs(cfg.out, exist_ok=True)
+            with open(os.path.join(cfg.out, "results.json"), "w") as f:
+                json.dump(results, f, indent=1)
+        return results
+    finally:
+        if own:
+            dist.destroy_process_group()
