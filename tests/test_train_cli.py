@@ -77,3 +77,55 @@ def test_frappe_example_trains(shared_data, tmp_path):
           "train.epochs=1", f"out={out}"])
     res = json.loads((out / "results.json").read_text())
     assert res["epochs"][0]["eval_auc"] > 0.85
+
+
+def _final(out):
+    return json.loads((out / "results.json").read_text())["epochs"]
+
+
+def test_resume_continues_exactly(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = ["data.train_batches=6", "data.eval_batches=2"]
+    main(["train", "--config", SYNTH, f"out={a}", "train.epochs=2", *common])
+    main(["train", "--config", SYNTH, f"out={b}", "train.epochs=1", *common])
+    main(["train", "--config", SYNTH, "--resume", f"out={b}", "train.epochs=2", *common])
+    ea, eb = _final(a), _final(b)
+    assert len(eb) == 2
+    for x, y in zip(ea, eb):  # same losses and metrics, epoch by epoch
+        assert x["train_loss"] == y["train_loss"] and x["eval_auc"] == y["eval_auc"] and x["eval_logloss"] == y["eval_logloss"]
+    assert sorted(os.listdir(b / "checkpoints")) == ["epoch_0", "epoch_1", "latest"]
+
+
+def test_resume_errors(tmp_path):
+    with pytest.raises(SystemExit, match="no checkpoint under"):
+        main(["train", "--config", SYNTH, "--resume", f"out={tmp_path / 'none'}", "data.train_batches=2", "data.eval_batches=1"])
+    out = tmp_path / "c"
+    main(["train", "--config", SYNTH, f"out={out}", "train.epochs=1", "data.train_batches=2", "data.eval_batches=1"])
+    for f in (out / "checkpoints" / "epoch_0").iterdir():
+        if f.name.endswith(".distcp"):
+            f.write_bytes(f.read_bytes()[:10])  # truncate the shard file
+    with pytest.raises(SystemExit, match="checkpoint .*epoch_0 is unreadable"):
+        main(["train", "--config", SYNTH, "--resume", f"out={out}", "train.epochs=2", "data.train_batches=2", "data.eval_batches=1"])
+
+
+@pytest.mark.slow
+def test_checkpoint_from_2_ranks_resumes_on_1(tmp_path):
+    out = tmp_path / "w2"
+    common = ["data.train_batches=4", "data.eval_batches=2"]
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "torchrec_compress.cli",
+                    "train", "--config", SYNTH, f"out={out}", "train.epochs=1", *common],
+                   check=True, cwd=ROOT, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    two = _final(out)[0]
+    # one rank, zero more epochs: the resharded model must evaluate exactly as the 2 ranks did
+    from torchrec_compress.train.config import load_config as lc
+    from torchrec_compress.train.run import _batches, _evaluate, _model, load_checkpoint
+    from torchrec_compress.train.loop import local_process_group, shard_for_training
+
+    cfg = lc(SYNTH, [f"out={out}", *common])
+    with local_process_group():
+        model = _model(cfg)
+        dmp, opt = shard_for_training(model, model.sparse_arch, cfg.train.lr_sparse, cfg.train.lr_dense)
+        assert len(load_checkpoint(cfg, dmp, opt)) == 1
+        ev = _evaluate(dmp, _batches(cfg, "eval", 0, 0, 1))
+    assert ev["samples"] == two["eval_samples"]
+    assert abs(ev["auc"] - two["eval_auc"]) < 1e-6 and abs(ev["logloss"] - two["eval_logloss"]) < 1e-5

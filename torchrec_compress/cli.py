@@ -24,6 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train DLRM / DLRM_DCN from a YAML config (one process, torchrun or torchx)")
     tr.add_argument("--config", required=True, help="YAML run config, e.g. examples/frappe.yaml")
     tr.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.epochs=2 out=runs/x")
+    tr.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/latest (any world size)")
     pl = sub.add_parser("plan", help="compression-aware sharding plan for a memory budget",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = pl.add_mutually_exclusive_group(required=True)
@@ -62,7 +63,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         from .train.run import train
 
         try:
-            train(load_config(args.config, args.overrides))
+            train(load_config(args.config, args.overrides), resume=args.resume)
         except ValueError as e:  # bad config or data: say what, without a traceback
             raise SystemExit(f"torchrec-compress train: {e}")
     elif args.command == "plan":

@@ -42,6 +42,7 @@ class TrainConfig:
     lr_sparse: float = 0.05
     lr_dense: float = 0.01
     seed: int = 0
+    checkpoint: bool = True  # DCP checkpoint under <out>/checkpoints after every epoch
 
 
 @dataclasses.dataclass(frozen=True)

@@ -84,8 +84,66 @@ def _evaluate(dmp: torch.nn.Module, batches: Iterator[Batch]) -> Dict[str, float
             "samples": int(lb.numel())}
 
 
-def train(cfg: RunConfig, progress: bool = True) -> Dict[str, object]:
-    """Train and evaluate once per epoch; rank 0 writes ``<out>/results.json``. Returns the results."""
+def _ckpt_root(cfg: RunConfig) -> str:
+    return os.path.join(cfg.out, "checkpoints")
+
+
+def save_checkpoint(cfg: RunConfig, dmp: torch.nn.Module, opt: torch.optim.Optimizer, epochs: List[Dict[str, object]]) -> str:
+    """DCP checkpoint of the sharded model and fused optimizer state, plus the dense
+    optimizer, finished epochs and RNG (replicated: rank 0 writes them). Written to a
+    temporary folder and renamed, then ``latest`` is replaced atomically, so a crash never
+    leaves a half-written checkpoint behind ``latest``."""
+    import torch.distributed.checkpoint as dcp
+
+    root = _ckpt_root(cfg)
+    name = f"epoch_{len(epochs) - 1}"
+    tmp, final = os.path.join(root, f".{name}.tmp"), os.path.join(root, name)
+    rank = dist.get_rank()
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        if os.path.exists(tmp):
+            import shutil
+
+            shutil.rmtree(tmp)
+    dist.barrier()
+    dcp.save({"model": dmp.state_dict(), "fused": dmp.fused_optimizer.state_dict()}, checkpoint_id=tmp)
+    if rank == 0:
+        torch.save({"dense": opt.state_dict(), "epochs": epochs, "rng": torch.get_rng_state()}, os.path.join(tmp, "replicated.pt"))
+        os.replace(tmp, final)
+        with open(os.path.join(root, "latest.tmp"), "w") as f:
+            f.write(name)
+        os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(cfg: RunConfig, dmp: torch.nn.Module, opt: torch.optim.Optimizer) -> List[Dict[str, object]]:
+    """Load ``latest`` into a (possibly differently sharded) model; returns the finished epochs."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
+    root = _ckpt_root(cfg)
+    pointer = os.path.join(root, "latest")
+    if not os.path.exists(pointer):
+        raise ValueError(f"--resume: no checkpoint under {root} (no 'latest' file)")
+    with open(pointer) as f:
+        path = os.path.join(root, f.read().strip())
+    try:
+        state = {"model": dmp.state_dict(), "fused": dmp.fused_optimizer.state_dict()}
+        dcp.load(state, checkpoint_id=path)
+        replicated = torch.load(os.path.join(path, "replicated.pt"), weights_only=False)
+    except (Exception, CheckpointException) as e:  # corrupted/truncated: never start a run silently
+        raise ValueError(f"--resume: checkpoint {path} is unreadable ({type(e).__name__}: {str(e)[:200]})") from e
+    dmp.load_state_dict(state["model"])
+    dmp.fused_optimizer.load_state_dict(state["fused"])
+    opt.load_state_dict(replicated["dense"])
+    torch.set_rng_state(replicated["rng"])
+    return list(replicated["epochs"])
+
+
+def train(cfg: RunConfig, progress: bool = True, resume: bool = False) -> Dict[str, object]:
+    """Train and evaluate once per epoch (checkpointing after each); rank 0 writes
+    ``<out>/results.json``. ``resume`` continues from the latest checkpoint. Returns the results."""
     own = not dist.is_initialized()
     if own:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun / torchx
@@ -100,8 +158,8 @@ def train(cfg: RunConfig, progress: bool = True) -> Dict[str, object]:
         cebc = model.sparse_arch.embedding_bag_collection
         report = cebc.memory_report() if isinstance(cebc, CompressedEmbeddingBagCollection) else None
         dmp, opt = shard_for_training(model, model.sparse_arch, cfg.train.lr_sparse, cfg.train.lr_dense)
-        epochs = []
-        for epoch in range(cfg.train.epochs):
+        epochs: List[Dict[str, object]] = load_checkpoint(cfg, dmp, opt) if resume else []
+        for epoch in range(len(epochs), cfg.train.epochs):
             losses, seconds, samples = train_steps(dmp, opt, _batches(cfg, "train", epoch, rank, world),
                                                    desc=f"epoch {epoch}", progress=progress and rank == 0)
             ev = _evaluate(dmp, _batches(cfg, "eval", epoch, rank, world))
@@ -109,6 +167,8 @@ def train(cfg: RunConfig, progress: bool = True) -> Dict[str, object]:
                            "steps": len(losses), **{f"eval_{k}": v for k, v in ev.items()}})
             if progress and rank == 0:
                 print(f"epoch {epoch}: train loss {epochs[-1]['train_loss']:.4f}, eval AUC {ev['auc']:.4f}, logloss {ev['logloss']:.4f}")
+            if cfg.train.checkpoint:
+                save_checkpoint(cfg, dmp, opt, epochs)
         results = {
             "world_size": world, "epochs": epochs, "schemes": {k: repr(v) for k, v in cfg.schemes.items()},
             "embedding_bytes": report.total.compressed_bytes if report else None,
