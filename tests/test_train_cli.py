@@ -129,3 +129,13 @@ def test_checkpoint_from_2_ranks_resumes_on_1(tmp_path):
         ev = _evaluate(dmp, _batches(cfg, "eval", 0, 0, 1))
     assert ev["samples"] == two["eval_samples"]
     assert abs(ev["auc"] - two["eval_auc"]) < 1e-6 and abs(ev["logloss"] - two["eval_logloss"]) < 1e-5
+
+
+@pytest.mark.data
+def test_criteo_kaggle_example_trains_on_the_sample(shared_data, tmp_path):
+    path = os.path.join(shared_data, "criteo_kaggle_sample", "criteo_train_10k.tsv.gz")
+    out = tmp_path / "ck"
+    main(["train", "--config", os.path.join(ROOT, "examples", "criteo_kaggle.yaml"), f"data.train_paths=[{path}]", f"out={out}"])
+    ep = _final(out)[0]
+    assert ep["steps"] == 20 and ep["eval_samples"] == 10_000  # no eval_paths: evaluated on the training file
+    assert 0.5 < ep["eval_auc"] <= 1.0
