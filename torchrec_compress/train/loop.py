@@ -107,13 +107,23 @@ def train_steps(
 
 
 @torch.no_grad()
-def evaluate(dmp: nn.Module, batches: Iterable[Batch]) -> Tuple[float, float]:
-    """``(AUC, log loss)`` over ``batches``."""
+def predictions(dmp: nn.Module, batches: Iterable[Batch]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(logits [N], labels [N])`` over ``batches``, gathered from every rank when distributed."""
     dmp.eval()
     logits_all, labels_all = [], []
     for b in batches:
         logits_all.append(dmp(b.dense_features, b.sparse_features).squeeze(-1))
         labels_all.append(b.labels)
     logits, labels = torch.cat(logits_all), torch.cat(labels_all)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        parts: List = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, (logits, labels))
+        logits, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    return logits, labels
+
+
+def evaluate(dmp: nn.Module, batches: Iterable[Batch]) -> Tuple[float, float]:
+    """``(AUC, log loss)`` over ``batches`` (all ranks' when distributed)."""
+    logits, labels = predictions(dmp, batches)
     auc = binary_auroc(torch.sigmoid(logits), labels.long()).item()
     return auc, F.binary_cross_entropy_with_logits(logits, labels).item()

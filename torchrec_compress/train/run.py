@@ -20,7 +20,7 @@ from ..data.synthetic import CRITEO_KAGGLE_CARDINALITIES, SyntheticCriteo, cat_n
 from ..modules.compress import compress_
 from ..modules.compressed_ebc import CompressedEmbeddingBagCollection
 from .config import RunConfig
-from .loop import shard_for_training, train_steps
+from .loop import predictions, shard_for_training, train_steps
 
 
 def _features(cfg: RunConfig) -> Tuple[List[str], List[int], int]:
@@ -67,21 +67,11 @@ def _model(cfg: RunConfig) -> torch.nn.Module:
     return model
 
 
-@torch.no_grad()
 def _evaluate(dmp: torch.nn.Module, batches: Iterator[Batch]) -> Dict[str, float]:
-    """AUC and log loss over all ranks' evaluation batches."""
-    dmp.eval()
-    logits, labels = [], []
-    for b in batches:
-        logits.append(dmp(b.dense_features, b.sparse_features).squeeze(-1))
-        labels.append(b.labels)
-    lg, lb = torch.cat(logits), torch.cat(labels)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        parts: List = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, (lg, lb))
-        lg, lb = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    return {"auc": binary_auroc(torch.sigmoid(lg), lb.long()).item(), "logloss": F.binary_cross_entropy_with_logits(lg, lb).item(),
-            "samples": int(lb.numel())}
+    """AUC, log loss and sample count over all ranks' evaluation batches."""
+    logits, labels = predictions(dmp, batches)
+    return {"auc": binary_auroc(torch.sigmoid(logits), labels.long()).item(),
+            "logloss": F.binary_cross_entropy_with_logits(logits, labels).item(), "samples": int(labels.numel())}
 
 
 def _ckpt_root(cfg: RunConfig) -> str:
