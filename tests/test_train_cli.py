@@ -139,3 +139,34 @@ def test_criteo_kaggle_example_trains_on_the_sample(shared_data, tmp_path):
     ep = _final(out)[0]
     assert ep["steps"] == 20 and ep["eval_samples"] == 10_000  # no eval_paths: evaluated on the training file
     assert 0.5 < ep["eval_auc"] <= 1.0
+
+
+def test_normalized_entropy_hand_case():
+    import math
+
+    import torch
+
+    from torchrec_compress.train.run import normalized_entropy
+
+    labels = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    p = torch.tensor([0.6, 0.2, 0.1, 0.3])
+    ce = -sum(math.log(x) if y else math.log(1 - x) for x, y in zip(p.tolist(), labels.tolist())) / 4
+    base = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    assert normalized_entropy(torch.logit(p), labels) == pytest.approx(ce / base, rel=1e-6)
+    # predicting the base rate everywhere gives NE = 1
+    assert normalized_entropy(torch.logit(torch.full((4,), 0.25)), labels) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_lr_schedule_shape_and_effect(tmp_path):
+    from torchrec_compress.train.config import TrainConfig, lr_scale
+
+    cfg = TrainConfig(lr_warmup_steps=4, lr_decay_start=10, lr_decay_steps=5)
+    assert [lr_scale(s, cfg) for s in (0, 3, 4, 9)] == [0.25, 1.0, 1.0, 1.0]
+    assert lr_scale(10, cfg) == 1.0 and lr_scale(12, cfg) == pytest.approx((3 / 5) ** 2) and lr_scale(15, cfg) == 0.0
+    # decay to 0 after the first step: 3 steps with the schedule == 1 step without it (fused and dense rates)
+    a, b = tmp_path / "a", tmp_path / "b"
+    main(["train", "--config", SYNTH, f"out={a}", "data.train_batches=3", "data.eval_batches=2", "train.lr_decay_steps=1"])
+    main(["train", "--config", SYNTH, f"out={b}", "data.train_batches=1", "data.eval_batches=2"])
+    ea, eb = _final(a)[0], _final(b)[0]
+    assert ea["steps"] == 3 and eb["steps"] == 1
+    assert ea["eval_auc"] == eb["eval_auc"] and ea["eval_logloss"] == eb["eval_logloss"]

@@ -43,6 +43,20 @@ class TrainConfig:
     lr_dense: float = 0.01
     seed: int = 0
     checkpoint: bool = True  # DCP checkpoint under <out>/checkpoints after every epoch
+    # MLPerf DLRMv2's schedule: linear warm-up, constant, then (1 - progress)^2 decay to 0
+    lr_warmup_steps: int = 0
+    lr_decay_start: int = 0
+    lr_decay_steps: int = 0
+
+
+def lr_scale(step: int, cfg: "TrainConfig") -> float:
+    """Multiplier of the base learning rates at global step ``step`` (0-based)."""
+    if step < cfg.lr_warmup_steps:
+        return (step + 1) / cfg.lr_warmup_steps
+    if cfg.lr_decay_steps > 0 and step >= cfg.lr_decay_start:
+        left = cfg.lr_decay_start + cfg.lr_decay_steps - step
+        return max(0.0, left / cfg.lr_decay_steps) ** 2
+    return 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +108,10 @@ def parse_config(raw: Mapping[str, Any]) -> RunConfig:
     for name, value in (("data.batch_size", data.batch_size), ("train.epochs", train.epochs), ("model.embedding_dim", model.embedding_dim)):
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name}: must be a positive int, got {value!r}")
+    for name in ("lr_warmup_steps", "lr_decay_start", "lr_decay_steps"):
+        value = getattr(train, name)
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"train.{name}: must be an int >= 0, got {value!r}")
     if data.kind == "frappe" and not data.root:
         raise ValueError("data.root: the Frappe folder is required for data.kind=frappe (e.g. ../shared/data/frappe)")
     if data.kind == "criteo_tsv" and (not data.train_paths or len(data.cardinalities) != 26):

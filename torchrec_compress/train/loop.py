@@ -85,15 +85,19 @@ def train_steps(
     total: Optional[int] = None,
     progress: bool = True,
     extra_loss: Optional[Callable[[], torch.Tensor]] = None,
+    before_step: Optional[Callable[[int], None]] = None,
 ) -> Tuple[List[float], float, int]:
     """One pass over ``batches`` with BCE loss (+ ``extra_loss()``, e.g. MPE's bit penalty).
+    ``before_step(i)`` runs before the i-th batch (e.g. to set learning rates).
     Returns ``(losses, seconds, samples)``; losses are the BCE part."""
     losses: List[float] = []
     samples = 0
     dmp.train()
     t0 = time.perf_counter()
     with tqdm(total=total, desc=f"{desc:>8}", unit="samples", unit_scale=True, disable=not progress, mininterval=1.0) as bar:
-        for b in batches:
+        for i, b in enumerate(batches):
+            if before_step is not None:
+                before_step(i)
             logits = dmp(b.dense_features, b.sparse_features).squeeze(-1)  # [B]
             loss = F.binary_cross_entropy_with_logits(logits, b.labels)
             (loss + extra_loss() if extra_loss is not None else loss).backward()  # embeddings are updated here (fused)

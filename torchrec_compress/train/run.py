@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torchmetrics.functional.classification import binary_auroc
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.datasets.utils import Batch
+from torchrec.metrics.ne import compute_ne, get_ne_states
 from torchrec.models.dlrm import DLRM, DLRM_DCN
 
 from ..data.criteo import CriteoTSV
@@ -19,7 +20,7 @@ from ..data.frappe import FRAPPE_CARDINALITIES, FRAPPE_FIELDS, load_frappe
 from ..data.synthetic import CRITEO_KAGGLE_CARDINALITIES, SyntheticCriteo, cat_names
 from ..modules.compress import compress_
 from ..modules.compressed_ebc import CompressedEmbeddingBagCollection
-from .config import RunConfig
+from .config import RunConfig, lr_scale
 from .loop import predictions, shard_for_training, train_steps
 
 
@@ -67,10 +68,16 @@ def _model(cfg: RunConfig) -> torch.nn.Module:
     return model
 
 
+def normalized_entropy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """NE = cross entropy / entropy of the base rate, with torchrec.metrics' own formulas."""
+    states = get_ne_states(labels.double(), torch.sigmoid(logits).double(), torch.ones_like(labels, dtype=torch.float64), 1e-12)
+    return compute_ne(states["cross_entropy_sum"], states["weighted_num_samples"], states["pos_labels"], states["neg_labels"], 1e-12).item()
+
+
 def _evaluate(dmp: torch.nn.Module, batches: Iterator[Batch]) -> Dict[str, float]:
-    """AUC, log loss and sample count over all ranks' evaluation batches."""
+    """AUC, log loss, NE and sample count over all ranks' evaluation batches."""
     logits, labels = predictions(dmp, batches)
-    return {"auc": binary_auroc(torch.sigmoid(logits), labels.long()).item(),
+    return {"auc": binary_auroc(torch.sigmoid(logits), labels.long()).item(), "ne": normalized_entropy(logits, labels),
             "logloss": F.binary_cross_entropy_with_logits(logits, labels).item(), "samples": int(labels.numel())}
 
 
@@ -149,14 +156,28 @@ def train(cfg: RunConfig, progress: bool = True, resume: bool = False) -> Dict[s
         report = cebc.memory_report() if isinstance(cebc, CompressedEmbeddingBagCollection) else None
         dmp, opt = shard_for_training(model, model.sparse_arch, cfg.train.lr_sparse, cfg.train.lr_dense)
         epochs: List[Dict[str, object]] = load_checkpoint(cfg, dmp, opt) if resume else []
+        base_lrs = [g["lr"] for g in opt.param_groups]
+        fused = dmp.fused_optimizer
+
+        def set_lr(i: int) -> None:  # global step = steps of finished epochs + i (the same after --resume)
+            scale = lr_scale(done + i, cfg.train)
+            for g, lr in zip(opt.param_groups, base_lrs):
+                g["lr"] = lr * scale
+            for g in fused.param_groups:
+                g["lr"] = cfg.train.lr_sparse * scale
+            fused.step()  # in-backward fused optimizers only take the new rate here
+
+        schedule = cfg.train.lr_warmup_steps or cfg.train.lr_decay_steps
         for epoch in range(len(epochs), cfg.train.epochs):
+            done = sum(int(e["steps"]) for e in epochs)
             losses, seconds, samples = train_steps(dmp, opt, _batches(cfg, "train", epoch, rank, world),
-                                                   desc=f"epoch {epoch}", progress=progress and rank == 0)
+                                                   desc=f"epoch {epoch}", progress=progress and rank == 0,
+                                                   before_step=set_lr if schedule else None)
             ev = _evaluate(dmp, _batches(cfg, "eval", epoch, rank, world))
             epochs.append({"epoch": epoch, "train_loss": sum(losses) / max(1, len(losses)), "samples_per_s": samples / max(seconds, 1e-9),
                            "steps": len(losses), **{f"eval_{k}": v for k, v in ev.items()}})
             if progress and rank == 0:
-                print(f"epoch {epoch}: train loss {epochs[-1]['train_loss']:.4f}, eval AUC {ev['auc']:.4f}, logloss {ev['logloss']:.4f}")
+                print(f"epoch {epoch}: train loss {epochs[-1]['train_loss']:.4f}, eval AUC {ev['auc']:.4f}, NE {ev['ne']:.4f}, logloss {ev['logloss']:.4f}")
             if cfg.train.checkpoint:
                 save_checkpoint(cfg, dmp, opt, epochs)
         results = {
