@@ -26,7 +26,7 @@ from torchrec.models.dlrm import DLRM
 
 from torchrec_compress import MPE, QR, CompressedEmbeddingBagCollection, FreqThreshold, Hashing, MEmCom, MemRec, Saec, compress_, fit_frequency_, fit_mpe_groups_, fit_saec_, mpe_finalize, run_mpe
 from torchrec_compress.quant import export, quantized_memory_report
-from torchrec_compress.distributed.state import copy_full_into_
+from torchrec_compress.distributed.state import copy_full_into_, single_rank_full_state_dict
 from torchrec_compress.data.frappe import FRAPPE_CARDINALITIES, FRAPPE_FIELDS, load_frappe
 from torchrec_compress.stats import FrequencyStats
 from torchrec_compress.train import evaluate, local_process_group, shard_for_training, train_steps
@@ -64,10 +64,6 @@ def _unsharded(tables, schemes, dim: int, state: Dict[str, torch.Tensor]):
     return model
 
 
-def _full_state(dmp) -> Dict[str, torch.Tensor]:
-    return {k: (v.local_shards()[0].tensor if hasattr(v, "local_shards") else v).detach().clone() for k, v in dmp.state_dict().items()}
-
-
 def run(scheme: str, ratio: float, seed: int, epochs: int, dim: int, root: str, warm_epochs: int = 2) -> Dict[str, float]:
     train, test = load_frappe(root)
     tables = [EmbeddingBagConfig(name=f"t_{f}", embedding_dim=dim, num_embeddings=v, feature_names=[f])
@@ -80,7 +76,7 @@ def run(scheme: str, ratio: float, seed: int, epochs: int, dim: int, root: str, 
         _, dmp, opt = _model(tables, None, seed, dim)
         for e in range(warm_epochs):
             train_steps(dmp, opt, train.batches(512, shuffle_seed=seed * 100 + e), desc=scheme, progress=False)
-        warm = _full_state(dmp)
+        warm = single_rank_full_state_dict(dmp)
         first = warm_epochs
     model, dmp, opt = _model(tables, {t: cfg for t in COMPRESSED} if cfg is not None else None, seed, dim)
     if scheme == "freq_threshold":
@@ -97,7 +93,7 @@ def run(scheme: str, ratio: float, seed: int, epochs: int, dim: int, root: str, 
         epochs_of = lambda lo, hi: (b for e in range(lo, hi) for b in train.batches(512, shuffle_seed=seed * 100 + e))  # noqa: E731
         chosen = run_mpe(dmp, opt, epochs_of(0, warm_epochs), epochs_of(warm_epochs, epochs), progress=False)["chosen"]
         qat_auc, _ = evaluate(dmp, test.batches(4096))
-        unsharded = _unsharded(tables, {t: cfg for t in COMPRESSED}, dim, _full_state(dmp))
+        unsharded = _unsharded(tables, {t: cfg for t in COMPRESSED}, dim, single_rank_full_state_dict(dmp))
         inference = export(mpe_finalize(unsharded), default="fp32")
         auc, logloss = evaluate(inference, test.batches(4096))
         rep = quantized_memory_report(inference)

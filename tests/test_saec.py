@@ -7,7 +7,7 @@ from torchrec.datasets.utils import Batch
 from torchrec.models.dlrm import DLRM
 
 from torchrec_compress import CompressedEmbeddingBagCollection, Hashing, Saec, compress_, fit_saec_
-from torchrec_compress.distributed.state import copy_full_into_
+from torchrec_compress.distributed.state import copy_full_into_, single_rank_full_state_dict
 from torchrec_compress.schemes.saec import kmeans
 from torchrec_compress.stats import FrequencyStats
 from torchrec_compress.testing.cluster import adjusted_rand_index
@@ -94,8 +94,7 @@ def test_saec_recovers_planted_clusters_and_keeps_auc():
         dmp, opt = shard_for_training(model, model.sparse_arch, lr_sparse=0.1, lr_dense=0.05)
         for _ in range(2):
             train_steps(dmp, opt, _batches(*train), progress=False)
-        warm = {k: (v.local_shards()[0].tensor if hasattr(v, "local_shards") else v).detach().clone()
-                for k, v in dmp.state_dict().items()}
+        warm = single_rank_full_state_dict(dmp)
         train_steps(dmp, opt, _batches(*train), progress=False)
         auc_full, _ = evaluate(dmp, _batches(*test))
 

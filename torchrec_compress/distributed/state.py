@@ -1,7 +1,7 @@
 """Write full (unsharded) tensors into a module's state, sharded or not."""
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Dict, Mapping
 
 import torch
 
@@ -22,3 +22,17 @@ def load_full_state_dict_(sharded: Mapping[str, object], full: Mapping[str, torc
     """``copy_full_into_`` for every entry of ``sharded`` (e.g. ``dmp.state_dict()``) from ``full``."""
     for name, t in sharded.items():
         copy_full_into_(t, full[name])
+
+
+def single_rank_full_state_dict(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """Plain-tensor copy of a DMP model's state on one rank (world size 1: each sharded
+    table has a single local shard holding all of it), e.g. to build an unsharded copy."""
+    out: Dict[str, torch.Tensor] = {}
+    for name, t in module.state_dict().items():
+        if hasattr(t, "local_shards"):
+            shards = t.local_shards()
+            if len(shards) != 1 or tuple(shards[0].tensor.shape) != tuple(t.size()):
+                raise ValueError(f"{name}: not held whole by this rank; gather it (or load a DCP checkpoint) instead")
+            t = shards[0].tensor
+        out[name] = t.detach().clone()
+    return out

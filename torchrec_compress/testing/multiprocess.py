@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 from typing import Any, Callable, List
 
@@ -10,11 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ..train.loop import free_port
 
 
 def _worker(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, out_dir: str, backend: str) -> None:
@@ -35,5 +30,5 @@ def run_on_ranks(fn: Callable[..., Any], *args: Any, world_size: int = 2, backen
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` ranks (gloo CPU, or nccl with one
     GPU per rank); returns each rank's result."""
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(world_size, _free_port(), fn, args, d, backend), nprocs=world_size, join=True)
+        mp.spawn(_worker, args=(world_size, free_port(), fn, args, d, backend), nprocs=world_size, join=True)
         return [torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]

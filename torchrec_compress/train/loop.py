@@ -8,6 +8,7 @@ formed; the remaining parameters by a dense optimizer.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import time
 import warnings
@@ -30,7 +31,7 @@ from ..distributed.plans import uniform_plan
 from ..distributed.sharders import sharders
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -38,10 +39,13 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def local_process_group() -> Iterator[None]:
-    """A gloo process group of world size 1 unless one exists (DMP needs one)."""
+    """The process group DMP needs, unless one exists: from the environment when launched
+    by torchrun / torchx (WORLD_SIZE > 1), else a local gloo group of world size 1."""
     own = not dist.is_initialized()
-    if own:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    if own and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("gloo")
+    elif own:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         yield
     finally:

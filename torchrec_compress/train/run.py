@@ -21,7 +21,7 @@ from ..data.synthetic import CRITEO_KAGGLE_CARDINALITIES, SyntheticCriteo, cat_n
 from ..modules.compress import compress_
 from ..modules.compressed_ebc import CompressedEmbeddingBagCollection
 from .config import RunConfig, lr_scale
-from .loop import predictions, shard_for_training, train_steps
+from .loop import local_process_group, predictions, shard_for_training, train_steps
 
 
 def _features(cfg: RunConfig) -> Tuple[List[str], List[int], int]:
@@ -141,55 +141,48 @@ def load_checkpoint(cfg: RunConfig, dmp: torch.nn.Module, opt: torch.optim.Optim
 def train(cfg: RunConfig, progress: bool = True, resume: bool = False) -> Dict[str, object]:
     """Train and evaluate once per epoch (checkpointing after each); rank 0 writes
     ``<out>/results.json``. ``resume`` continues from the latest checkpoint. Returns the results."""
-    own = not dist.is_initialized()
-    if own:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun / torchx
-            dist.init_process_group("gloo")
-        else:
-            from .loop import _free_port
+    with local_process_group():
+        return _train(cfg, progress, resume)
 
-            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+
+def _train(cfg: RunConfig, progress: bool, resume: bool) -> Dict[str, object]:
     rank, world = dist.get_rank(), dist.get_world_size()
-    try:
-        model = _model(cfg)
-        cebc = model.sparse_arch.embedding_bag_collection
-        report = cebc.memory_report() if isinstance(cebc, CompressedEmbeddingBagCollection) else None
-        dmp, opt = shard_for_training(model, model.sparse_arch, cfg.train.lr_sparse, cfg.train.lr_dense)
-        epochs: List[Dict[str, object]] = load_checkpoint(cfg, dmp, opt) if resume else []
-        base_lrs = [g["lr"] for g in opt.param_groups]
-        fused = dmp.fused_optimizer
+    model = _model(cfg)
+    cebc = model.sparse_arch.embedding_bag_collection
+    report = cebc.memory_report() if isinstance(cebc, CompressedEmbeddingBagCollection) else None
+    dmp, opt = shard_for_training(model, model.sparse_arch, cfg.train.lr_sparse, cfg.train.lr_dense)
+    epochs: List[Dict[str, object]] = load_checkpoint(cfg, dmp, opt) if resume else []
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    fused = dmp.fused_optimizer
 
-        def set_lr(i: int) -> None:  # global step = steps of finished epochs + i (the same after --resume)
-            scale = lr_scale(done + i, cfg.train)
-            for g, lr in zip(opt.param_groups, base_lrs):
-                g["lr"] = lr * scale
-            for g in fused.param_groups:
-                g["lr"] = cfg.train.lr_sparse * scale
-            fused.step()  # in-backward fused optimizers only take the new rate here
+    def set_lr(i: int) -> None:  # global step = steps of finished epochs + i (the same after --resume)
+        scale = lr_scale(done + i, cfg.train)
+        for g, lr in zip(opt.param_groups, base_lrs):
+            g["lr"] = lr * scale
+        for g in fused.param_groups:
+            g["lr"] = cfg.train.lr_sparse * scale
+        fused.step()  # in-backward fused optimizers only take the new rate here
 
-        schedule = cfg.train.lr_warmup_steps or cfg.train.lr_decay_steps
-        for epoch in range(len(epochs), cfg.train.epochs):
-            done = sum(int(e["steps"]) for e in epochs)
-            losses, seconds, samples = train_steps(dmp, opt, _batches(cfg, "train", epoch, rank, world),
-                                                   desc=f"epoch {epoch}", progress=progress and rank == 0,
-                                                   before_step=set_lr if schedule else None)
-            ev = _evaluate(dmp, _batches(cfg, "eval", epoch, rank, world))
-            epochs.append({"epoch": epoch, "train_loss": sum(losses) / max(1, len(losses)), "samples_per_s": samples / max(seconds, 1e-9),
-                           "steps": len(losses), **{f"eval_{k}": v for k, v in ev.items()}})
-            if progress and rank == 0:
-                print(f"epoch {epoch}: train loss {epochs[-1]['train_loss']:.4f}, eval AUC {ev['auc']:.4f}, NE {ev['ne']:.4f}, logloss {ev['logloss']:.4f}")
-            if cfg.train.checkpoint:
-                save_checkpoint(cfg, dmp, opt, epochs)
-        results = {
-            "world_size": world, "epochs": epochs, "schemes": {k: repr(v) for k, v in cfg.schemes.items()},
-            "embedding_bytes": report.total.compressed_bytes if report else None,
-            "ratio": report.total.ratio if report else 1.0, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-        }
-        if rank == 0:
-            os.makedirs(cfg.out, exist_ok=True)
-            with open(os.path.join(cfg.out, "results.json"), "w") as f:
-                json.dump(results, f, indent=1)
-        return results
-    finally:
-        if own:
-            dist.destroy_process_group()
+    schedule = cfg.train.lr_warmup_steps or cfg.train.lr_decay_steps
+    for epoch in range(len(epochs), cfg.train.epochs):
+        done = sum(int(e["steps"]) for e in epochs)
+        losses, seconds, samples = train_steps(dmp, opt, _batches(cfg, "train", epoch, rank, world),
+                                               desc=f"epoch {epoch}", progress=progress and rank == 0,
+                                               before_step=set_lr if schedule else None)
+        ev = _evaluate(dmp, _batches(cfg, "eval", epoch, rank, world))
+        epochs.append({"epoch": epoch, "train_loss": sum(losses) / max(1, len(losses)), "samples_per_s": samples / max(seconds, 1e-9),
+                       "steps": len(losses), **{f"eval_{k}": v for k, v in ev.items()}})
+        if progress and rank == 0:
+            print(f"epoch {epoch}: train loss {epochs[-1]['train_loss']:.4f}, eval AUC {ev['auc']:.4f}, NE {ev['ne']:.4f}, logloss {ev['logloss']:.4f}")
+        if cfg.train.checkpoint:
+            save_checkpoint(cfg, dmp, opt, epochs)
+    results = {
+        "world_size": world, "epochs": epochs, "schemes": {k: repr(v) for k, v in cfg.schemes.items()},
+        "embedding_bytes": report.total.compressed_bytes if report else None,
+        "ratio": report.total.ratio if report else 1.0, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    if rank == 0:
+        os.makedirs(cfg.out, exist_ok=True)
+        with open(os.path.join(cfg.out, "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
+    return results
