@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	# CPU stack: torch CPU wheel + fbgemm-gpu-cpu, then torchrec without its CUDA fbgemm-gpu dependency.
-	$(VPY) -m pip install -q -c constraints.txt torch fbgemm-gpu-cpu tensordict torchmetrics pyre-extensions iopath tqdm numpy PyYAML tabulate torchx pytest
+	$(VPY) -m pip install -q -c constraints.txt torch fbgemm-gpu-cpu tensordict torchmetrics pyre-extensions iopath tqdm numpy PyYAML tabulate torchx pytest hypothesis matplotlib tensorboard
 	$(VPY) -m pip install -q --no-deps -c constraints.txt torchrec
 	$(VPY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
