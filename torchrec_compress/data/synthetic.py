@@ -72,6 +72,11 @@ class SyntheticCriteo:
         informative: indices of features whose ids carry signal (default: every other one,
             which mixes tiny, mid-size and 10M-row tables).
         signal: scale of the per-feature score weights (logit units).
+        multi_hot: ids per sample for each feature (e.g. ``data.mlperf.DLRMV2_MULTI_HOT``),
+            default one. As in MLPerf DLRMv2's materialized multi-hot data set, the bag of
+            feature f is the one-hot id followed by ``multi_hot[f] - 1`` ids that are a fixed
+            function of it (a hash, uniform over the table): labels and one-hot ids are those
+            of the one-hot stream, only the bags grow.
 
     Each batch: ``dense_features [B, 13] float32`` (log1p of counts, as DLRM expects),
     ``sparse_features`` KJT with keys ``cat_0..cat_{F-1}``, lengths all 1, int64 values
@@ -91,6 +96,7 @@ class SyntheticCriteo:
         positive_rate: float = 0.25,
         informative: Optional[Sequence[int]] = None,
         signal: float = 0.6,
+        multi_hot: Optional[Sequence[int]] = None,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -101,6 +107,9 @@ class SyntheticCriteo:
         if zipf_exponent <= 1.0:
             raise ValueError(f"zipf_exponent must be > 1, got {zipf_exponent}")
         self.cardinalities = [int(v) for v in cardinalities]
+        self.multi_hot = [1] * len(self.cardinalities) if multi_hot is None else [int(h) for h in multi_hot]
+        if len(self.multi_hot) != len(self.cardinalities) or min(self.multi_hot, default=1) < 1:
+            raise ValueError(f"multi_hot must give one size >= 1 per feature ({len(self.cardinalities)}), got {list(multi_hot or [])}")
         self.keys = cat_names(len(self.cardinalities))
         self.batch_size, self.num_batches = batch_size, num_batches
         self.seed, self.split, self.rank, self.world_size = seed, split, rank, world_size
@@ -125,6 +134,9 @@ class SyntheticCriteo:
         self.dense_weights = 0.3 * torch.randn(NUM_DENSE, generator=g)  # [13]
         self.bias = 0.0
         self.bias = self._calibrate_bias(positive_rate)
+        # multi-hot expansion: id k >= 1 of a bag is ((a_fk x + b_fk) mod P) mod v_f
+        self._hot_k = {f: torch.tensor([[1 + _mix(seed, 7, f, k, j) % (MERSENNE_P - 1) for j in range(2)] for k in range(1, h)],
+                                       dtype=torch.int64) for f, h in enumerate(self.multi_hot) if h > 1}
 
     # ------------------------------------------------------------------ hidden model
     def hidden_scores(self, ids: torch.Tensor) -> torch.Tensor:
@@ -179,13 +191,21 @@ class SyntheticCriteo:
         labels = torch.bernoulli(torch.sigmoid(self.logits(z, ids)), generator=g)
         counts = torch.floor(torch.exp(self._dense_mu + self._dense_sigma * z))  # non-negative "counts"
         b, nf = ids.shape
-        kjt = KeyedJaggedTensor(
-            keys=self.keys,
-            values=ids.t().reshape(-1),  # feature-major, as a KJT stores them
-            lengths=torch.ones(nf * b, dtype=torch.int64),
-            stride=b,
-        )
+        if not self._hot_k:
+            values, lengths = ids.t().reshape(-1), torch.ones(nf * b, dtype=torch.int64)  # feature-major, as a KJT stores them
+        else:
+            values = torch.cat([self.bag(f, ids[:, f]).reshape(-1) for f in range(nf)])
+            lengths = torch.tensor(self.multi_hot, dtype=torch.int64).repeat_interleave(b)
+        kjt = KeyedJaggedTensor(keys=self.keys, values=values, lengths=lengths, stride=b)
         return Batch(dense_features=torch.log1p(counts), sparse_features=kjt, labels=labels)
+
+    def bag(self, feature: int, ids: torch.Tensor) -> torch.Tensor:
+        """The multi-hot bags ``[B, multi_hot[feature]]`` of one-hot ``ids [B]``; column 0 is ``ids``."""
+        if feature not in self._hot_k:
+            return ids.unsqueeze(1)
+        k = self._hot_k[feature]  # [h - 1, 2]
+        x = torch.remainder(ids.unsqueeze(1) * k[:, 0] + k[:, 1], MERSENNE_P)  # ids, a < 2^31: no int64 overflow
+        return torch.cat([ids.unsqueeze(1), torch.remainder(x, self.cardinalities[feature])], dim=1)
 
     def __len__(self) -> int:
         return self.num_batches
