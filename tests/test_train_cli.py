@@ -83,33 +83,102 @@ def _final(out):
     return json.loads((out / "results.json").read_text())["epochs"]
 
 
-def test_resume_continues_exactly(tmp_path):
+def _final_params(out):
+    """The last checkpoint's model and optimizer tensors, as one flat dict (DCP -> torch.save)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    import torch
+
+    root = out / "checkpoints"
+    dst = out / "final.pt"
+    dcp_to_torch_save(str(root / (root / "latest").read_text().strip()), str(dst))
+    return torch.load(dst, weights_only=False)
+
+
+def _same_run(ra, rb):
+    assert ra["steps"] == rb["steps"] and ra["losses"] == rb["losses"] and ra["evals"] == rb["evals"]
+    for x, y in zip(ra["epochs"], rb["epochs"], strict=True):  # same losses and metrics, epoch by epoch
+        assert {k: v for k, v in x.items() if k != "samples_per_s"} == {k: v for k, v in y.items() if k != "samples_per_s"}
+
+
+def _assert_same_tensors(a, b):
+    import torch
+
+    flat_a, flat_b = {}, {}
+    for flat, d in ((flat_a, a), (flat_b, b)):
+        stack = [("", d)]
+        while stack:
+            pre, node = stack.pop()
+            for k, v in node.items():
+                if isinstance(v, dict):
+                    stack.append((f"{pre}{k}.", v))
+                elif isinstance(v, torch.Tensor):
+                    flat[f"{pre}{k}"] = v
+    assert flat_a.keys() == flat_b.keys() and len(flat_a) > 10
+    for k in flat_a:
+        assert torch.equal(flat_a[k], flat_b[k]), k
+
+
+def test_resume_mid_epoch_continues_exactly(tmp_path):
+    """2 epochs x 6 steps with an evaluation every 4 steps: uninterrupted == stopped after 5
+    steps (max_steps, checkpoint) + resumed: same losses, evaluations, train/eval metrics,
+    parameters and optimizer state."""
     a, b = tmp_path / "a", tmp_path / "b"
-    common = ["data.train_batches=6", "data.eval_batches=2"]
-    main(["train", "--config", SYNTH, f"out={a}", "train.epochs=2", *common])
-    main(["train", "--config", SYNTH, f"out={b}", "train.epochs=1", *common])
-    main(["train", "--config", SYNTH, "--resume", f"out={b}", "train.epochs=2", *common])
-    ea, eb = _final(a), _final(b)
-    assert len(eb) == 2
-    for x, y in zip(ea, eb):  # same losses and metrics, epoch by epoch
-        assert x["train_loss"] == y["train_loss"] and x["eval_auc"] == y["eval_auc"] and x["eval_logloss"] == y["eval_logloss"]
-    assert sorted(os.listdir(b / "checkpoints")) == ["epoch_0", "epoch_1", "latest"]
+    common = ["data.train_batches=6", "data.eval_batches=2", "train.epochs=2", "train.eval_every=4", "train.lr_decay_steps=12"]
+    main(["train", "--config", SYNTH, f"out={a}", *common])
+    main(["train", "--config", SYNTH, f"out={b}", "train.max_steps=5", *common])
+    part = json.loads((b / "results.json").read_text())
+    assert part["steps"] == 5 and part["stopped"] == "max_steps" and part["epochs"] == []
+    main(["train", "--config", SYNTH, "--resume", f"out={b}", *common])
+    ra, rb = (json.loads((x / "results.json").read_text()) for x in (a, b))
+    assert ra["steps"] == 12 and [e["step"] for e in ra["evals"]] == [4, 8, 12]
+    _same_run(ra, rb)
+    assert 0.5 < ra["epochs"][1]["train_auc"] < 1 and 0 < ra["epochs"][1]["train_ne"] < 1.5
+    _assert_same_tensors(_final_params(a), _final_params(b))
+    assert sorted(os.listdir(b / "checkpoints")) == ["latest", "step_12", "step_6"]  # the newest two are kept
+    assert (a / "curves.png").stat().st_size > 10_000 and any((a / "tensorboard").iterdir())
 
 
-def test_resume_errors(tmp_path):
+def test_tensorboard_scalars(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    main(["train", "--config", SYNTH, f"out={out}", "data.train_batches=4", "data.eval_batches=1", "train.eval_every=2"])
+    ev = EventAccumulator(str(out / "tensorboard"))
+    ev.Reload()
+    res = json.loads((out / "results.json").read_text())
+    assert [s.value for s in ev.Scalars("train/loss")] == pytest.approx(res["losses"])
+    assert [s.step for s in ev.Scalars("eval/auc")] == [2, 4]
+    assert ev.Scalars("eval/auc")[-1].value == pytest.approx(res["epochs"][0]["eval_auc"])
+    assert ev.Scalars("memory/embedding_bytes")[0].value == pytest.approx(res["embedding_bytes"])
+
+
+def test_resume_errors_and_fallback_to_previous_checkpoint(tmp_path):
     with pytest.raises(SystemExit, match="no checkpoint under"):
         main(["train", "--config", SYNTH, "--resume", f"out={tmp_path / 'none'}", "data.train_batches=2", "data.eval_batches=1"])
-    out = tmp_path / "c"
-    main(["train", "--config", SYNTH, f"out={out}", "train.epochs=1", "data.train_batches=2", "data.eval_batches=1"])
-    for f in (out / "checkpoints" / "epoch_0").iterdir():
+    a, out = tmp_path / "a", tmp_path / "c"
+    common = ["data.train_batches=4", "data.eval_batches=1", "train.epochs=1", "train.checkpoint_every=2"]
+    main(["train", "--config", SYNTH, f"out={a}", *common])
+    main(["train", "--config", SYNTH, f"out={out}", "train.max_steps=3", *common])  # checkpoints at steps 2 and 3
+    for f in (out / "checkpoints" / "step_3").iterdir():
         if f.name.endswith(".distcp"):
-            f.write_bytes(f.read_bytes()[:10])  # truncate the shard file
-    with pytest.raises(SystemExit, match="checkpoint .*epoch_0 is unreadable"):
-        main(["train", "--config", SYNTH, "--resume", f"out={out}", "train.epochs=2", "data.train_batches=2", "data.eval_batches=1"])
+            f.write_bytes(f.read_bytes()[:10])  # truncate the newest shard file
+    main(["train", "--config", SYNTH, "--resume", f"out={out}", *common])  # warns, resumes from step_2
+    _same_run(json.loads((a / "results.json").read_text()), json.loads((out / "results.json").read_text()))
+    for name in os.listdir(out / "checkpoints"):
+        if name.startswith("step_"):
+            for f in (out / "checkpoints" / name).iterdir():
+                if f.name.endswith(".distcp"):
+                    f.write_bytes(f.read_bytes()[:10])
+    with pytest.raises(SystemExit, match="no readable checkpoint under .*step_4 is unreadable"):
+        main(["train", "--config", SYNTH, "--resume", f"out={out}", *common])
 
 
 @pytest.mark.slow
-def test_checkpoint_from_2_ranks_resumes_on_1(tmp_path):
+def test_checkpoint_from_2_ranks_resumes_on_1_and_back(tmp_path):
+    from torchrec_compress.testing.checkpoint import eval_run_checkpoint_worker
+    from torchrec_compress.testing.multiprocess import run_on_ranks
+    from torchrec_compress.train.loop import local_process_group
+
     out = tmp_path / "w2"
     common = ["data.train_batches=4", "data.eval_batches=2"]
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "torchrec_compress.cli",
@@ -117,18 +186,18 @@ def test_checkpoint_from_2_ranks_resumes_on_1(tmp_path):
                    check=True, cwd=ROOT, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     two = _final(out)[0]
     # one rank, zero more epochs: the resharded model must evaluate exactly as the 2 ranks did
-    from torchrec_compress.train.config import load_config as lc
-    from torchrec_compress.train.run import _batches, _evaluate, _model, load_checkpoint
-    from torchrec_compress.train.loop import local_process_group, shard_for_training
-
-    cfg = lc(SYNTH, [f"out={out}", *common])
     with local_process_group():
-        model = _model(cfg)
-        dmp, opt = shard_for_training(model, model.sparse_arch, cfg.train.lr_sparse, cfg.train.lr_dense)
-        assert len(load_checkpoint(cfg, dmp, opt)) == 1
-        ev = _evaluate(dmp, _batches(cfg, "eval", 0, 0, 1))
-    assert ev["samples"] == two["eval_samples"]
-    assert abs(ev["auc"] - two["eval_auc"]) < 1e-6 and abs(ev["logloss"] - two["eval_logloss"]) < 1e-5
+        one = eval_run_checkpoint_worker(0, 1, SYNTH, str(out), common)
+    assert one["samples"] == two["eval_samples"]
+    assert abs(one["auc"] - two["eval_auc"]) < 1e-6 and abs(one["logloss"] - two["eval_logloss"]) < 1e-5
+    # and back: a checkpoint written by 1 rank, loaded by 2
+    back = tmp_path / "w1"
+    main(["train", "--config", SYNTH, f"out={back}", "train.epochs=1", *common])
+    single = _final(back)[0]
+    res = run_on_ranks(eval_run_checkpoint_worker, SYNTH, str(back), common)
+    for r in res:
+        assert r["samples"] == single["eval_samples"]
+        assert abs(r["auc"] - single["eval_auc"]) < 1e-6 and abs(r["logloss"] - single["eval_logloss"]) < 1e-5
 
 
 @pytest.mark.data
@@ -146,7 +215,7 @@ def test_normalized_entropy_hand_case():
 
     import torch
 
-    from torchrec_compress.train.run import normalized_entropy
+    from torchrec_compress.train.metrics import normalized_entropy
 
     labels = torch.tensor([1.0, 0.0, 0.0, 0.0])
     p = torch.tensor([0.6, 0.2, 0.1, 0.3])

@@ -25,6 +25,9 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--config", required=True, help="YAML run config, e.g. examples/frappe.yaml")
     tr.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.epochs=2 out=runs/x")
     tr.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/latest (any world size)")
+    cmp_ = sub.add_parser("compare", help="table and memory-vs-AUC plot of several `train` runs")
+    cmp_.add_argument("runs", nargs="+", help="run folders (their results.json)")
+    cmp_.add_argument("--plot", default="memory_vs_auc.png", help="PNG to write")
     pl = sub.add_parser("plan", help="compression-aware sharding plan for a memory budget",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = pl.add_mutually_exclusive_group(required=True)
@@ -66,6 +69,16 @@ def main(argv: Optional[List[str]] = None) -> None:
             train(load_config(args.config, args.overrides), resume=args.resume)
         except ValueError as e:  # bad config or data: say what, without a traceback
             raise SystemExit(f"torchrec-compress train: {e}")
+    elif args.command == "compare":
+        from .train.report import format_runs, load_runs, plot_memory_vs_auc
+
+        try:
+            runs = load_runs(args.runs)
+        except ValueError as e:
+            raise SystemExit(f"torchrec-compress {e}")
+        print(format_runs(runs))
+        if plot_memory_vs_auc(runs, args.plot):
+            print(f"wrote {args.plot}")
     elif args.command == "plan":
         _plan(args)
     elif args.command == "bench" and args.bench == "inference":

@@ -1,6 +1,8 @@
 """2-rank DCP checkpoint worker: train sharded, save with torch.distributed.checkpoint."""
 from __future__ import annotations
 
+from typing import Dict, List
+
 import copy
 
 import torch
@@ -69,3 +71,18 @@ def compression_plan_worker(rank: int, world: int) -> dict:
         loss.backward()
         losses.append(loss.item())
     return {"schemes": {k: repr(v) for k, v in plan.schemes.items()}, "per_rank": plan.per_rank_bytes, "losses": losses}
+
+
+def eval_run_checkpoint_worker(rank: int, world: int, config: str, out: str, overrides: List[str]) -> Dict[str, float]:
+    """Load the latest checkpoint of a ``torchrec-compress train`` run (``config`` + ``overrides``,
+    output folder ``out``) into a DMP model of ``world`` ranks and evaluate it."""
+    from torchrec_compress.train.config import load_config
+    from torchrec_compress.train.loop import predictions, shard_for_training
+    from torchrec_compress.train.metrics import binary_metrics
+    from torchrec_compress.train.run import _batches, _model, load_checkpoint
+
+    cfg = load_config(config, [f"out={out}", *overrides])
+    model, _ = _model(cfg, world)
+    dmp, opt = shard_for_training(model, model.sparse_arch, cfg.train.lr_sparse, cfg.train.lr_dense)
+    load_checkpoint(cfg, dmp, opt)
+    return binary_metrics(*predictions(dmp, _batches(cfg, "eval", 0, rank, world)))

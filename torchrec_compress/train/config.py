@@ -7,21 +7,26 @@ from typing import Any, Dict, List, Mapping, Optional
 import yaml
 
 from ..config import SchemeConfig
+from ..distributed.planner import parse_bytes
 from ..schemes import MPE, QR, FreqThreshold, Hashing, MEmCom, MemRec, Saec
 
 SCHEME_TYPES = {c.__name__: c for c in (Hashing, QR, MEmCom, MemRec, FreqThreshold, Saec, MPE)}
-DATA_KINDS = ("synthetic", "frappe", "criteo_tsv")
+DATA_KINDS = ("synthetic", "frappe", "criteo_tsv", "criteo_npy", "criteo_multihot")
 MODEL_KINDS = ("dlrm", "dlrm_dcn")
+SPARSE_OPTIMIZER_NAMES = ("rowwise_adagrad", "adagrad", "sgd")
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     kind: str = "synthetic"
     batch_size: int = 1024
-    root: Optional[str] = None  # frappe: folder with the libFM files
+    root: Optional[str] = None  # frappe: folder with the libFM files; criteo_npy / criteo_multihot: the day files
     train_paths: List[str] = dataclasses.field(default_factory=list)  # criteo_tsv
     eval_paths: List[str] = dataclasses.field(default_factory=list)
-    cardinalities: List[int] = dataclasses.field(default_factory=list)  # synthetic / criteo_tsv table sizes
+    train_days: List[int] = dataclasses.field(default_factory=lambda: list(range(23)))  # criteo_npy / criteo_multihot
+    eval_days: List[int] = dataclasses.field(default_factory=lambda: [23])  # first half of the first one (MLPerf's validation)
+    cardinalities: List[int] = dataclasses.field(default_factory=list)  # synthetic / criteo_* table sizes
+    multi_hot: List[int] = dataclasses.field(default_factory=list)  # ids per sample and feature (synthetic, criteo_multihot)
     train_batches: int = 100  # synthetic
     eval_batches: int = 10
 
@@ -47,6 +52,19 @@ class TrainConfig:
     lr_warmup_steps: int = 0
     lr_decay_start: int = 0
     lr_decay_steps: int = 0
+    sparse_optimizer: str = "rowwise_adagrad"  # fused: rowwise_adagrad | adagrad | sgd
+    eval_every: int = 0  # steps between evaluations (0: at the end of each epoch only)
+    checkpoint_every: int = 0  # steps between checkpoints (0: at the end of each epoch only)
+    max_steps: int = 0  # stop (and checkpoint) after this many steps in all (0: no limit)
+    target_auc: float = 0.0  # stop at the first evaluation reaching it (MLPerf DLRMv2: 0.80275)
+    tensorboard: bool = True  # <out>/tensorboard scalars, when tensorboard is installed
+    plots: bool = True  # <out>/curves.png, when matplotlib is installed
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanConfig:
+    """``schemes: auto``: the compression planner chooses schemes for this budget."""
+    memory_per_rank: str = ""  # e.g. "8GiB": embeddings + optimizer state per rank
 
 
 def lr_scale(step: int, cfg: "TrainConfig") -> float:
@@ -64,8 +82,13 @@ class RunConfig:
     data: DataConfig
     model: ModelConfig
     train: TrainConfig
-    schemes: Dict[str, SchemeConfig]
+    schemes: Dict[str, SchemeConfig]  # empty with plan.memory_per_rank set: `schemes: auto`
     out: str = "runs/train"
+    plan: PlanConfig = PlanConfig()
+
+    @property
+    def auto(self) -> bool:
+        return bool(self.plan.memory_per_rank)
 
 
 def _section(cls: type, raw: Any, where: str) -> Any:
@@ -95,12 +118,13 @@ def _scheme(table: str, raw: Any) -> SchemeConfig:
 
 def parse_config(raw: Mapping[str, Any]) -> RunConfig:
     """Validate a config mapping (e.g. ``yaml.safe_load`` of ``examples/frappe.yaml``)."""
-    unknown = sorted(set(raw) - {"data", "model", "train", "schemes", "out"})
+    unknown = sorted(set(raw) - {"data", "model", "train", "schemes", "plan", "out"})
     if unknown:
-        raise ValueError(f"config: unknown sections {unknown}; allowed: data, model, train, schemes, out")
+        raise ValueError(f"config: unknown sections {unknown}; allowed: data, model, train, schemes, plan, out")
     data = _section(DataConfig, raw.get("data"), "data")
     model = _section(ModelConfig, raw.get("model"), "model")
     train = _section(TrainConfig, raw.get("train"), "train")
+    plan = _section(PlanConfig, raw.get("plan"), "plan")
     if data.kind not in DATA_KINDS:
         raise ValueError(f"data.kind: {data.kind!r}; use one of {list(DATA_KINDS)}")
     if model.kind not in MODEL_KINDS:
@@ -108,18 +132,45 @@ def parse_config(raw: Mapping[str, Any]) -> RunConfig:
     for name, value in (("data.batch_size", data.batch_size), ("train.epochs", train.epochs), ("model.embedding_dim", model.embedding_dim)):
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name}: must be a positive int, got {value!r}")
-    for name in ("lr_warmup_steps", "lr_decay_start", "lr_decay_steps"):
+    for name in ("lr_warmup_steps", "lr_decay_start", "lr_decay_steps", "eval_every", "checkpoint_every", "max_steps"):
         value = getattr(train, name)
-        if not isinstance(value, int) or value < 0:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"train.{name}: must be an int >= 0, got {value!r}")
+    for name in ("lr_sparse", "lr_dense"):
+        value = getattr(train, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+            raise ValueError(f"train.{name}: must be a number > 0, got {value!r}")
+    if not isinstance(train.target_auc, (int, float)) or not 0.0 <= train.target_auc < 1.0:
+        raise ValueError(f"train.target_auc: must be in [0, 1) (0: no target), got {train.target_auc!r}")
+    if train.sparse_optimizer not in SPARSE_OPTIMIZER_NAMES:
+        raise ValueError(f"train.sparse_optimizer: {train.sparse_optimizer!r}; use one of {list(SPARSE_OPTIMIZER_NAMES)}")
+    if any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in data.cardinalities):
+        raise ValueError(f"data.cardinalities: every table size must be an int >= 1, got {data.cardinalities!r}")
+    if data.multi_hot and (len(data.multi_hot) != len(data.cardinalities or [0] * 26)
+                           or any(not isinstance(h, int) or isinstance(h, bool) or h < 1 for h in data.multi_hot)):
+        raise ValueError(f"data.multi_hot: one int >= 1 per table ({len(data.cardinalities or [0] * 26)}), got {data.multi_hot!r}")
+    if data.multi_hot and data.kind not in ("synthetic", "criteo_multihot"):
+        raise ValueError(f"data.multi_hot: only for data.kind synthetic or criteo_multihot, not {data.kind!r}")
+    if data.kind in ("criteo_npy", "criteo_multihot"):
+        if not data.root or len(data.cardinalities) != 26 or not data.train_days or not data.eval_days:
+            raise ValueError(f"data: {data.kind} needs root (the day files), 26 cardinalities, train_days and eval_days")
+        if data.kind == "criteo_multihot" and not data.multi_hot:
+            raise ValueError("data.multi_hot: criteo_multihot needs the 26 multi-hot sizes (MLPerf DLRMv2: 3, 2, 1, 2, 6, ...)")
     if data.kind == "frappe" and not data.root:
         raise ValueError("data.root: the Frappe folder is required for data.kind=frappe (e.g. ../shared/data/frappe)")
     if data.kind == "criteo_tsv" and (not data.train_paths or len(data.cardinalities) != 26):
         raise ValueError("data: criteo_tsv needs train_paths and 26 cardinalities (table sizes ids are taken modulo)")
     schemes = raw.get("schemes") or {}
+    if schemes == "auto":
+        if not plan.memory_per_rank:
+            raise ValueError("schemes: auto needs plan.memory_per_rank (e.g. plan: {memory_per_rank: 8GiB})")
+        parse_bytes(plan.memory_per_rank)  # raises with the allowed forms
+        schemes = {}
+    elif plan.memory_per_rank:
+        raise ValueError("plan.memory_per_rank is only used with `schemes: auto`")
     if not isinstance(schemes, Mapping):
-        raise ValueError(f"schemes: expected a mapping table -> scheme, got {schemes!r}")
-    return RunConfig(data, model, train, {t: _scheme(t, s) for t, s in schemes.items()}, str(raw.get("out", "runs/train")))
+        raise ValueError(f"schemes: expected a mapping table -> scheme, or auto, got {schemes!r}")
+    return RunConfig(data, model, train, {t: _scheme(t, s) for t, s in schemes.items()}, str(raw.get("out", "runs/train")), plan)
 
 
 def apply_overrides(raw: Dict[str, Any], overrides: List[str]) -> Dict[str, Any]:

@@ -18,17 +18,23 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.functional.classification import binary_auroc
 from torchrec.datasets.utils import Batch
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.distributed.types import ShardingPlan
+from torchrec.optim.optimizers import SGD, Adagrad
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from tqdm import tqdm
 
 from ..distributed.plans import uniform_plan
 from ..distributed.sharders import sharders
+from .metrics import auc
+
+# fused embedding optimizers (FBGEMM EXACT_ROWWISE_ADAGRAD / EXACT_ADAGRAD / EXACT_SGD);
+# MLPerf DLRMv2 uses full Adagrad: [rows, dim] state, row-wise keeps one float per row
+SPARSE_OPTIMIZERS = {"rowwise_adagrad": RowWiseAdagrad, "adagrad": Adagrad, "sgd": SGD}
 
 
 def free_port() -> int:
@@ -61,18 +67,23 @@ def shard_for_training(
     sharding_type: str = "table_wise",
     device: torch.device = torch.device("cpu"),
     scheme_lr_scale: float = 10.0,
+    plan: Optional[ShardingPlan] = None,
+    sparse_optimizer: str = "rowwise_adagrad",
 ) -> Tuple[DistributedModelParallel, torch.optim.Optimizer]:
-    """Fused row-wise Adagrad on the tables of every EBC inside ``embeddings``, DMP over the
-    current process group, Adagrad on everything else (dense layers, schemes' small
+    """A fused ``sparse_optimizer`` (FBGEMM, inside backward) on the tables of every EBC
+    inside ``embeddings``, DMP over the current process group (``plan``, default: every table
+    ``sharding_type``), Adagrad on everything else (dense layers, schemes' small
     parameters such as MPE's logits, at ``scheme_lr_scale`` x ``lr_dense``: their gradient
     is a small share of the loss's). Returns ``(dmp, dense_optimizer)``."""
+    if sparse_optimizer not in SPARSE_OPTIMIZERS:
+        raise ValueError(f"sparse_optimizer {sparse_optimizer!r}; use one of {sorted(SPARSE_OPTIMIZERS)}")
     tables = [p for m in embeddings.modules() if type(m) is EmbeddingBagCollection for p in m.parameters()]
-    apply_optimizer_in_backward(RowWiseAdagrad, tables, {"lr": lr_sparse})
+    apply_optimizer_in_backward(SPARSE_OPTIMIZERS[sparse_optimizer], tables, {"lr": lr_sparse})
     world = dist.get_world_size()
     with warnings.catch_warnings():  # torchrec's own DDP wrapper uses a deprecated argument
         warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
         dmp = DistributedModelParallel(
-            model, device=device, plan=uniform_plan(model, sharding_type, world, device_type=device.type), sharders=sharders()
+            model, device=device, plan=plan or uniform_plan(model, sharding_type, world, device_type=device.type), sharders=sharders()
         )
     dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
     schemes = [p for n, p in dense.items() if ".maps." in f".{n}"]
@@ -90,9 +101,12 @@ def train_steps(
     progress: bool = True,
     extra_loss: Optional[Callable[[], torch.Tensor]] = None,
     before_step: Optional[Callable[[int], None]] = None,
+    after_step: Optional[Callable[[int, float, torch.Tensor, torch.Tensor], bool]] = None,
 ) -> Tuple[List[float], float, int]:
     """One pass over ``batches`` with BCE loss (+ ``extra_loss()``, e.g. MPE's bit penalty).
-    ``before_step(i)`` runs before the i-th batch (e.g. to set learning rates).
+    ``before_step(i)`` runs before the i-th batch (e.g. to set learning rates);
+    ``after_step(i, loss, logits [B], labels [B])`` after its update (metrics, periodic
+    evaluation, checkpoints); returning True stops the pass.
     Returns ``(losses, seconds, samples)``; losses are the BCE part."""
     losses: List[float] = []
     samples = 0
@@ -111,6 +125,8 @@ def train_steps(
             samples += b.labels.numel()
             bar.update(b.labels.numel())
             bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}", refresh=False)
+            if after_step is not None and after_step(i, losses[-1], logits.detach(), b.labels):
+                break
     return losses, time.perf_counter() - t0, samples
 
 
@@ -133,5 +149,4 @@ def predictions(dmp: nn.Module, batches: Iterable[Batch]) -> Tuple[torch.Tensor,
 def evaluate(dmp: nn.Module, batches: Iterable[Batch]) -> Tuple[float, float]:
     """``(AUC, log loss)`` over ``batches`` (all ranks' when distributed)."""
     logits, labels = predictions(dmp, batches)
-    auc = binary_auroc(torch.sigmoid(logits), labels.long()).item()
-    return auc, F.binary_cross_entropy_with_logits(logits, labels).item()
+    return auc(logits, labels), F.binary_cross_entropy_with_logits(logits, labels).item()
