@@ -99,3 +99,18 @@ def test_synthetic_multi_hot_extends_the_one_hot_stream():
     assert len(set(big[0].tolist())) > 50
     with pytest.raises(ValueError, match="multi_hot must give one size >= 1 per feature"):
         SyntheticCriteo(CARDS, 4, 1, multi_hot=[1, 2])
+
+
+@pytest.mark.parametrize("kind", ["criteo_npy", "criteo_multihot"])
+def test_train_cli_on_npy_days(tmp_path, kind):
+    import json
+
+    from torchrec_compress.cli import main
+
+    _write_days(tmp_path, [96, 64, 40], multi_hot=HOT if kind == "criteo_multihot" else None)
+    out = tmp_path / "run"
+    main(["train", "--config", "examples/synthetic.yaml", f"out={out}", f"data.kind={kind}", f"data.root={tmp_path}",
+          "data.train_days=[0, 1]", "data.eval_days=[2]", "data.batch_size=16", f"data.cardinalities={CARDS}", "schemes={}",
+          *([f"data.multi_hot={HOT}"] if kind == "criteo_multihot" else [])])
+    ep = json.loads((out / "results.json").read_text())["epochs"][0]
+    assert ep["steps"] == 10 and ep["eval_samples"] == 16  # 160 rows / 16; validation = first half of day 2 (20 rows)

@@ -239,3 +239,41 @@ def test_lr_schedule_shape_and_effect(tmp_path):
     ea, eb = _final(a)[0], _final(b)[0]
     assert ea["steps"] == 3 and eb["steps"] == 1
     assert ea["eval_auc"] == eb["eval_auc"] and ea["eval_logloss"] == eb["eval_logloss"]
+
+
+@pytest.mark.parametrize("raw,msg", [
+    ({"schemes": "auto"}, r"schemes: auto needs plan.memory_per_rank"),
+    ({"schemes": "auto", "plan": {"memory_per_rank": "lots"}}, r"cannot read a size from 'lots'"),
+    ({"plan": {"memory_per_rank": "1GiB"}}, r"plan.memory_per_rank is only used with `schemes: auto`"),
+    ({"train": {"eval_every": -1}}, r"train.eval_every: must be an int >= 0"),
+    ({"train": {"lr_sparse": 0}}, r"train.lr_sparse: must be a number > 0"),
+    ({"train": {"target_auc": 1.5}}, r"train.target_auc: must be in \[0, 1\)"),
+    ({"train": {"sparse_optimizer": "adam"}}, r"train.sparse_optimizer: 'adam'; use one of"),
+    ({"data": {"multi_hot": [1, 2]}}, r"data.multi_hot: one int >= 1 per table \(26\)"),
+    ({"data": {"kind": "frappe", "root": "x", "multi_hot": [1] * 26}}, r"data.multi_hot: only for data.kind synthetic or criteo_multihot"),
+    ({"data": {"kind": "criteo_multihot", "root": "x", "cardinalities": [5] * 26}}, r"criteo_multihot needs the 26 multi-hot sizes"),
+    ({"data": {"kind": "criteo_npy", "root": "x"}}, r"criteo_npy needs root \(the day files\), 26 cardinalities"),
+    ({"data": {"cardinalities": [10, 0]}}, r"data.cardinalities: every table size must be an int >= 1"),
+])
+def test_more_config_errors(raw, msg):
+    with pytest.raises(ValueError, match=msg):
+        parse_config(raw)
+
+
+def test_schemes_auto_and_compare(tmp_path, capsys):
+    auto, plain = tmp_path / "auto", tmp_path / "plain"
+    common = ["data.train_batches=4", "data.eval_batches=1", "train.tensorboard=false"]
+    main(["train", "--config", SYNTH, f"out={auto}", "schemes=auto", "plan.memory_per_rank=1MiB", *common])
+    main(["train", "--config", SYNTH, f"out={plain}", "schemes={}", *common])
+    ra, rp = (json.loads((d / "results.json").read_text()) for d in (auto, plain))
+    # the planner compressed the large tables into the budget (tables + row-wise state)
+    assert ra["schemes"] and ra["ratio"] > 4 and ra["embedding_bytes"] < 2**20 < rp["embedding_bytes"] == rp["uncompressed_bytes"]
+    assert not (auto / "tensorboard").exists()
+    capsys.readouterr()
+    png = tmp_path / "frontier.png"
+    main(["compare", str(auto), str(plain), "--plot", str(png)])
+    table = capsys.readouterr().out
+    assert "auto" in table and "plain" in table and f"{ra['epochs'][0]['eval_auc']:.4f}" in table
+    assert png.stat().st_size > 10_000
+    with pytest.raises(SystemExit, match="nope not found"):
+        main(["compare", str(tmp_path / "nope")])

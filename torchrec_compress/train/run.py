@@ -14,13 +14,13 @@ import torch
 import torch.distributed as dist
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.datasets.utils import Batch
-from torchrec.distributed.types import ShardingPlan
 from torchrec.models.dlrm import DLRM, DLRM_DCN
 
 from ..data.criteo import CriteoTSV
 from ..data.frappe import FRAPPE_CARDINALITIES, FRAPPE_FIELDS, load_frappe
 from ..data.npy import CriteoNpy, MultiHotCriteoNpy
 from ..data.synthetic import CRITEO_KAGGLE_CARDINALITIES, SyntheticCriteo, cat_names
+from ..distributed.planner import CompressionPlan, parse_bytes, plan_compression_
 from ..modules.compress import compress_
 from ..modules.compressed_ebc import CompressedEmbeddingBagCollection
 from .config import RunConfig, lr_scale
@@ -66,9 +66,9 @@ def _batches(cfg: RunConfig, split: str, epoch: int, rank: int, world: int) -> I
         yield from CriteoTSV(paths, d.cardinalities, d.batch_size, rank=rank, world_size=world)
 
 
-def _model(cfg: RunConfig, world: int = 1) -> Tuple[torch.nn.Module, Optional[ShardingPlan]]:
+def _model(cfg: RunConfig, world: int = 1) -> Tuple[torch.nn.Module, Optional[CompressionPlan]]:
     """DLRM / DLRM_DCN with tables on meta, compressed by the configured schemes or, for
-    ``schemes: auto``, by the planner (which also returns the sharding plan)."""
+    ``schemes: auto``, by the planner (whose plan also holds the sharding plan)."""
     names, cards, n_dense = _features(cfg)
     m = cfg.model
     tables = [EmbeddingBagConfig(name=f"t_{f}", embedding_dim=m.embedding_dim, num_embeddings=v, feature_names=[f]) for f, v in zip(names, cards)]
@@ -81,12 +81,10 @@ def _model(cfg: RunConfig, world: int = 1) -> Tuple[torch.nn.Module, Optional[Sh
               over_arch_layer_sizes=list(m.over_arch), dense_device=torch.device("cpu"))
     model = DLRM(**kw) if m.kind == "dlrm" else DLRM_DCN(**kw, dcn_num_layers=m.dcn_num_layers, dcn_low_rank_dim=m.dcn_low_rank_dim)
     if cfg.auto:
-        from ..distributed.planner import parse_bytes, plan_compression_
-
         pooling = {f"t_{f}": float(h) for f, h in zip(names, cfg.data.multi_hot)} if cfg.data.multi_hot else None
         plan = plan_compression_(model, world, parse_bytes(cfg.plan.memory_per_rank), pooling_factors=pooling,
                                  batch_size=cfg.data.batch_size)
-        return model, plan.sharding_plan
+        return model, plan
     if cfg.schemes:
         compress_(model, dict(cfg.schemes))
     return model, None
@@ -232,7 +230,11 @@ def _train(cfg: RunConfig, show: bool, resume: bool) -> Dict[str, object]:
     cebc = model.sparse_arch.embedding_bag_collection
     report = cebc.memory_report() if isinstance(cebc, CompressedEmbeddingBagCollection) else None
     full_bytes = sum(t.num_embeddings * t.embedding_dim * 4 for t in cebc.embedding_bag_configs())
-    dmp, opt = shard_for_training(model, model.sparse_arch, tc.lr_sparse, tc.lr_dense, plan=plan, sparse_optimizer=tc.sparse_optimizer)
+    schemes = plan.schemes if plan is not None else cfg.schemes
+    if plan is not None and rank == 0 and show:
+        print(plan, flush=True)
+    dmp, opt = shard_for_training(model, model.sparse_arch, tc.lr_sparse, tc.lr_dense, sparse_optimizer=tc.sparse_optimizer,
+                                  plan=plan.sharding_plan if plan is not None else None)
     base_lrs = [g["lr"] for g in opt.param_groups]  # before a checkpoint's (scheduled) rates are loaded
     p = load_checkpoint(cfg, dmp, opt) if resume else Progress()
     fused = dmp.fused_optimizer
@@ -301,7 +303,7 @@ def _train(cfg: RunConfig, show: bool, resume: bool) -> Dict[str, object]:
             save_checkpoint(cfg, dmp, opt, p)
     results = {
         "world_size": world, "epochs": p.epochs, "evals": p.evals, "steps": p.steps, "stopped": p.stopped or None,
-        "losses": p.losses, "schemes": {k: repr(v) for k, v in cfg.schemes.items()},
+        "losses": p.losses, "schemes": {k: repr(v) for k, v in schemes.items() if v is not None},
         "embedding_bytes": report.total.compressed_bytes if report else full_bytes, "uncompressed_bytes": full_bytes,
         "ratio": report.total.ratio if report else 1.0, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
