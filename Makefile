@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	# CPU stack: torch CPU wheel + fbgemm-gpu-cpu, then torchrec without its CUDA fbgemm-gpu dependency.
 	$(VPY) -m pip install -q -c constraints.txt torch fbgemm-gpu-cpu tensordict torchmetrics pyre-extensions iopath tqdm numpy PyYAML tabulate torchx pytest hypothesis matplotlib tensorboard
 	$(VPY) -m pip install -q --no-deps -c constraints.txt torchrec
+	# optional MLPerf log output; --no-deps: mllog needs only the stdlib (pandas/scipy serve its compliance checker)
+	$(VPY) -m pip install -q --no-deps -c constraints.txt mlperf-logging
 	$(VPY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 

@@ -277,3 +277,19 @@ def test_schemes_auto_and_compare(tmp_path, capsys):
     assert png.stat().st_size > 10_000
     with pytest.raises(SystemExit, match="nope not found"):
         main(["compare", str(tmp_path / "nope")])
+
+
+def test_target_auc_stops_and_mlperf_log(tmp_path):
+    pytest.importorskip("mlperf_logging")
+    out = tmp_path / "t"
+    main(["train", "--config", SYNTH, f"out={out}", "data.train_batches=20", "data.eval_batches=2", "train.eval_every=2",
+          "train.target_auc=0.55", "train.mlperf_log=true"])
+    res = json.loads((out / "results.json").read_text())
+    aucs = [e["auc"] for e in res["evals"]]
+    assert res["stopped"] == "target_auc" and res["steps"] < 20 and res["steps"] == res["evals"][-1]["step"]
+    assert aucs[-1] >= 0.55 and all(a < 0.55 for a in aucs[:-1])  # stopped at the first evaluation reaching it
+    events = [json.loads(line.split(":::MLLOG ", 1)[1]) for line in (out / "mlperf.log").read_text().splitlines() if ":::MLLOG" in line]
+    keys = [e["key"] for e in events]
+    assert keys[0] == "submission_benchmark" and "run_start" in keys and keys.count("eval_accuracy") == len(aucs)
+    assert [e["value"] for e in events if e["key"] == "eval_accuracy"] == pytest.approx(aucs)
+    assert events[-1]["key"] == "run_stop" and events[-1]["metadata"]["status"] == "success"

@@ -59,6 +59,7 @@ class TrainConfig:
     target_auc: float = 0.0  # stop at the first evaluation reaching it (MLPerf DLRMv2: 0.80275)
     tensorboard: bool = True  # <out>/tensorboard scalars, when tensorboard is installed
     plots: bool = True  # <out>/curves.png, when matplotlib is installed
+    mlperf_log: bool = False  # <out>/mlperf.log (mlperf_logging's :::MLLOG events), when mlperf-logging is installed
 
 
 @dataclasses.dataclass(frozen=True)

@@ -128,3 +128,34 @@ def format_runs(runs: Sequence[Dict[str, object]]) -> str:
     rows = [[r["name"], gib(r["bytes"]), f"{r['ratio']:.2f}x", f"{r['auc']:.4f}", f"{r['logloss']:.4f}",
              f"{r['epochs'][-1].get('eval_ne', math.nan):.4f}", r["steps"] if "steps" in r else "?"] for r in runs]
     return tabulate(rows, headers=["run", "emb bytes", "ratio", "eval AUC", "logloss", "NE", "steps"])
+
+
+class MLPerfLog:
+    """MLPerf-style ``:::MLLOG`` events (``mlperf_logging.mllog``) in ``path``, when the package
+    is installed and ``path`` is given; otherwise nothing. Event names are mllog's constants."""
+
+    def __init__(self, path: Optional[str]) -> None:
+        self.log = None
+        if path is None:
+            return
+        try:
+            from mlperf_logging import mllog
+        except ImportError:
+            print("note: mlperf-logging is not installed; no MLPerf log (pip install mlperf-logging)")
+            return
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        mllog.config(filename=path, root_dir=os.path.dirname(path))
+        self.log = mllog.get_mllogger()
+        self.c = mllog.constants
+
+    def event(self, key: str, value: object = None, **metadata: object) -> None:
+        if self.log is not None:
+            self.log.event(key=getattr(self.c, key), value=value, metadata=metadata or None)
+
+    def start(self, key: str, **metadata: object) -> None:
+        if self.log is not None:
+            self.log.start(key=getattr(self.c, key), metadata=metadata or None)
+
+    def end(self, key: str, **metadata: object) -> None:
+        if self.log is not None:
+            self.log.end(key=getattr(self.c, key), metadata=metadata or None)

@@ -26,7 +26,7 @@ from ..modules.compressed_ebc import CompressedEmbeddingBagCollection
 from .config import RunConfig, lr_scale
 from .loop import local_process_group, predictions, shard_for_training, train_steps
 from .metrics import auc, binary_metrics, ne_from_states, ne_states
-from .report import ScalarLog, plot_curves
+from .report import MLPerfLog, ScalarLog, plot_curves
 
 logger = logging.getLogger(__name__)
 TRAIN_AUC_WINDOW = 1 << 20  # train AUC over at most the last 1M samples of an epoch (a torchrec.metrics-style window)
@@ -243,10 +243,19 @@ def _train(cfg: RunConfig, show: bool, resume: bool) -> Dict[str, object]:
         log.scalar("memory/embedding_bytes", report.total.compressed_bytes if report else full_bytes, 0)
     schedule = tc.lr_warmup_steps or tc.lr_decay_steps
     show = show and rank == 0
+    ml = MLPerfLog(os.path.join(cfg.out, "mlperf.log") if tc.mlperf_log and rank == 0 else None)
+    ml.event("SUBMISSION_BENCHMARK", "dlrm_dcnv2")
+    ml.event("GLOBAL_BATCH_SIZE", cfg.data.batch_size * world)
+    ml.event("OPT_BASE_LR", tc.lr_sparse)
+    ml.event("SEED", tc.seed)
+    ml.start("RUN_START")
 
     def evaluate(tag: str) -> Dict[str, object]:
+        ml.start("EVAL_START", epoch_num=p.epoch)
         ev = binary_metrics(*predictions(dmp, _batches(cfg, "eval", p.epoch, rank, world)))
         dmp.train()
+        ml.event("EVAL_ACCURACY", ev["auc"], epoch_num=p.epoch, step=p.steps)
+        ml.end("EVAL_STOP", epoch_num=p.epoch)
         for k in ("auc", "ne", "logloss"):
             log.scalar(f"eval/{k}", ev[k], p.steps)
         if show:
@@ -288,8 +297,10 @@ def _train(cfg: RunConfig, show: bool, resume: bool) -> Dict[str, object]:
         p.global_batches = skip * world
         epoch_start = len(p.losses) - skip
         batches = itertools.islice(_batches(cfg, "train", p.epoch, rank, world), skip, None)
+        ml.start("EPOCH_START", epoch_num=p.epoch)
         _, seconds, samples = train_steps(dmp, opt, batches, desc=f"epoch {p.epoch}", progress=show,
                                           before_step=before_step, after_step=after_step)
+        ml.end("EPOCH_STOP", epoch_num=p.epoch)
         if p.stopped == "max_steps":
             break
         ev = p.evals[-1] if tc.eval_every and p.evals and p.evals[-1]["step"] == p.steps else evaluate(f"epoch {p.epoch}")
@@ -314,4 +325,6 @@ def _train(cfg: RunConfig, show: bool, resume: bool) -> Dict[str, object]:
         if tc.plots:
             plot_curves(results, os.path.join(cfg.out, "curves.png"))
     log.close()
+    reached = not tc.target_auc or p.stopped == "target_auc"  # MLPerf: a run succeeds when it reaches the target
+    ml.end("RUN_STOP", status="success" if reached else "aborted")
     return results
