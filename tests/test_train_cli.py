@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from torchrec_compress.cli import main
+from torchrec_compress.testing.runs import assert_same_tensors, final_checkpoint_tensors, same_run
 from torchrec_compress.train.config import load_config, parse_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,41 +84,6 @@ def _final(out):
     return json.loads((out / "results.json").read_text())["epochs"]
 
 
-def _final_params(out):
-    """The last checkpoint's model and optimizer tensors, as one flat dict (DCP -> torch.save)."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-    import torch
-
-    root = out / "checkpoints"
-    dst = out / "final.pt"
-    dcp_to_torch_save(str(root / (root / "latest").read_text().strip()), str(dst))
-    return torch.load(dst, weights_only=False)
-
-
-def _same_run(ra, rb):
-    assert ra["steps"] == rb["steps"] and ra["losses"] == rb["losses"] and ra["evals"] == rb["evals"]
-    for x, y in zip(ra["epochs"], rb["epochs"], strict=True):  # same losses and metrics, epoch by epoch
-        assert {k: v for k, v in x.items() if k != "samples_per_s"} == {k: v for k, v in y.items() if k != "samples_per_s"}
-
-
-def _assert_same_tensors(a, b):
-    import torch
-
-    flat_a, flat_b = {}, {}
-    for flat, d in ((flat_a, a), (flat_b, b)):
-        stack = [("", d)]
-        while stack:
-            pre, node = stack.pop()
-            for k, v in node.items():
-                if isinstance(v, dict):
-                    stack.append((f"{pre}{k}.", v))
-                elif isinstance(v, torch.Tensor):
-                    flat[f"{pre}{k}"] = v
-    assert flat_a.keys() == flat_b.keys() and len(flat_a) > 10
-    for k in flat_a:
-        assert torch.equal(flat_a[k], flat_b[k]), k
-
-
 def test_resume_mid_epoch_continues_exactly(tmp_path):
     """2 epochs x 6 steps with an evaluation every 4 steps: uninterrupted == stopped after 5
     steps (max_steps, checkpoint) + resumed: same losses, evaluations, train/eval metrics,
@@ -131,9 +97,9 @@ def test_resume_mid_epoch_continues_exactly(tmp_path):
     main(["train", "--config", SYNTH, "--resume", f"out={b}", *common])
     ra, rb = (json.loads((x / "results.json").read_text()) for x in (a, b))
     assert ra["steps"] == 12 and [e["step"] for e in ra["evals"]] == [4, 8, 12]
-    _same_run(ra, rb)
+    same_run(ra, rb)
     assert 0.5 < ra["epochs"][1]["train_auc"] < 1 and 0 < ra["epochs"][1]["train_ne"] < 1.5
-    _assert_same_tensors(_final_params(a), _final_params(b))
+    assert_same_tensors(final_checkpoint_tensors(a), final_checkpoint_tensors(b))
     assert sorted(os.listdir(b / "checkpoints")) == ["latest", "step_12", "step_6"]  # the newest two are kept
     assert (a / "curves.png").stat().st_size > 10_000 and any((a / "tensorboard").iterdir())
 
@@ -163,7 +129,7 @@ def test_resume_errors_and_fallback_to_previous_checkpoint(tmp_path):
         if f.name.endswith(".distcp"):
             f.write_bytes(f.read_bytes()[:10])  # truncate the newest shard file
     main(["train", "--config", SYNTH, "--resume", f"out={out}", *common])  # warns, resumes from step_2
-    _same_run(json.loads((a / "results.json").read_text()), json.loads((out / "results.json").read_text()))
+    same_run(json.loads((a / "results.json").read_text()), json.loads((out / "results.json").read_text()))
     for name in os.listdir(out / "checkpoints"):
         if name.startswith("step_"):
             for f in (out / "checkpoints" / name).iterdir():

@@ -24,6 +24,7 @@ from ..distributed.planner import CompressionPlan, parse_bytes, plan_compression
 from ..modules.compress import compress_
 from ..modules.compressed_ebc import CompressedEmbeddingBagCollection
 from .config import RunConfig, lr_scale
+from .faults import maybe_kill
 from .loop import local_process_group, predictions, shard_for_training, train_steps
 from .metrics import auc, binary_metrics, ne_from_states, ne_states
 from .report import MLPerfLog, ScalarLog, plot_curves
@@ -92,8 +93,8 @@ def _model(cfg: RunConfig, world: int = 1) -> Tuple[torch.nn.Module, Optional[Co
 
 @dataclasses.dataclass
 class Progress:
-    """Everything a resumed run needs besides model and optimizer state (replicated:
-    per-rank training metrics are summed into rank 0's copy when a checkpoint is written)."""
+    """Everything a resumed run needs besides model and optimizer state. ``ne`` and
+    ``window`` are this rank's; a checkpoint stores every rank's."""
 
     epoch: int = 0
     global_batches: int = 0  # in this epoch, over all ranks (a rank's step s consumed global batches < (s+1) x world)
@@ -138,14 +139,16 @@ def save_checkpoint(cfg: RunConfig, dmp: torch.nn.Module, opt: torch.optim.Optim
     name = f"step_{progress.steps}"
     tmp, final = os.path.join(root, f".{name}.tmp"), os.path.join(root, name)
     rank = dist.get_rank()
-    merged = _gathered(progress)  # collective: every rank takes part
+    per_rank: List = [None] * dist.get_world_size()  # collective: every rank takes part
+    dist.all_gather_object(per_rank, (progress.ne, progress.window_tensors()))
     if rank == 0:
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
     dcp.save({"model": dmp.state_dict(), "fused": dmp.fused_optimizer.state_dict()}, checkpoint_id=tmp)
+    maybe_kill("save", rank, progress.steps)
     if rank == 0:
-        state = dataclasses.asdict(merged) | {"world_size": dist.get_world_size()}
+        state = dataclasses.asdict(dataclasses.replace(progress, ne=None, window=[])) | {"per_rank": per_rank}
         torch.save({"dense": opt.state_dict(), "progress": state, "rng": torch.get_rng_state()}, os.path.join(tmp, "replicated.pt"))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -204,11 +207,17 @@ def load_checkpoint(cfg: RunConfig, dmp: torch.nn.Module, opt: torch.optim.Optim
                 logger.warning("--resume: %s; trying the previous checkpoint", e)
                 print(f"warning: {e}; trying the previous checkpoint", flush=True)
             continue
-        saved_world = int(state.pop("world_size"))
+        per_rank = state.pop("per_rank")
+        saved_world, rank, world = len(per_rank), dist.get_rank(), dist.get_world_size()
         p = Progress(**{**state, "stopped": ""})  # a resumed run goes on past the max_steps / target that stopped it
-        if dist.get_rank() != 0:  # rank 0 carries the merged metrics state of all ranks
+        if saved_world == world:  # each rank takes its own metric state back: bit-identical sums
+            p.ne, p.window = per_rank[rank][0], [per_rank[rank][1]]
+        elif rank == 0:  # another world size: rank 0 carries all ranks' metric state
+            p.ne = torch.stack([x[0] for x in per_rank]).sum(0)
+            p.window = [(torch.cat([x[1][0] for x in per_rank]), torch.cat([x[1][1] for x in per_rank]))]
+        else:
             p.ne, p.window = torch.zeros(4, dtype=torch.float64), []
-        if p.global_batches % dist.get_world_size():
+        if p.global_batches % world:
             print(f"warning: checkpoint taken mid-epoch with {saved_world} ranks after {p.global_batches} global batches, "
                   f"which {dist.get_world_size()} ranks cannot split: resuming at the previous whole step", flush=True)
         return p
@@ -276,6 +285,7 @@ def _train(cfg: RunConfig, show: bool, resume: bool) -> Dict[str, object]:
     def after_step(i: int, loss: float, logits: torch.Tensor, labels: torch.Tensor) -> bool:
         p.steps += 1
         p.global_batches += world
+        maybe_kill("step", rank, p.steps)
         p.losses.append(loss)
         p.ne += ne_states(logits, labels)
         p.window.append((logits.float(), labels.float()))

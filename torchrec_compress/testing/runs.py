@@ -1,0 +1,50 @@
+"""Compare two `torchrec-compress train` runs: results and final checkpoints."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict
+
+import torch
+
+
+def results(out: str) -> Dict[str, object]:
+    with open(os.path.join(out, "results.json")) as f:
+        return json.load(f)
+
+
+def same_run(ra: Dict[str, object], rb: Dict[str, object]) -> None:
+    """Same steps, per-step losses, evaluations and per-epoch metrics (timings aside)."""
+    assert ra["steps"] == rb["steps"] and ra["losses"] == rb["losses"] and ra["evals"] == rb["evals"]
+    for x, y in zip(ra["epochs"], rb["epochs"], strict=True):
+        diff = {k: (x[k], y.get(k)) for k in x if k != "samples_per_s" and x[k] != y.get(k)}
+        assert not diff and x.keys() == y.keys(), diff
+
+
+def final_checkpoint_tensors(out: str) -> Dict[str, torch.Tensor]:
+    """Every tensor of ``<out>/checkpoints/latest`` (model, fused and dense optimizer state),
+    flattened to ``{dotted.key: tensor}`` (DCP -> one torch.save file)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    root = os.path.join(out, "checkpoints")
+    with open(os.path.join(root, "latest")) as f:
+        ckpt = os.path.join(root, f.read().strip())
+    dst = os.path.join(out, "final_checkpoint.pt")
+    dcp_to_torch_save(ckpt, dst)
+    flat: Dict[str, torch.Tensor] = {}
+    stack = [("", torch.load(dst, weights_only=False)), ("dense.", torch.load(os.path.join(ckpt, "replicated.pt"), weights_only=False)["dense"])]
+    while stack:
+        pre, node = stack.pop()
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, (list, tuple)) else []
+        for k, v in items:
+            if isinstance(v, torch.Tensor):
+                flat[f"{pre}{k}"] = v
+            else:
+                stack.append((f"{pre}{k}.", v))
+    return flat
+
+
+def assert_same_tensors(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys() and len(a) > 10, sorted(set(a) ^ set(b))[:10]
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
