@@ -259,3 +259,19 @@ def test_target_auc_stops_and_mlperf_log(tmp_path):
     assert keys[0] == "submission_benchmark" and "run_start" in keys and keys.count("eval_accuracy") == len(aucs)
     assert [e["value"] for e in events if e["key"] == "eval_accuracy"] == pytest.approx(aucs)
     assert events[-1]["key"] == "run_stop" and events[-1]["metadata"]["status"] == "success"
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["demo", "--steps", "0"], "--steps: expected a positive integer, got 0"),
+    (["demo", "--batch-size", "x"], "--batch-size: expected a positive integer, got 'x'"),
+    (["demo", "--ratio", "0.5"], "--ratio: expected a compression ratio >= 1, got 0.5"),
+    (["demo", "--dim", "30"], "--dim 30: FBGEMM needs a multiple of 4"),
+    (["plan", "--preset", "dlrmv2", "--world-size", "0", "--memory-per-rank", "1GiB"], "--world-size: expected a positive integer"),
+    (["plan", "--preset", "dlrmv2", "--world-size", "1", "--memory-per-rank", "lots"], "cannot read a size from 'lots'"),
+    (["bench", "inference", "--reps", "-1"], "--reps: expected a positive integer"),
+    (["train", "--config", "nope.yaml"], "nope.yaml"),
+])
+def test_cli_options_are_validated(argv, msg, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert msg in f"{e.value}{capsys.readouterr().err}"

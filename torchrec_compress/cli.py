@@ -7,19 +7,39 @@ from typing import List, Optional
 from .data.synthetic import CRITEO_KAGGLE_CARDINALITIES
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a compression ratio >= 1, got {text!r}") from None
+    if not value >= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a compression ratio >= 1, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="torchrec-compress", description="Embedding compression for TorchRec.")
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="train DLRM on synthetic Criteo-like data: uncompressed vs each scheme",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d.add_argument("--steps", type=int, default=300, help="training steps per run")
-    d.add_argument("--batch-size", type=int, default=4096)
-    d.add_argument("--dim", type=int, default=32, help="embedding dim (multiple of 4)")
-    d.add_argument("--ratio", type=float, default=16.0, help="target compression ratio of every scheme")
-    d.add_argument("--eval-batches", type=int, default=10, help="held-out batches for AUC / log loss")
+    d.add_argument("--steps", type=_positive_int, default=300, help="training steps per run")
+    d.add_argument("--batch-size", type=_positive_int, default=4096)
+    d.add_argument("--dim", type=_positive_int, default=32, help="embedding dim (multiple of 4)")
+    d.add_argument("--ratio", type=_ratio, default=16.0, help="target compression ratio of every scheme")
+    d.add_argument("--eval-batches", type=_positive_int, default=10, help="held-out batches for AUC / log loss")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--schemes", default="none,hashing,qr,memcom", help="comma-separated; 'none' is the uncompressed baseline")
-    d.add_argument("--max-rows", type=int, default=None, help="cap every table's rows (quick smoke runs)")
+    d.add_argument("--max-rows", type=_positive_int, default=None, help="cap every table's rows (quick smoke runs)")
     d.add_argument("--out", default="runs/demo.json", help="results JSON")
     tr = sub.add_parser("train", help="train DLRM / DLRM_DCN from a YAML config (one process, torchrun or torchx)")
     tr.add_argument("--config", required=True, help="YAML run config, e.g. examples/frappe.yaml")
@@ -33,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     src = pl.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", choices=["dlrmv2"], help="dlrmv2: the 26 MLPerf DLRMv2 CriteoTB tables at dim 128")
     src.add_argument("--tables", help="YAML list of {name, rows, dim[, features, pooling_factor, importance]}")
-    pl.add_argument("--world-size", type=int, required=True)
+    pl.add_argument("--world-size", type=_positive_int, required=True)
     pl.add_argument("--memory-per-rank", required=True, help="e.g. 16GiB (embeddings + optimizer state)")
     pl.add_argument("--compute-device", choices=["cpu", "cuda"], default="cpu")
     pl.add_argument("--json", default=None, help="also write the plan as JSON here")
@@ -41,11 +61,11 @@ def _parser() -> argparse.ArgumentParser:
     bsub = b.add_subparsers(dest="bench", required=True)
     bi = bsub.add_parser("inference", help="lookups/s of exported quantized tables vs stock TorchRec FP32/FP16",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    bi.add_argument("--max-rows", type=int, default=1_000_000, help="cap on the Criteo Kaggle table sizes")
-    bi.add_argument("--dim", type=int, default=64)
-    bi.add_argument("--batch-size", type=int, default=2048)
-    bi.add_argument("--batches", type=int, default=8)
-    bi.add_argument("--reps", type=int, default=5)
+    bi.add_argument("--max-rows", type=_positive_int, default=1_000_000, help="cap on the Criteo Kaggle table sizes")
+    bi.add_argument("--dim", type=_positive_int, default=64)
+    bi.add_argument("--batch-size", type=_positive_int, default=2048)
+    bi.add_argument("--batches", type=_positive_int, default=8)
+    bi.add_argument("--reps", type=_positive_int, default=5)
     bi.add_argument("--out", default=None, help="results JSON")
     return p
 
@@ -56,6 +76,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         from .demo import run_demo  # torchrec imports are slow; keep --help fast
 
         cards = CRITEO_KAGGLE_CARDINALITIES if args.max_rows is None else [min(v, args.max_rows) for v in CRITEO_KAGGLE_CARDINALITIES]
+        if args.dim % 4:
+            raise SystemExit(f"torchrec-compress demo: --dim {args.dim}: FBGEMM needs a multiple of 4")
         run_demo(steps=args.steps, batch_size=args.batch_size, dim=args.dim, ratio=args.ratio,
                  eval_batches=args.eval_batches, seed=args.seed, schemes=[s for s in args.schemes.split(",") if s],
                  out=args.out, cardinalities=cards)

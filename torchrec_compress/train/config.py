@@ -191,6 +191,17 @@ def apply_overrides(raw: Dict[str, Any], overrides: List[str]) -> Dict[str, Any]
 
 
 def load_config(path: str, overrides: Optional[List[str]] = None) -> RunConfig:
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
-    return parse_config(apply_overrides(raw, list(overrides or [])))
+    """Read, override and validate a YAML run config; every problem is a ``ValueError``."""
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ValueError(f"--config {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"--config {path}: not valid YAML ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"--config {path}: expected a mapping of sections (data, model, train, schemes, plan, out)")
+    try:
+        return parse_config(apply_overrides(raw, list(overrides or [])))
+    except TypeError as e:  # a value of the wrong kind reached a dataclass, e.g. `data: 3`
+        raise ValueError(f"--config {path}: {e}") from None
