@@ -20,11 +20,13 @@ TOL = 1e-5
 
 @pytest.mark.parametrize("sharding_type", SHARDING_TYPES)
 def test_sharded_matches_unsharded_2ranks(sharding_type):
-    """Hashing, QR (mult/add, SUM/MEAN), MEmCom (weights included) and an uncompressed table:
+    """Every scheme (FIITED through a prune/grow event) and an uncompressed table:
     forward, backward and 3 fused-optimizer steps (row-wise Adagrad, SGD; weighted KJTs) on 2 ranks."""
     results = run_on_ranks(sharded_parity_worker, sharding_type)
     for rank, per_opt in enumerate(results):
         for opt, diffs in per_opt.items():
+            events, kept = diffs["fiited_events_kept"]
+            assert events == 1 and 0 < kept <= 50  # FIITED pruned and grew once, within its pool
             assert max(diffs["forward"]) < TOL, (rank, opt, diffs)
             assert max(diffs["params"]) < TOL, (rank, opt, diffs)
 

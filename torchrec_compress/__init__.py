@@ -7,13 +7,14 @@ Public API::
 from .config import SchemeConfig, register_scheme
 from .modules import CompressedEmbeddingBagCollection, MemoryReport, TableMemory
 from .modules.compress import compress_
-from .schemes import MPE, QR, FreqThreshold, Hashing, MEmCom, MemRec, Saec
+from .schemes import FIITED, MPE, QR, FreqThreshold, Hashing, MEmCom, MemRec, Saec
 from .mpe import fit_mpe_groups_, mpe_choose_, mpe_finalize, mpe_penalty, run_mpe
 from .fit import fit_frequency_, fit_saec_
 from .distributed.sharders import sharders
 
 __all__ = [
     "CompressedEmbeddingBagCollection",
+    "FIITED",
     "FreqThreshold",
     "Hashing",
     "MEmCom",

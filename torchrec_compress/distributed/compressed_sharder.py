@@ -99,6 +99,7 @@ class ShardedCompressedEmbeddingBagCollection(
         return CompressedEBCContext()
 
     def input_dist(self, ctx: CompressedEBCContext, features: KeyedJaggedTensor) -> Awaitable[Awaitable[KJTList]]:
+        self._logic[0].train(self.training)  # the logic is not a submodule: train()/eval() do not reach it
         with torch.no_grad():
             jts, pooled_kjt, per_id_kjt = self._logic[0].split(features)
         ctx.jts, ctx.batch = jts, features.stride()

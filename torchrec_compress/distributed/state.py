@@ -18,6 +18,20 @@ def copy_full_into_(target: object, full: torch.Tensor) -> None:
         target.copy_(full)
 
 
+@torch.no_grad()
+def zero_rows_(target: object, rows: torch.Tensor) -> None:
+    """Zero ``rows`` (global row indices) of ``target``: a plain tensor, or the local shards
+    of a ShardedTensor (each shard zeroes the rows it holds, all its columns)."""
+    rows = rows.to(torch.int64)
+    if hasattr(target, "local_shards"):
+        for shard in target.local_shards():
+            start, n = shard.metadata.shard_offsets[0], shard.tensor.shape[0]
+            local = rows[(rows >= start) & (rows < start + n)] - start
+            shard.tensor[local.to(shard.tensor.device)] = 0
+    else:
+        target[rows.to(target.device)] = 0
+
+
 def load_full_state_dict_(sharded: Mapping[str, object], full: Mapping[str, torch.Tensor]) -> None:
     """``copy_full_into_`` for every entry of ``sharded`` (e.g. ``dmp.state_dict()``) from ``full``."""
     for name, t in sharded.items():

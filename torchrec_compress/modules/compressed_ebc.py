@@ -15,6 +15,7 @@ TorchRec's own sharders and planner (FBGEMM kernels, fused optimizers unchanged)
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
@@ -170,6 +171,11 @@ class CompressedEmbeddingBagCollection(nn.Module):
         if self._validate:
             self._check_ids(jts)
         batch = features.stride()
+        for t in self._tables:  # schemes that change their storage during training (FIITED)
+            impl = self._schemes[t.name]
+            if impl.step(self.training):
+                for name, rows in impl.event().items():
+                    self._zero_rows(name, rows)
 
         pooled_keys: List[str] = []
         pooled_vals: List[torch.Tensor] = []
@@ -215,12 +221,29 @@ class CompressedEmbeddingBagCollection(nn.Module):
                 out = impl.combine([pooled_out[f"{f}{s}"] for s in suffixes], jt.values())
                 if impl.ragged and t.pooling == PoolingType.MEAN:
                     out = out / jt.lengths().clamp(min=1).unsqueeze(1).to(out.dtype)
+                if impl.observes_gradients and self.training and out.requires_grad:
+                    out.register_hook(functools.partial(_observe, impl, jt, self._sync_group()))
                 outs.append(out)
                 continue
             n = jt.values().numel()
             per = impl.combine([per_id_out[f"{f}{s}"][:n] for s in suffixes], jt.values())
             outs.append(_pool(per, jt, t.pooling, self._is_weighted, batch))
         return KeyedTensor(keys=self._embedding_names, length_per_key=self._dims, values=torch.cat(outs, dim=1))
+
+    def _sync_group(self) -> Optional[dist.ProcessGroup]:
+        """The process group of the sharded inner tables (None when unsharded): what schemes
+        that learn from the data sum their statistics over."""
+        if isinstance(self.pooled, ShardedModule):
+            return getattr(getattr(self.pooled, "_env", None), "process_group", None) or dist.group.WORLD
+        return None
+
+    @torch.no_grad()
+    def _zero_rows(self, physical: str, rows: torch.Tensor) -> None:
+        """Zero ``rows`` of a pooled physical table, in whatever shards this rank holds."""
+        from ..distributed.state import zero_rows_  # the distributed package imports this module
+
+        if rows.numel():
+            zero_rows_(self.pooled.state_dict()[f"embedding_bags.{physical}.weight"], rows)
 
     def _per_id_kjt(self, feats: List[Tuple[str, List[Tuple[str, torch.Tensor]]]]) -> Optional[KeyedJaggedTensor]:
         """Every id a bag of one: ``[N_f]`` ids per virtual feature, stride S = max_f N_f
@@ -261,6 +284,14 @@ class CompressedEmbeddingBagCollection(nn.Module):
                 raise ValueError(f"KJT {what} are on {tensor.device}, but the embedding tables are on {self.device}")
         if values.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"KJT values must be int32 or int64 ids, got {values.dtype}")
+        if not kjt.variable_stride_per_key():
+            # torchrec cannot split such a KJT into features (a RuntimeError or IndexError in to_dict)
+            if kjt.stride() == 0:
+                raise ValueError(f"KJT has batch size 0 (no bags for features {keys})")
+            if lengths.numel() != kjt.stride() * len(keys):
+                raise ValueError(
+                    f"KJT has {lengths.numel()} lengths for {len(keys)} features x batch size {kjt.stride()}"
+                )
         if lengths.numel() and int(lengths.min()) < 0:
             raise ValueError(f"KJT has negative lengths: {lengths.min().item()}")
         total = int(lengths.sum()) if lengths.numel() else 0
@@ -270,6 +301,9 @@ class CompressedEmbeddingBagCollection(nn.Module):
             raise ValueError("this collection is weighted (is_weighted=True) but the KJT has no weights")
         if weights is not None and weights.numel() != values.numel():
             raise ValueError(f"KJT has {weights.numel()} weights for {values.numel()} values")
+        if self._is_weighted and weights.dtype != torch.float32:
+            # the embedding-bag kernels take fp32 per-sample weights only (a RuntimeError inside them)
+            raise ValueError(f"KJT weights must be float32, got {weights.dtype}")
 
     def _check_ids(self, jts: Dict[str, JaggedTensor]) -> None:
         for f, jt in jts.items():
@@ -318,6 +352,10 @@ class _SchemeState(nn.Module):
         """DMP calls this after materializing meta parameters."""
         for name, tensor in self._impl[0].initial_parameters().items():
             getattr(self, name).copy_(tensor)
+
+
+def _observe(impl: TableScheme, jt: JaggedTensor, group: Optional[dist.ProcessGroup], grad: torch.Tensor) -> None:
+    impl.observe(grad, jt, group)
 
 
 def _max_over_ranks(value: int, group: Optional[dist.ProcessGroup], device: torch.device) -> int:

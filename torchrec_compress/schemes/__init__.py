@@ -1,5 +1,6 @@
 """One file per scheme; importing this package fills the registry."""
 from .base import PhysicalTable, TableScheme, Uncompressed
+from .fiited import FIITED
 from .freq_threshold import FreqThreshold
 from .hashing import Hashing
 from .memcom import MEmCom
@@ -9,4 +10,4 @@ from .mpe import MPE
 from .qr import QR
 from .saec import Saec
 
-__all__ = ["FreqThreshold", "Hashing", "MEmCom", "MemRec", "MixedPrecision", "MPE", "PhysicalTable", "QR", "Saec", "TableScheme", "Uncompressed"]
+__all__ = ["FIITED", "FreqThreshold", "Hashing", "MEmCom", "MemRec", "MixedPrecision", "MPE", "PhysicalTable", "QR", "Saec", "TableScheme", "Uncompressed"]

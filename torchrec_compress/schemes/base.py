@@ -73,6 +73,7 @@ class TableScheme:
     per_value: bool = False
     accepts_any_id: bool = False  # True: ids >= num_embeddings are valid (hashed by design)
     ragged: bool = False  # True: route() sends each id to a subset of the physical tables
+    observes_gradients: bool = False  # True: observe(grad, jt, group) sees the gradient of the table's output
 
     def __init__(self, table: EmbeddingBagConfig, config: Optional[SchemeConfig]) -> None:
         self.table = table
@@ -103,6 +104,18 @@ class TableScheme:
 
     def combine(self, parts: List[torch.Tensor], values: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    # --- schemes that change their storage while training (FIITED) -------------------
+    def step(self, training: bool) -> bool:
+        """Called once per forward before the transform; True: run :meth:`event` now."""
+        return False
+
+    def event(self) -> Dict[str, torch.Tensor]:
+        """Re-plan the storage; returns rows of physical tables (by name) to zero."""
+        return {}
+
+    def observe(self, grad: torch.Tensor, jt: JaggedTensor, group: Optional["torch.distributed.ProcessGroup"]) -> None:
+        """Backward hook on the pooled output ``grad [B, d]`` of feature ``jt`` (summed over ``group`` when sharded)."""
 
     # --- state outside the tables (id maps) -------------------------------------------
     def initial_buffers(self) -> Dict[str, torch.Tensor]:

@@ -49,9 +49,16 @@ def fake_quant(w: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 16:
         q = w.half().float()
     else:  # row-wise asymmetric: code = round((w - min) / scale), scale = (max - min) / (2^b - 1)
+        # step by step as FBGEMM's FloatOrHalfToFusedNBitRowwiseQuantizedSBHalf: the fp16 min can
+        # round above the max (e.g. a constant, fully clipped row), which gives a negative scale
         lo = w.min(dim=1, keepdim=True).values.half().float()
-        scale = ((w.max(dim=1, keepdim=True).values - lo) / (2**bits - 1)).half().float().clamp(min=1e-8)
-        q = ((w - lo) / scale).round().clamp(0, 2**bits - 1) * scale + lo
+        rng = w.max(dim=1, keepdim=True).values - lo
+        one = torch.ones_like(rng)
+        scale = torch.where(rng == 0, one, rng / (2**bits - 1)).half().float()
+        scale = torch.where(scale == 0, one, scale)
+        inv = 1.0 / scale
+        scale, inv = torch.where(inv.isinf(), one, scale), torch.where(inv.isinf(), one, inv)
+        q = ((w - lo) * inv).round().clamp(0, 2**bits - 1) * scale + lo
     return w + (q - w).detach()
 
 

@@ -18,7 +18,7 @@ from ..distributed.sharders import sharders
 from ..modules import CompressedEmbeddingBagCollection
 from ..fit import fit_frequency_, fit_saec_
 from ..mpe import fit_mpe_groups_
-from ..schemes import MPE, QR, FreqThreshold, Hashing, MEmCom, MemRec, Saec
+from ..schemes import FIITED, MPE, QR, FreqThreshold, Hashing, MEmCom, MemRec, Saec
 from ..stats import FrequencyStats
 from .data import random_bags
 from .reference import physical_weights, rowwise_adagrad_step
@@ -38,6 +38,7 @@ def parity_tables() -> List[EmbeddingBagConfig]:
         EmbeddingBagConfig(name="t_freq", embedding_dim=8, num_embeddings=200, feature_names=["freq"]),
         EmbeddingBagConfig(name="t_saec", embedding_dim=8, num_embeddings=300, feature_names=["saec"]),
         EmbeddingBagConfig(name="t_mpe", embedding_dim=16, num_embeddings=400, feature_names=["mpe"]),
+        EmbeddingBagConfig(name="t_fiited", embedding_dim=16, num_embeddings=60, feature_names=["fiited"], pooling=PoolingType.MEAN),
     ]
 
 
@@ -52,6 +53,7 @@ def parity_schemes() -> Dict[str, object]:
         "t_freq": FreqThreshold(capacity=20, shared_rows=5),
         "t_saec": Saec(clusters=12),
         "t_mpe": MPE(ratio=4, groups=4),  # searching: logits and clip are DDP-replicated parameters
+        "t_fiited": FIITED(pool=50, chunks=2, interval=2),  # prune/grow events before steps 2, 4, ...
     }
 
 
@@ -141,6 +143,8 @@ def _parity_run(
                 p -= LR * p.grad
                 p.grad = None
         diffs["params"].append(_max_param_diff(dmp.state_dict(), ref.state_dict()))
+    fiited = ref.scheme("t_fiited").buffers
+    diffs["fiited_events_kept"] = [int(fiited.events), int(fiited.n_kept)]  # the parity covered a prune/grow event
     return diffs
 
 

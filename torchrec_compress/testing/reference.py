@@ -12,7 +12,7 @@ from torchrec import EmbeddingBagConfig, PoolingType
 
 from ..config import SchemeConfig
 from ..ops import MERSENNE_P, hash_params
-from ..schemes import MPE, QR, FreqThreshold, Hashing, MEmCom, MemRec, Saec
+from ..schemes import FIITED, MPE, QR, FreqThreshold, Hashing, MEmCom, MemRec, Saec
 from ..schemes.memrec import MemRecScheme
 from .data import Bags
 
@@ -56,6 +56,12 @@ def reference_embedding(
         return w[f"{n}__ft"][cap + py_hash(x, w[f"{n}__ft"].shape[0] - cap, scheme.seed)]
     if isinstance(scheme, MPE):
         return _reference_mpe(table, scheme, w[f"{n}__full"][x], maps[n], x)
+    if isinstance(scheme, FIITED):  # eq. 1: kept chunks from the pool, pruned ones zero
+        pool, c = w[f"{n}__pool"], scheme.chunks
+        m = maps[n]
+        kept = {int(k): int(sl) for k, sl in zip(m["keys"][: int(m["n_kept"])].tolist(), m["slots"][: int(m["n_kept"])].tolist())}
+        s = table.embedding_dim // c
+        return torch.cat([pool[kept[x * c + k]] if x * c + k in kept else torch.zeros(s) for k in range(c)])
     if isinstance(scheme, Saec):
         return w[f"{n}__centroids"][int(maps[n]["cluster_of"][x])]
     raise NotImplementedError(type(scheme))

@@ -1,0 +1,255 @@
+"""FIITED (Lai et al. 2024, arXiv 2401.04408): fine-grained in-training embedding
+dimension pruning, with the freed memory reused.
+
+Every row of dimension d is split into C chunks of d / C. Id x keeps its first c(x)
+chunks; the rest read as zeros:
+
+    e(x) = [P[s(x, 0)], ..., P[s(x, c(x) - 1)], 0, ..., 0]                       (1)
+
+Storage that really shrinks: the kept chunks live in a **chunk pool** P of ``pool``
+rows of d / C (an ordinary TorchRec table: it shards and trains with FBGEMM) and the
+address s(x, k) is found in a compact **address structure**: the sorted keys
+``x * C + k`` of the kept chunks beside their pool slots (a binary search, 8-12 bytes
+per kept chunk, never a dense v x C index). The paper uses a hash table for the same
+job ("virtually hashed, physically indexed"); a sorted array has the same size, is
+deterministic on every rank and vectorizes with ``torch.searchsorted``.
+
+Utility (paper: access frequency times gradient magnitude, exponentially decayed): each
+backward adds, for every id in a bag and every chunk position k, the norm of the loss
+gradient reaching that chunk, ``|w| * ||dL/de_k(bag)||`` (/ bag length for MEAN); summing
+it over accesses is frequency x mean gradient magnitude. The gradient reaching a
+*pruned* chunk is known too (it is the bag's), so pruned chunks keep earning utility
+and can grow back. Utilities live in a count-min sketch (2 x W floats) keyed by
+``x * C + k``; the ids seen since the last event in a bounded buffer.
+
+Every ``interval`` training steps (an *event*): u(x, k) is made non-increasing in k
+(cumulative min: a chunk is only worth keeping after the ones before it), the
+``pool`` chunks of highest utility are kept (ties: lower id and position first), chunks
+kept before keep their slot and weights, pruned chunks free theirs, newly granted
+chunks take free slots set to zero (so granting never changes the model's output), and
+utilities decay by ``decay``. Under DMP the sketch updates are averaged (as TorchRec
+averages embedding gradients) and the seen ids gathered over ranks every step, so every rank makes the same decisions.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torchrec.modules.embedding_configs import PoolingType
+from torchrec.sparse.jagged_tensor import JaggedTensor
+
+from ..config import SchemeConfig, _check_positive_int, register_scheme
+from ..ops import universal_hash
+from .base import PhysicalTable, TableScheme, constant_init
+
+SKETCH_DEPTH = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class FIITED(SchemeConfig):
+    """``FIITED(ratio=4, chunks=4, interval=100)`` or ``FIITED(pool=P, ...)``.
+
+    ``pool``: chunks the pool holds (the memory budget; with ``ratio`` it is derived so
+    that pool + address structure + utility state = full size / ratio); ``chunks``: C,
+    d / C must be a multiple of 4; ``interval``: training steps between prune/grow
+    events; ``decay``: utility multiplier at each event (exponential decay).
+    """
+
+    pool: Optional[int] = None
+    chunks: int = 4
+    interval: int = 100
+    decay: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_positive_int("FIITED", "pool", self.pool)
+        _check_positive_int("FIITED", "chunks", self.chunks)
+        _check_positive_int("FIITED", "interval", self.interval)
+        if not isinstance(self.decay, (int, float)) or not 0.0 < self.decay <= 1.0:
+            raise ValueError(f"FIITED: decay must be in (0, 1], got {self.decay!r}")
+        self._ratio_or("pool")
+
+
+@register_scheme(FIITED)
+class FIITEDScheme(TableScheme):
+    ragged = True  # each id reaches only the chunk positions it keeps
+    observes_gradients = True  # the module hooks :meth:`observe` on this table's output
+
+    def __init__(self, table, config: FIITED) -> None:
+        super().__init__(table, config)
+        v, d, c = table.num_embeddings, table.embedding_dim, config.chunks
+        if d % c or (d // c) % 4:
+            raise ValueError(f"table {table.name!r}: FIITED chunks={c}: the chunk dim d / C = {d}/{c} must be a multiple of 4 (FBGEMM)")
+        self.c, self.s = c, d // c
+        self.key_dtype = torch.int32 if v * c < 2**31 - 1 else torch.int64
+        key_bytes = 4 if self.key_dtype == torch.int32 else 8
+        if config.pool is not None:
+            self.pool = min(config.pool, v * c)
+        else:
+            # per pool chunk: its weights, key + slot, 2 sketch cells per 2 chunks, 1 seen id per C chunks
+            per_chunk = 4 * self.s + key_bytes + 4 + 4 * SKETCH_DEPTH / 2 + 8 / c
+            self.pool = min(v * c, int(self._target_bytes() // per_chunk))
+            if self.pool < 1:
+                raise self._too_small(f"not one chunk of {self.s} fits ({per_chunk:.0f} B each)")
+        self.width = max(1, self.pool // 2)
+        self.seen_cap = max(1, self.pool // c)
+
+    # ------------------------------------------------------------------ storage
+    def physical_tables(self) -> List[PhysicalTable]:
+        return [PhysicalTable("__pool", self.pool, self.s, constant_init(0.0), lookups=self.c)]
+
+    def initial_buffers(self) -> Dict[str, torch.Tensor]:
+        sentinel = torch.iinfo(self.key_dtype).max
+        return {
+            "keys": torch.full((self.pool,), sentinel, dtype=self.key_dtype),  # sorted x * C + k of kept chunks
+            "slots": torch.full((self.pool,), -1, dtype=torch.int32),  # their pool rows
+            "n_kept": torch.zeros((), dtype=torch.int64),
+            "utility": torch.zeros(SKETCH_DEPTH, self.width),  # count-min sketch of u(x, k)
+            "seen": torch.zeros(self.seen_cap, dtype=torch.int64),  # ids seen since the last event
+            "n_seen": torch.zeros((), dtype=torch.int64),
+            "steps": torch.zeros((), dtype=torch.int64),  # training forwards
+            "events": torch.zeros((), dtype=torch.int64),
+        }
+
+    # ------------------------------------------------------------------ lookup
+    def slots_of(self, values: torch.Tensor) -> torch.Tensor:
+        """``[N]`` ids -> ``[N, C]`` pool slots (int64), -1 where the chunk is pruned (eq. 1)."""
+        b = self.buffers
+        q = (values.to(torch.int64).unsqueeze(1) * self.c + torch.arange(self.c, device=values.device)).to(self.key_dtype)
+        pos = torch.searchsorted(b.keys, q.reshape(-1)).clamp(max=self.pool - 1).view_as(q)
+        hit = (b.keys[pos] == q) & (pos < b.n_kept)  # DMP materializes meta buffers as zeros: only n_kept are real
+        return torch.where(hit, b.slots[pos].to(torch.int64), torch.full_like(pos, -1))
+
+    def route(self, jt: JaggedTensor) -> List[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
+        """Per chunk position k: (pool slots of the bag's ids that keep chunk k, per-bag counts, weights)."""
+        values, lengths, weights = jt.values(), jt.lengths(), jt.weights_or_none()
+        slots = self.slots_of(values)
+        bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=values.device), lengths.long())
+        out = []
+        for k in range(self.c):
+            m = slots[:, k] >= 0
+            counts = torch.zeros_like(lengths).index_add_(0, bag[m], torch.ones_like(bag[m]).to(lengths.dtype))
+            out.append((slots[m, k], counts, None if weights is None else weights[m]))
+        return out
+
+    def transform(self, values: torch.Tensor) -> List[torch.Tensor]:
+        raise NotImplementedError("FIITED is ragged: ids reach only their kept chunks (see route)")
+
+    def combine(self, parts: List[torch.Tensor], values: torch.Tensor) -> torch.Tensor:
+        return torch.cat(parts, dim=1)
+
+    # ------------------------------------------------------------------ utility
+    def _cells(self, keys: torch.Tensor) -> List[torch.Tensor]:
+        return [universal_hash(keys, self.width, self.config.seed * 100 + r) for r in range(SKETCH_DEPTH)]
+
+    def utility(self, ids: torch.Tensor) -> torch.Tensor:
+        """``[M]`` ids -> ``[M, C]`` sketched utilities (count-min: the smallest cell)."""
+        keys = (ids.to(torch.int64).unsqueeze(1) * self.c + torch.arange(self.c, device=ids.device)).reshape(-1)
+        u = self.buffers.utility
+        est = torch.stack([u[r][cell] for r, cell in enumerate(self._cells(keys))]).min(dim=0).values
+        return est.view(-1, self.c)
+
+    @torch.no_grad()
+    def observe(self, grad: torch.Tensor, jt: JaggedTensor, group: Optional[dist.ProcessGroup]) -> None:
+        """Backward hook on the table's pooled output ``grad [B, d]``: add every id's
+        per-chunk gradient magnitude to the sketch and remember the ids (summed /
+        gathered over ``group`` when sharded)."""
+        values, lengths, weights = jt.values(), jt.lengths(), jt.weights_or_none()
+        norms = grad.detach().float().view(grad.shape[0], self.c, self.s).norm(dim=2)  # [B, C]
+        bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=values.device), lengths.long())
+        per = norms[bag]  # [N, C]
+        if weights is not None:
+            per = per * weights.abs().unsqueeze(1)
+        if self.table.pooling == PoolingType.MEAN:
+            per = per / lengths.clamp(min=1)[bag].unsqueeze(1).to(per.dtype)
+        keys = (values.to(torch.int64).unsqueeze(1) * self.c + torch.arange(self.c, device=values.device)).reshape(-1)
+        delta = torch.zeros_like(self.buffers.utility)
+        for r, cell in enumerate(self._cells(keys)):
+            delta[r].index_add_(0, cell, per.reshape(-1))
+        ids = torch.unique(values.to(torch.int64))
+        if group is not None and dist.get_world_size(group) > 1:
+            dist.all_reduce(delta, group=group)
+            delta /= dist.get_world_size(group)  # averaged over ranks, as TorchRec averages embedding gradients
+            ids = _all_gather_ids(ids, group)
+        self.buffers.utility.add_(delta)
+        self._remember(ids)
+
+    def _remember(self, ids: torch.Tensor) -> None:
+        """Append ``ids`` to the seen buffer; when full, keep the ids of highest utility."""
+        b = self.buffers
+        n = int(b.n_seen)
+        if n + ids.numel() <= self.seen_cap:
+            b.seen[n:n + ids.numel()] = ids
+            b.n_seen.fill_(n + ids.numel())
+            return
+        merged = torch.unique(torch.cat([b.seen[:n], ids]))
+        if merged.numel() > self.seen_cap:
+            score = self.utility(merged)[:, 0]  # chunk 0 bounds the row's (prefix) utility
+            keep = torch.sort(-score, stable=True).indices[: self.seen_cap]
+            merged = merged[keep].sort().values
+        b.seen[: merged.numel()] = merged
+        b.n_seen.fill_(merged.numel())
+
+    # ------------------------------------------------------------------ prune / grow
+    def step(self, training: bool) -> bool:
+        """Count a forward; True when an event is due before it (every ``interval`` training steps)."""
+        if not training:
+            return False
+        b = self.buffers
+        due = int(b.steps) > 0 and int(b.steps) % self.config.interval == 0
+        b.steps.add_(1)
+        return due
+
+    @torch.no_grad()
+    def event(self) -> Dict[str, torch.Tensor]:
+        """Prune and grow within the pool. Returns ``{pool table: newly granted slots}`` (to be zeroed)."""
+        b = self.buffers
+        c, n = self.c, int(b.n_kept)
+        old_keys, old_slots = b.keys[:n].to(torch.int64), b.slots[:n].to(torch.int64)
+        cand = torch.unique(torch.cat([old_keys // c, b.seen[: int(b.n_seen)]]))
+        u = torch.cummin(self.utility(cand), dim=1).values.reshape(-1)  # [M * C], x-major
+        order = torch.sort(-u, stable=True).indices[: self.pool]  # stable: lower id, then position, first
+        order = order[u[order] > 0]
+        chosen = (cand[order // c] * c + order % c).sort().values  # new sorted keys
+        pos = torch.searchsorted(old_keys, chosen).clamp(max=max(n - 1, 0))
+        kept = (old_keys[pos] == chosen) if n else torch.zeros_like(chosen, dtype=torch.bool)
+        slots = torch.full_like(chosen, -1)
+        slots[kept] = old_slots[pos[kept]]
+        used = torch.zeros(self.pool, dtype=torch.bool, device=chosen.device)
+        used[slots[kept]] = True
+        granted = torch.nonzero(~used).squeeze(1)[: int((~kept).sum())]
+        slots[~kept] = granted
+        m = chosen.numel()
+        b.keys.fill_(torch.iinfo(self.key_dtype).max)
+        b.keys[:m] = chosen.to(self.key_dtype)
+        b.slots.fill_(-1)
+        b.slots[:m] = slots.to(torch.int32)
+        b.n_kept.fill_(m)
+        b.utility.mul_(self.config.decay)
+        b.n_seen.zero_()
+        b.events.add_(1)
+        return {f"{self.table.name}__pool": granted}
+
+    def kept_chunks(self) -> torch.Tensor:
+        """``[v]`` int64: c(x), the chunks each id keeps now."""
+        b = self.buffers
+        x = b.keys[: int(b.n_kept)].to(torch.int64) // self.c
+        return torch.zeros(self.table.num_embeddings, dtype=torch.int64, device=x.device).index_add_(0, x, torch.ones_like(x))
+
+
+def _all_gather_ids(ids: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Sorted union of every rank's ``ids`` (padded all_gather: gloo has no variable sizes)."""
+    world = dist.get_world_size(group)
+    size = torch.tensor([ids.numel()], dtype=torch.int64, device=ids.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size, group=group)
+    top = int(max(s.item() for s in sizes))
+    padded = torch.full((top,), -1, dtype=torch.int64, device=ids.device)
+    padded[: ids.numel()] = ids
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded, group=group)
+    allids = torch.cat(parts)
+    return torch.unique(allids[allids >= 0])
