@@ -19,8 +19,11 @@ backward adds, for every id in a bag and every chunk position k, the norm of the
 gradient reaching that chunk, ``|w| * ||dL/de_k(bag)||`` (/ bag length for MEAN); summing
 it over accesses is frequency x mean gradient magnitude. The gradient reaching a
 *pruned* chunk is known too (it is the bag's), so pruned chunks keep earning utility
-and can grow back. Utilities live in a count-min sketch (2 x W floats) keyed by
-``x * C + k``; the ids seen since the last event in a bounded buffer.
+and can grow back. Kept chunks keep their utility exactly (one float per pool slot);
+pruned ones in a count-min sketch (2 x W floats, keyed by ``x * C + k``, an
+over-estimate when keys collide: a chunk granted on a collision is pruned again at the
+next event, once its own utility is tracked exactly); the ids seen since the last event
+in a bounded buffer (the ``pool / C`` of highest utility).
 
 Every ``interval`` training steps (an *event*): u(x, k) is made non-increasing in k
 (cumulative min: a chunk is only worth keeping after the ones before it), the
@@ -45,6 +48,7 @@ from ..ops import universal_hash
 from .base import PhysicalTable, TableScheme, constant_init
 
 SKETCH_DEPTH = 2
+MIN_SKETCH_WIDTH = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,12 +93,12 @@ class FIITEDScheme(TableScheme):
         if config.pool is not None:
             self.pool = min(config.pool, v * c)
         else:
-            # per pool chunk: its weights, key + slot, 2 sketch cells per 2 chunks, 1 seen id per C chunks
-            per_chunk = 4 * self.s + key_bytes + 4 + 4 * SKETCH_DEPTH / 2 + 8 / c
+            # per pool chunk: its weights, key + slot, its utility, 2 sketch cells per 2 chunks, 1 seen id per C chunks
+            per_chunk = 4 * self.s + key_bytes + 4 + 4 + 4 * SKETCH_DEPTH / 2 + 8 / c
             self.pool = min(v * c, int(self._target_bytes() // per_chunk))
             if self.pool < 1:
                 raise self._too_small(f"not one chunk of {self.s} fits ({per_chunk:.0f} B each)")
-        self.width = max(1, self.pool // 2)
+        self.width = max(MIN_SKETCH_WIDTH, self.pool // 2)
         self.seen_cap = max(1, self.pool // c)
 
     # ------------------------------------------------------------------ storage
@@ -107,7 +111,8 @@ class FIITEDScheme(TableScheme):
             "keys": torch.full((self.pool,), sentinel, dtype=self.key_dtype),  # sorted x * C + k of kept chunks
             "slots": torch.full((self.pool,), -1, dtype=torch.int32),  # their pool rows
             "n_kept": torch.zeros((), dtype=torch.int64),
-            "utility": torch.zeros(SKETCH_DEPTH, self.width),  # count-min sketch of u(x, k)
+            "slot_utility": torch.zeros(self.pool),  # u of the chunk in each pool slot (exact)
+            "utility": torch.zeros(SKETCH_DEPTH, self.width),  # count-min sketch of u(x, k) of pruned chunks
             "seen": torch.zeros(self.seen_cap, dtype=torch.int64),  # ids seen since the last event
             "n_seen": torch.zeros((), dtype=torch.int64),
             "steps": torch.zeros((), dtype=torch.int64),  # training forwards
@@ -146,11 +151,13 @@ class FIITEDScheme(TableScheme):
         return [universal_hash(keys, self.width, self.config.seed * 100 + r) for r in range(SKETCH_DEPTH)]
 
     def utility(self, ids: torch.Tensor) -> torch.Tensor:
-        """``[M]`` ids -> ``[M, C]`` sketched utilities (count-min: the smallest cell)."""
+        """``[M]`` ids -> ``[M, C]`` utilities: exact for kept chunks, the count-min estimate
+        (the smallest cell) for pruned ones."""
         keys = (ids.to(torch.int64).unsqueeze(1) * self.c + torch.arange(self.c, device=ids.device)).reshape(-1)
         u = self.buffers.utility
-        est = torch.stack([u[r][cell] for r, cell in enumerate(self._cells(keys))]).min(dim=0).values
-        return est.view(-1, self.c)
+        est = torch.stack([u[r][cell] for r, cell in enumerate(self._cells(keys))]).min(dim=0).values.view(-1, self.c)
+        slots = self.slots_of(ids)
+        return torch.where(slots >= 0, self.buffers.slot_utility[slots.clamp(min=0)], est)
 
     @torch.no_grad()
     def observe(self, grad: torch.Tensor, jt: JaggedTensor, group: Optional[dist.ProcessGroup]) -> None:
@@ -165,16 +172,22 @@ class FIITEDScheme(TableScheme):
             per = per * weights.abs().unsqueeze(1)
         if self.table.pooling == PoolingType.MEAN:
             per = per / lengths.clamp(min=1)[bag].unsqueeze(1).to(per.dtype)
+        slots = self.slots_of(values).reshape(-1)
+        kept, per = slots >= 0, per.reshape(-1)
         keys = (values.to(torch.int64).unsqueeze(1) * self.c + torch.arange(self.c, device=values.device)).reshape(-1)
-        delta = torch.zeros_like(self.buffers.utility)
-        for r, cell in enumerate(self._cells(keys)):
-            delta[r].index_add_(0, cell, per.reshape(-1))
+        b = self.buffers
+        # one flat delta [pool + depth * width]: kept chunks by slot, pruned ones into the sketch
+        delta = torch.zeros(self.pool + SKETCH_DEPTH * self.width, device=per.device)
+        delta.index_add_(0, slots[kept], per[kept])
+        for r, cell in enumerate(self._cells(keys[~kept])):
+            delta.index_add_(0, self.pool + r * self.width + cell, per[~kept])
         ids = torch.unique(values.to(torch.int64))
         if group is not None and dist.get_world_size(group) > 1:
             dist.all_reduce(delta, group=group)
             delta /= dist.get_world_size(group)  # averaged over ranks, as TorchRec averages embedding gradients
             ids = _all_gather_ids(ids, group)
-        self.buffers.utility.add_(delta)
+        b.slot_utility.add_(delta[: self.pool])
+        b.utility.add_(delta[self.pool:].view(SKETCH_DEPTH, self.width))
         self._remember(ids)
 
     def _remember(self, ids: torch.Tensor) -> None:
@@ -210,7 +223,8 @@ class FIITEDScheme(TableScheme):
         c, n = self.c, int(b.n_kept)
         old_keys, old_slots = b.keys[:n].to(torch.int64), b.slots[:n].to(torch.int64)
         cand = torch.unique(torch.cat([old_keys // c, b.seen[: int(b.n_seen)]]))
-        u = torch.cummin(self.utility(cand), dim=1).values.reshape(-1)  # [M * C], x-major
+        raw = self.utility(cand)  # [M, C]
+        u = torch.cummin(raw, dim=1).values.reshape(-1)  # [M * C], x-major
         order = torch.sort(-u, stable=True).indices[: self.pool]  # stable: lower id, then position, first
         order = order[u[order] > 0]
         chosen = (cand[order // c] * c + order % c).sort().values  # new sorted keys
@@ -222,6 +236,14 @@ class FIITEDScheme(TableScheme):
         used[slots[kept]] = True
         granted = torch.nonzero(~used).squeeze(1)[: int((~kept).sum())]
         slots[~kept] = granted
+        # utilities follow the chunks: pruned ones go to the sketch, granted ones leave it
+        granted_u = raw.reshape(-1)[order][torch.argsort(cand[order // c] * c + order % c)][~kept]  # chosen (sorted key) order
+        dropped = torch.ones(n, dtype=torch.bool, device=chosen.device)
+        if n:
+            dropped[pos[kept]] = False
+        for r, cell in enumerate(self._cells(old_keys[dropped])):
+            b.utility[r].index_add_(0, cell, b.slot_utility[old_slots[dropped]])
+        b.slot_utility[granted] = granted_u
         m = chosen.numel()
         b.keys.fill_(torch.iinfo(self.key_dtype).max)
         b.keys[:m] = chosen.to(self.key_dtype)
@@ -229,6 +251,7 @@ class FIITEDScheme(TableScheme):
         b.slots[:m] = slots.to(torch.int32)
         b.n_kept.fill_(m)
         b.utility.mul_(self.config.decay)
+        b.slot_utility.mul_(self.config.decay)
         b.n_seen.zero_()
         b.events.add_(1)
         return {f"{self.table.name}__pool": granted}

@@ -8,9 +8,9 @@ import yaml
 
 from ..config import SchemeConfig
 from ..distributed.planner import parse_bytes
-from ..schemes import MPE, QR, FreqThreshold, Hashing, MEmCom, MemRec, Saec
+from ..schemes import FIITED, MPE, QR, FreqThreshold, Hashing, MEmCom, MemRec, Saec
 
-SCHEME_TYPES = {c.__name__: c for c in (Hashing, QR, MEmCom, MemRec, FreqThreshold, Saec, MPE)}
+SCHEME_TYPES = {c.__name__: c for c in (Hashing, QR, MEmCom, MemRec, FreqThreshold, Saec, MPE, FIITED)}
 DATA_KINDS = ("synthetic", "frappe", "criteo_tsv", "criteo_npy", "criteo_multihot")
 MODEL_KINDS = ("dlrm", "dlrm_dcn")
 SPARSE_OPTIMIZER_NAMES = ("rowwise_adagrad", "adagrad", "sgd")

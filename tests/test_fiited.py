@@ -1,0 +1,243 @@
+"""FIITED: lookup (eq. 1) and gradients vs the plain-torch reference, utilities by hand,
+prune/grow events vs a plain-Python reference, regrowth, the budget, checkpoints, training."""
+import copy
+import json
+import os
+
+import pytest
+import torch
+from torchrec import EmbeddingBagConfig, JaggedTensor, PoolingType
+
+from torchrec_compress import FIITED, CompressedEmbeddingBagCollection
+from torchrec_compress.testing.data import Bags, random_bags
+from torchrec_compress.testing.reference import physical_weights, reference_forward, scheme_maps
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _module(pool=30, chunks=2, dim=16, rows=40, pooling=PoolingType.SUM, weighted=False, interval=1, decay=0.5, features=("a",)):
+    t = EmbeddingBagConfig(name="t", embedding_dim=dim, num_embeddings=rows, feature_names=list(features), pooling=pooling)
+    m = CompressedEmbeddingBagCollection([t], {"t": FIITED(pool=pool, chunks=chunks, interval=interval, decay=decay)}, is_weighted=weighted)
+    return m, t, m.scheme("t")
+
+
+def _assign(impl, kept):
+    """Set the address structure by hand: ``kept = {id: [slot of chunk 0, slot of chunk 1, ...]}``."""
+    b = impl.buffers
+    pairs = sorted((x * impl.c + k, s) for x, slots in kept.items() for k, s in enumerate(slots))
+    b.keys.fill_(torch.iinfo(b.keys.dtype).max)
+    b.slots.fill_(-1)
+    b.keys[: len(pairs)] = torch.tensor([p[0] for p in pairs], dtype=b.keys.dtype)
+    b.slots[: len(pairs)] = torch.tensor([p[1] for p in pairs], dtype=torch.int32)
+    b.n_kept.fill_(len(pairs))
+
+
+def _random_assignment(impl, rows, seed):
+    g = torch.Generator().manual_seed(seed)
+    free = torch.randperm(impl.pool, generator=g).tolist()
+    kept = {}
+    for x in torch.randperm(rows, generator=g).tolist():
+        c = int(torch.randint(0, impl.c + 1, (1,), generator=g))
+        if c and len(free) >= c:
+            kept[x] = [free.pop() for _ in range(c)]
+    return kept
+
+
+@pytest.mark.parametrize("chunks,pooling,weighted", [(2, PoolingType.SUM, False), (4, PoolingType.MEAN, False), (2, PoolingType.SUM, True)])
+def test_forward_backward_match_reference(chunks, pooling, weighted):
+    torch.manual_seed(0)
+    m, t, impl = _module(pool=200, chunks=chunks, pooling=pooling, weighted=weighted, features=("a", "b"))
+    kept = _random_assignment(impl, 40, seed=chunks)
+    _assign(impl, kept)
+    w = physical_weights(m)["t__pool"]
+    with torch.no_grad():
+        w.copy_(torch.randn_like(w))
+    m.eval()  # no event, no utility hook: the lookup alone
+    bags = random_bags([t], batch=7, seed=3, max_len=5, weighted=weighted)
+    out = m(bags.kjt()).values()
+    ref_w = {"t__pool": w.detach().clone().requires_grad_(True)}
+    ref = reference_forward([t], {"t": impl.config}, ref_w, bags, scheme_maps(m))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(ref)
+    (out * g).sum().backward()
+    (ref * g).sum().backward()
+    torch.testing.assert_close(w.grad, ref_w["t__pool"].grad, rtol=1e-5, atol=1e-6)
+    unused = sorted(set(range(impl.pool)) - {s for slots in kept.values() for s in slots})
+    assert unused and w.grad[unused].abs().sum() == 0  # pool rows nobody owns get no gradient
+
+
+def test_pruned_chunks_are_exactly_zero():
+    m, t, impl = _module(pool=6, chunks=4, dim=16)
+    _assign(impl, {3: [0, 1, 2, 3], 5: [4], 7: [5]})
+    with torch.no_grad():
+        physical_weights(m)["t__pool"].copy_(torch.randn(6, 4) + 10)  # no weight is zero
+    m.eval()
+    out = m(Bags(["a"], {"a": [[5], [5, 7], [3], [9], []]}).kjt()).values()
+    assert (out[0, 4:] == 0).all() and (out[1, 4:] == 0).all() and (out[0, :4] != 0).all()
+    assert (out[2] != 0).all() and (out[3] == 0).all() and (out[4] == 0).all()  # 9 keeps nothing
+    assert impl.kept_chunks()[[3, 5, 7, 9]].tolist() == [4, 1, 1, 0]
+
+
+def test_utility_is_gradient_magnitude_per_access_by_hand():
+    """u(x, k) = SUM over accesses of |w| ||dL/de_k(bag)|| / len (MEAN); pruned chunks included."""
+    m, t, impl = _module(pool=400, chunks=2, dim=8, pooling=PoolingType.MEAN)
+    jt = JaggedTensor(values=torch.tensor([3, 4, 3]), lengths=torch.tensor([2, 1]))
+    grad = torch.tensor([[3.0, 4.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 2.0, 0.0]])
+    impl.observe(grad, jt, None)
+    impl.observe(grad, jt, None)
+    u = impl.utility(torch.tensor([3, 4, 5]))
+    # id 3: bag 0 (len 2): chunk norms 5, 1 -> 2.5, 0.5; bag 1 (len 1): 1, 2. Twice.
+    torch.testing.assert_close(u, torch.tensor([[2 * 3.5, 2 * 2.5], [2 * 2.5, 2 * 0.5], [0.0, 0.0]]))
+    assert impl.buffers.seen[: int(impl.buffers.n_seen)].tolist() == [3, 4, 3, 4]  # merged at the next event
+
+
+def _reference_event(util, old, pool):
+    """Plain Python: keep the ``pool`` (id, chunk) of highest prefix-min utility (> 0), ties to
+    lower (id, chunk); old chunks keep their slots, new ones take the lowest free slots."""
+    by_id = {}
+    for (x, k), u in util.items():
+        by_id.setdefault(x, {})[k] = u
+    scored = []
+    for x, us in by_id.items():
+        best = float("inf")
+        for k in sorted(us):
+            best = min(best, us[k])
+            if best > 0:
+                scored.append((-best, x, k))
+    chosen = sorted((x, k) for _, x, k in sorted(scored)[:pool])
+    new = {p: old[p] for p in chosen if p in old}
+    free = sorted(set(range(pool)) - set(new.values()))
+    for p in chosen:
+        if p not in new:
+            new[p] = free.pop(0)
+    return new
+
+
+def _state(impl):
+    b = impl.buffers
+    n = int(b.n_kept)
+    return {(int(k) // impl.c, int(k) % impl.c): int(s) for k, s in zip(b.keys[:n].tolist(), b.slots[:n].tolist())}
+
+
+def test_events_match_python_reference_and_respect_the_budget():
+    torch.manual_seed(0)
+    m, t, impl = _module(pool=11, chunks=4, dim=16, rows=30, interval=1, decay=0.7)
+    w = physical_weights(m)["t__pool"]
+    for step in range(8):
+        bags = random_bags([t], batch=6, seed=step, max_len=4)
+        ids = torch.unique(bags.kjt().values())
+        out = m(bags.kjt()).values()  # an event runs first from step 1 on
+        after = _state(impl)
+        if step:
+            assert after == _reference_event(expected_util, before, impl.pool)
+            granted = sorted(set(after.values()) - {s for p, s in after.items() if before.get(p) == s})
+            assert granted == sorted(s for p, s in after.items() if before.get(p) != s)
+            assert (w[granted] == 0).all()  # granted chunks start at zero: granting never changes an output
+            for p, s in after.items():  # kept chunks keep their weights
+                if before.get(p) == s:
+                    assert torch.equal(w[s], weights_before[s])
+        # budget, uniqueness and the prefix property after every event
+        assert len(after) <= impl.pool and len(set(after.values())) == len(after)
+        assert all((x, k - 1) in after for x, k in after if k)
+        (out * torch.randn_like(out)).sum().backward()
+        with torch.no_grad():
+            w -= 0.1 * w.grad
+            w.grad = None
+        seen = impl.buffers.seen[: int(impl.buffers.n_seen)]
+        assert set(seen.tolist()) <= set(ids.tolist())  # at most pool / C ids: those of highest utility
+        assert seen.numel() == min(ids.numel(), impl.seen_cap)
+        if ids.numel() > impl.seen_cap:
+            u_all = impl.utility(ids)[:, 0]
+            assert u_all[torch.isin(ids, seen)].min() >= u_all[~torch.isin(ids, seen)].max()
+        cand = torch.unique(torch.cat([torch.tensor(sorted({x for x, _ in after}), dtype=torch.int64), seen]))
+        u = impl.utility(cand)  # what the next event sees (before it decays them)
+        expected_util = {(int(x), k): float(u[i, k]) for i, x in enumerate(cand) for k in range(impl.c)}
+        before, weights_before = after, w.detach().clone()
+    assert int(impl.buffers.events) == 7 and len(after) == impl.pool  # enough demand to fill the pool
+
+
+def test_regrowth_when_utility_returns():
+    m, t, impl = _module(pool=2, chunks=2, dim=8, rows=10, interval=1, decay=0.25)
+
+    def step(ids, scale):
+        out = m(Bags(["a"], {"a": [[i] for i in ids]}).kjt()).values()
+        (out * scale).sum().backward()
+        return impl.kept_chunks()
+
+    step([1, 2], torch.tensor([[10.0] * 8, [1.0] * 8]))
+    assert step([2], torch.tensor([[1.0] * 8]))[[1, 2]].tolist() == [2, 0]  # 1 was most useful: it gets both chunks
+    for _ in range(3):  # 1 is gone; 2 keeps coming
+        kept = step([2], torch.tensor([[5.0] * 8]))
+    assert kept[[1, 2]].tolist() == [0, 2]  # 1 pruned, 2 grown
+    step([1], torch.tensor([[100.0] * 8]))
+    assert step([1], torch.tensor([[1.0] * 8]))[[1, 2]].tolist() == [2, 0]  # 1 grows back
+
+
+def test_config_errors_and_memory_report():
+    t = EmbeddingBagConfig(name="t", embedding_dim=16, num_embeddings=1000, feature_names=["a"])
+    with pytest.raises(ValueError, match=r"chunk dim d / C = 16/8 must be a multiple of 4"):
+        CompressedEmbeddingBagCollection([t], {"t": FIITED(ratio=4, chunks=8)})
+    with pytest.raises(ValueError, match=r"decay must be in \(0, 1\]"):
+        FIITED(ratio=4, decay=0.0)
+    with pytest.raises(ValueError, match="give exactly one of ratio= or pool="):
+        FIITED(ratio=4, pool=10)
+    with pytest.raises(ValueError, match="interval must be a positive int"):
+        FIITED(ratio=4, interval=0)
+    with pytest.raises(ValueError, match="cannot be reached: not one chunk"):
+        CompressedEmbeddingBagCollection([dataclasses_replace(t, num_embeddings=1)], {"t": FIITED(ratio=100)})
+    for ratio in (4, 10):
+        m = CompressedEmbeddingBagCollection([t], {"t": FIITED(ratio=ratio, chunks=2)})
+        rep = m.memory_report().tables["t"]
+        assert ratio * 0.97 <= rep.ratio <= ratio * 1.03  # pool + address structure + utility state = budget
+        assert set(rep.parts) == {"t__pool", "t (maps)"} and rep.parts["t (maps)"] > 0
+
+
+def dataclasses_replace(t, **kw):
+    import dataclasses
+
+    return dataclasses.replace(t, **kw)
+
+
+def test_state_dict_round_trip_continues_identically():
+    torch.manual_seed(0)
+    a, t, _ = _module(pool=12, chunks=2, rows=30, interval=2)
+    batches = [random_bags([t], batch=5, seed=s).kjt() for s in range(9)]
+
+    def train(m, bs):
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        outs = []
+        for kjt in bs:
+            out = m(kjt).values()
+            (out * out).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            outs.append(out.detach())
+        return outs
+
+    train(a, batches[:5])  # stops between events (steps 4 and 6)
+    b, _, _ = _module(pool=12, chunks=2, rows=30, interval=2)
+    b.load_state_dict(copy.deepcopy(a.state_dict()))
+    for x, y in zip(train(a, batches[5:]), train(b, batches[5:])):
+        assert torch.equal(x, y)
+    assert torch.equal(a.scheme("t").buffers.keys, b.scheme("t").buffers.keys) and int(a.scheme("t").buffers.events) == 4
+
+
+def test_train_cli_with_fiited_resumes_exactly(tmp_path):
+    from torchrec_compress.cli import main
+    from torchrec_compress.testing.runs import assert_same_tensors, final_checkpoint_tensors, results, same_run
+
+    synth = os.path.join(ROOT, "examples", "synthetic.yaml")
+    common = ["data.train_batches=8", "data.eval_batches=1", "schemes={t_cat_2: {type: FIITED, ratio: 4, chunks: 2, interval: 3}}",
+              "train.tensorboard=false", "train.plots=false"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    main(["train", "--config", synth, f"out={a}", *common])
+    main(["train", "--config", synth, f"out={b}", "train.max_steps=4", *common])  # between the events of steps 3 and 6
+    main(["train", "--config", synth, "--resume", f"out={b}", *common])
+    ra = results(str(a))
+    assert 0.5 < ra["epochs"][0]["eval_auc"] and ra["ratio"] > 1.1
+    same_run(ra, results(str(b)))
+    ta = final_checkpoint_tensors(str(a))
+    assert_same_tensors(ta, final_checkpoint_tensors(str(b)))
+    n_kept = [v for k, v in ta.items() if k.endswith("maps.t_cat_2.n_kept")]
+    assert n_kept and int(n_kept[0]) > 0
+    assert json.loads((a / "results.json").read_text())["schemes"]["t_cat_2"].startswith("FIITED(")
