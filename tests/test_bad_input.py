@@ -70,3 +70,29 @@ def test_wrong_device():
     with pytest.raises(ValueError, match="KJT values are on meta, but the embedding tables are on cpu"):
         _m()(kjt)
     assert _m().to("meta").device.type == "meta"  # the probe follows .to()
+
+
+def test_lengths_not_batch_times_features():
+    # torchrec's to_dict cannot split these (it failed with "shape '[4, 1]' is invalid for input of size 5")
+    kjt = KeyedJaggedTensor(keys=["u", "q", "h", "p"], values=torch.arange(5), lengths=torch.ones(5, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"KJT has 5 lengths for 4 features x batch size 1"):
+        _m()(kjt)
+    kjt = KeyedJaggedTensor(keys=["u", "q", "h", "p"], values=torch.arange(4), lengths=torch.ones(4, dtype=torch.int64), stride=2)
+    with pytest.raises(ValueError, match=r"KJT has 4 lengths for 4 features x batch size 2"):
+        _m()(kjt)
+
+
+def test_empty_batch():
+    # a KJT with no bags at all (stride 0) failed with an IndexError inside torchrec's to_dict
+    kjt = KeyedJaggedTensor(keys=["u", "q", "h", "p"], values=torch.zeros(0, dtype=torch.int64), lengths=torch.zeros(0, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"KJT has batch size 0"):
+        _m()(kjt)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.int64])
+def test_weights_not_float32(dtype):
+    # pooled tables failed inside embedding_bag ("... to have the same type as ... per_sample_weights"),
+    # per-id tables (MEmCom) took them: one clear error for every scheme now
+    with pytest.raises(ValueError, match=rf"KJT weights must be float32, got {dtype}"):
+        _m(weighted=True)(_kjt(weights=torch.ones(4, dtype=dtype)))
+    _m()(_kjt(weights=torch.ones(4, dtype=dtype)))  # an unweighted collection ignores weights

@@ -313,7 +313,10 @@ def _train(cfg: RunConfig, show: bool, resume: bool) -> Dict[str, object]:
         ml.end("EPOCH_STOP", epoch_num=p.epoch)
         if p.stopped == "max_steps":
             break
-        ev = p.evals[-1] if tc.eval_every and p.evals and p.evals[-1]["step"] == p.steps else evaluate(f"epoch {p.epoch}")
+        if tc.eval_every and p.evals and p.evals[-1]["step"] == p.steps:  # just evaluated at this step
+            ev = {k: v for k, v in p.evals[-1].items() if k not in ("step", "epoch")}
+        else:
+            ev = evaluate(f"epoch {p.epoch}")
         merged = _gathered(p)
         losses = p.losses[epoch_start:]
         p.epochs.append({"epoch": p.epoch, "steps": len(losses), "train_loss": sum(losses) / max(1, len(losses)),
