@@ -25,7 +25,7 @@ over-estimate when keys collide: a chunk granted on a collision is pruned again 
 next event, once its own utility is tracked exactly); the ids seen since the last event
 in a bounded buffer (the ``pool / C`` of highest utility).
 
-Every ``interval`` training steps (an *event*): u(x, k) is made non-increasing in k
+Every ``interval`` training steps (an *event*; while the pool fills, after 1, 2, 4, ... steps): u(x, k) is made non-increasing in k
 (cumulative min: a chunk is only worth keeping after the ones before it), the
 ``pool`` chunks of highest utility are kept (ties: lower id and position first), chunks
 kept before keep their slot and weights, pruned chunks free theirs, newly granted
@@ -208,11 +208,14 @@ class FIITEDScheme(TableScheme):
 
     # ------------------------------------------------------------------ prune / grow
     def step(self, training: bool) -> bool:
-        """Count a forward; True when an event is due before it (every ``interval`` training steps)."""
+        """Count a forward; True when an event is due before it: after 1, 2, 4, ... training
+        steps (the pool starts empty), then every ``interval`` steps."""
         if not training:
             return False
         b = self.buffers
-        due = int(b.steps) > 0 and int(b.steps) % self.config.interval == 0
+        n, interval = int(b.steps), self.config.interval
+        # warm-up: events after 1, 2, 4, ... steps fill the empty pool quickly; then every interval
+        due = n > 0 and (n % interval == 0 or (n < interval and n & (n - 1) == 0))
         b.steps.add_(1)
         return due
 

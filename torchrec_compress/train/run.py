@@ -124,6 +124,11 @@ def _gathered(p: Progress) -> Progress:
     return dataclasses.replace(p, ne=ne, window=window)
 
 
+def _storage(dmp: torch.nn.Module) -> Dict[str, int]:
+    """Chunks kept now by each FIITED table (its ``maps.<table>.n_kept``; replicated)."""
+    return {name.split(".")[-2]: int(b) for name, b in dmp.named_buffers() if name.endswith(".n_kept")}
+
+
 def _ckpt_root(cfg: RunConfig) -> str:
     return os.path.join(cfg.out, "checkpoints")
 
@@ -264,6 +269,8 @@ def _train(cfg: RunConfig, show: bool, resume: bool) -> Dict[str, object]:
         ev = binary_metrics(*predictions(dmp, _batches(cfg, "eval", p.epoch, rank, world)))
         dmp.train()
         ml.event("EVAL_ACCURACY", ev["auc"], epoch_num=p.epoch, step=p.steps)
+        if _storage(dmp):
+            ev["kept_chunks"] = _storage(dmp)
         ml.end("EVAL_STOP", epoch_num=p.epoch)
         for k in ("auc", "ne", "logloss"):
             log.scalar(f"eval/{k}", ev[k], p.steps)
