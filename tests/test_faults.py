@@ -53,3 +53,22 @@ def test_sigkill_then_resume_matches_uninterrupted_run(uninterrupted, tmp_path, 
     assert ra["world_size"] == rb["world_size"] == 2 and ra["steps"] == 16
     same_run(ra, rb)
     assert_same_tensors(final_checkpoint_tensors(str(uninterrupted)), final_checkpoint_tensors(str(out)))
+
+
+@pytest.mark.slow
+def test_uneven_streams_over_ranks_do_not_hang(tmp_path):
+    """5 TSV batches over 2 ranks: rank 0 has 3, rank 1 has 2; both stop after 2 steps
+    instead of rank 0 waiting forever in its third step's collectives."""
+    good = "1\t" + "\t".join(["5", "", "-1"] + ["2"] * 10) + "\t" + "\t".join(["68fd1e64", ""] + ["0000000a"] * 24)
+    bad = "0" + good[1:]
+    path = tmp_path / "train.tsv"
+    path.write_text("\n".join([good, bad] * 20) + "\n")  # 40 rows: 5 batches of 8
+    out = tmp_path / "run"
+    cards = "[" + ", ".join(["100"] * 26) + "]"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "torchrec_compress.cli", "train",
+                        "--config", SYNTH, f"out={out}", "data.kind=criteo_tsv", f"data.train_paths=[{path}]", "data.batch_size=8",
+                        f"data.cardinalities={cards}", "schemes={}", "train.tensorboard=false", "train.plots=false"],
+                       cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ep = results(str(out))["epochs"][0]
+    assert ep["steps"] == 2 and ep["eval_samples"] == 32  # the odd fifth batch is left out, on both passes

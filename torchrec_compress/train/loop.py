@@ -59,6 +59,23 @@ def local_process_group() -> Iterator[None]:
             dist.destroy_process_group()
 
 
+def lockstep(batches: Iterable[Batch]) -> Iterator[Batch]:
+    """``batches`` while every rank still has one: ranks whose streams end at different
+    points (a streaming reader cannot count its batches ahead) would otherwise wait
+    forever in the next collective. One tiny all_reduce per step; none on one rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        yield from batches
+        return
+    it = iter(batches)
+    while True:
+        b = next(it, None)
+        have = torch.tensor([0 if b is None else 1], dtype=torch.int64)
+        dist.all_reduce(have, op=dist.ReduceOp.MIN)
+        if not int(have):
+            return
+        yield b
+
+
 def shard_for_training(
     model: nn.Module,
     embeddings: nn.Module,
@@ -113,7 +130,7 @@ def train_steps(
     dmp.train()
     t0 = time.perf_counter()
     with tqdm(total=total, desc=f"{desc:>8}", unit="samples", unit_scale=True, disable=not progress, mininterval=1.0) as bar:
-        for i, b in enumerate(batches):
+        for i, b in enumerate(lockstep(batches)):
             if before_step is not None:
                 before_step(i)
             logits = dmp(b.dense_features, b.sparse_features).squeeze(-1)  # [B]
@@ -135,7 +152,7 @@ def predictions(dmp: nn.Module, batches: Iterable[Batch]) -> Tuple[torch.Tensor,
     """``(logits [N], labels [N])`` over ``batches``, gathered from every rank when distributed."""
     dmp.eval()
     logits_all, labels_all = [], []
-    for b in batches:
+    for b in lockstep(batches):
         logits_all.append(dmp(b.dense_features, b.sparse_features).squeeze(-1))
         labels_all.append(b.labels)
     logits, labels = torch.cat(logits_all), torch.cat(labels_all)
