@@ -275,3 +275,17 @@ def test_cli_options_are_validated(argv, msg, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert msg in f"{e.value}{capsys.readouterr().err}"
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_frappe_example_two_ranks_torchx(shared_data, tmp_path):
+    torchx = os.path.join(os.path.dirname(sys.executable), "torchx")
+    out = tmp_path / "frappe2"
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"], "OMP_NUM_THREADS": "1"}
+    subprocess.run([torchx, "run", "-s", "local_cwd", "launchers/components.py:train", "--nproc_per_node", "2", "--",
+                    "--config", os.path.join(ROOT, "examples", "frappe.yaml"), f"data.root={os.path.join(shared_data, 'frappe')}",
+                    "train.epochs=1", f"out={out}"], check=True, cwd=ROOT, capture_output=True, env=env)
+    res = json.loads((out / "results.json").read_text())
+    assert res["world_size"] == 2 and res["epochs"][0]["eval_auc"] > 0.85
+    assert res["epochs"][0]["eval_samples"] > 28_000  # the whole test split, gathered from both ranks
