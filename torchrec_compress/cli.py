@@ -59,6 +59,19 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", default=None, help="also write the plan as JSON here")
     b = sub.add_parser("bench", help="benchmarks against stock TorchRec in the same run")
     bsub = b.add_subparsers(dest="bench", required=True)
+    bq = bsub.add_parser("quality", help="AUC vs memory of every scheme and ratio against uncompressed (3 seeds)",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    bq.add_argument("--data", choices=["synthetic", "frappe", "criteo"], default="synthetic")
+    bq.add_argument("--root", default="../shared/data/frappe", help="frappe: the libFM folder")
+    bq.add_argument("--path", default="../shared/data/criteo_kaggle_sample/criteo_train_10k.tsv.gz", help="criteo: a TSV file")
+    bq.add_argument("--schemes", default="all", help="comma-separated, from: hashing, qr, memcom, memrec, freq_threshold, saec, mpe, fiited, int8, int4")
+    bq.add_argument("--ratios", default="4,10,100", help="target compression ratios of the large tables")
+    bq.add_argument("--seeds", default="0,1,2")
+    bq.add_argument("--epochs", type=_positive_int, default=5)
+    bq.add_argument("--dim", type=_positive_int, default=16)
+    bq.add_argument("--min-rows", type=_positive_int, default=500, help="tables with fewer rows stay exact")
+    bq.add_argument("--batches", type=_positive_int, default=100, help="synthetic: training batches (x512) per epoch")
+    bq.add_argument("--out", default="runs/bench_quality.json", help="results JSON (the frontier plot goes beside it, .png)")
     bi = bsub.add_parser("inference", help="lookups/s of exported quantized tables vs stock TorchRec FP32/FP16",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     bi.add_argument("--max-rows", type=_positive_int, default=1_000_000, help="cap on the Criteo Kaggle table sizes")
@@ -103,6 +116,8 @@ def main(argv: Optional[List[str]] = None) -> None:
             print(f"wrote {args.plot}")
     elif args.command == "plan":
         _plan(args)
+    elif args.command == "bench" and args.bench == "quality":
+        _bench_quality(args)
     elif args.command == "bench" and args.bench == "inference":
         import json
 
@@ -113,6 +128,38 @@ def main(argv: Optional[List[str]] = None) -> None:
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(res, f, indent=1)
+
+
+def _bench_quality(args: argparse.Namespace) -> None:
+    import json
+    import os
+
+    from .benchmarks import quality as q
+
+    try:
+        ratios = [float(r) for r in args.ratios.split(",") if r]
+        seeds = [int(x) for x in args.seeds.split(",") if x]
+    except ValueError:
+        raise SystemExit(f"torchrec-compress bench quality: --ratios / --seeds must be comma-separated numbers, got {args.ratios!r} / {args.seeds!r}")
+    schemes = q.ALL if args.schemes == "all" else [s for s in args.schemes.split(",") if s]
+    if args.data == "frappe":
+        data = q.frappe_data(args.root)
+    elif args.data == "criteo":
+        from .data.synthetic import CRITEO_KAGGLE_CARDINALITIES
+
+        data = q.criteo_tsv_data(args.path, [min(v, 100_000) for v in CRITEO_KAGGLE_CARDINALITIES])
+    else:
+        data = q.synthetic_data([1000, 500, 20000, 20000, 300, 24, 5000, 600, 3, 20000, 5000, 20000, 3000], batches=args.batches)
+    try:
+        res = q.bench_quality(data, schemes, ratios, seeds, epochs=args.epochs, dim=args.dim, min_rows=args.min_rows)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"torchrec-compress bench quality: {e}")
+    print(q.format_quality(res))
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=1)
+    plot = q.plot_frontier(res, os.path.splitext(args.out)[0] + ".png")
+    print(f"wrote {args.out}" + (f" and {plot}" if plot else ""))
 
 
 def _plan(args: argparse.Namespace) -> None:

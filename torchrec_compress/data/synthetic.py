@@ -77,6 +77,8 @@ class SyntheticCriteo:
             feature f is the one-hot id followed by ``multi_hot[f] - 1`` ids that are a fixed
             function of it (a hash, uniform over the table): labels and one-hot ids are those
             of the one-hot stream, only the bags grow.
+        start: index of the first batch yielded (e.g. ``epoch * num_batches``: every epoch
+            fresh samples of the same hidden model).
 
     Each batch: ``dense_features [B, 13] float32`` (log1p of counts, as DLRM expects),
     ``sparse_features`` KJT with keys ``cat_0..cat_{F-1}``, lengths all 1, int64 values
@@ -97,6 +99,7 @@ class SyntheticCriteo:
         informative: Optional[Sequence[int]] = None,
         signal: float = 0.6,
         multi_hot: Optional[Sequence[int]] = None,
+        start: int = 0,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -113,6 +116,7 @@ class SyntheticCriteo:
         self.keys = cat_names(len(self.cardinalities))
         self.batch_size, self.num_batches = batch_size, num_batches
         self.seed, self.split, self.rank, self.world_size = seed, split, rank, world_size
+        self.start = start
         self.zipf_exponent = zipf_exponent
         nf = len(self.cardinalities)
         self.informative = sorted(range(0, nf, 2) if informative is None else informative)
@@ -211,7 +215,7 @@ class SyntheticCriteo:
         return self.num_batches
 
     def __iter__(self) -> Iterator[Batch]:
-        for i in range(self.num_batches):
+        for i in range(self.start, self.start + self.num_batches):
             yield self.batch(i)
 
 

@@ -24,13 +24,24 @@ from .parity import fit_reference, parity_schemes, parity_tables
 LR = 0.05
 
 
+def _tables():
+    # FIITED is left out: pipelined, the transform (and a prune/grow event) of step k runs
+    # before the backward of step k - 1, so its events see utilities one step later than
+    # without pipelining; both are valid runs, but not equal ones.
+    return [t for t in parity_tables() if t.name != "t_fiited"]
+
+
+def _schemes():
+    return {k: v for k, v in parity_schemes().items() if k != "t_fiited"}
+
+
 class TinyModel(nn.Module):
     """KJT -> compressed embeddings -> linear logit; ``forward(Batch) -> (loss, loss.detach())``."""
 
     def __init__(self, device: torch.device) -> None:
         super().__init__()
-        self.ebc = CompressedEmbeddingBagCollection(copy.deepcopy(parity_tables()), parity_schemes(), device=device)
-        width = sum(t.embedding_dim * len(t.feature_names) for t in parity_tables())
+        self.ebc = CompressedEmbeddingBagCollection(copy.deepcopy(_tables()), _schemes(), device=device)
+        width = sum(t.embedding_dim * len(t.feature_names) for t in _tables())
         self.head = nn.Linear(width + 2, 1)
 
     def forward(self, batch: Batch):  # type: ignore[no-untyped-def]
@@ -43,14 +54,14 @@ class TinyModel(nn.Module):
 def _batch(step: int, lo: int, hi: int, batch: int = 8) -> Batch:
     g = torch.Generator().manual_seed(1000 + step)
     dense, labels = torch.randn(batch, 2, generator=g), torch.randint(0, 2, (batch,), generator=g).float()
-    bags = random_bags(parity_tables(), batch, seed=500 + step)
+    bags = random_bags(_tables(), batch, seed=500 + step)
     return Batch(dense_features=dense[lo:hi], sparse_features=bags.slice(lo, hi).kjt(), labels=labels[lo:hi])
 
 
 def pipeline_worker(rank: int, world: int, sharding_type: str, steps: int = 5) -> Dict[str, object]:
     torch.manual_seed(0)
     ref = TinyModel(torch.device("cpu"))
-    fit_reference(ref.ebc, parity_tables())
+    fit_reference(ref.ebc, _tables())
     lo, hi = rank * 8 // world, (rank + 1) * 8 // world
 
     def sharded():

@@ -45,11 +45,11 @@ def _batches(cfg: RunConfig, split: str, epoch: int, rank: int, world: int) -> I
     d = cfg.data
     cards = d.cardinalities or CRITEO_KAGGLE_CARDINALITIES
     if d.kind == "synthetic":
-        n = d.train_batches if split == "train" else d.eval_batches
-        seed = cfg.train.seed + (1000 * epoch if split == "train" else 0)
-        # n global batches, split over the ranks (global batch i goes to rank i mod world)
-        yield from SyntheticCriteo(cards, d.batch_size, max(1, n // world), seed=seed, split=split, rank=rank, world_size=world,
-                                   multi_hot=d.multi_hot or None)
+        n = max(1, (d.train_batches if split == "train" else d.eval_batches) // world)
+        # n global batches, split over the ranks (global batch i goes to rank i mod world); one hidden
+        # model (train.seed), fresh training samples every epoch, the same evaluation samples
+        yield from SyntheticCriteo(cards, d.batch_size, n, seed=cfg.train.seed, split=split, rank=rank, world_size=world,
+                                   multi_hot=d.multi_hot or None, start=epoch * n if split == "train" else 0)
     elif d.kind == "frappe":
         tr, te = load_frappe(d.root)
         data = tr.batches(d.batch_size, shuffle_seed=cfg.train.seed * 100 + epoch) if split == "train" else te.batches(d.batch_size)

@@ -1,0 +1,252 @@
+"""Quality against compression: every scheme at every reachable ratio vs the same DLRM uncompressed.
+
+Same model (DLRM, dim ``dim``), seeds, epochs, batches and optimizers (fused row-wise
+Adagrad for tables, Adagrad for the rest) for every run; only the large tables (``>=
+min_rows`` rows) are compressed, as a planner would leave the small ones exact. Per
+scheme, what it needs to be used properly: FreqThreshold is fitted from the training
+data's counts; Saec warms up uncompressed for ``warm_epochs``, clusters, then fine-tunes;
+MPE searches for ``warm_epochs`` then retrains, and is evaluated exported; ``int8`` /
+``int4`` are the uncompressed model exported with FBGEMM row-wise quantization of the
+large tables (their ratio is fixed by the format). Reported per (scheme, ratio): test AUC,
+log loss and NE (mean and spread over seeds), embedding bytes and achieved ratio (of the
+compressed tables), train seconds.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import time
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+import torch
+from tabulate import tabulate
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+from torchrec.datasets.utils import Batch
+from torchrec.models.dlrm import DLRM
+from tqdm import tqdm
+
+from ..config import SchemeConfig
+from ..distributed.state import copy_full_into_, single_rank_full_state_dict
+from ..fit import fit_frequency_, fit_saec_
+from ..modules.compress import compress_
+from ..modules.compressed_ebc import CompressedEmbeddingBagCollection
+from ..mpe import fit_mpe_groups_, mpe_finalize, run_mpe
+from ..quant.export import export, quantized_memory_report
+from ..schemes import FIITED, MPE, QR, FreqThreshold, Hashing, MEmCom, MemRec, Saec
+from ..stats import FrequencyStats
+from ..train.loop import local_process_group, predictions, shard_for_training, train_steps
+from ..train.metrics import binary_metrics
+
+SCHEMES: Dict[str, Callable[[float], SchemeConfig]] = {
+    "hashing": lambda r: Hashing(ratio=r),
+    "qr": lambda r: QR(ratio=r),
+    "memcom": lambda r: MEmCom(ratio=r),
+    "memrec": lambda r: MemRec(ratio=r, hashes=2),
+    "freq_threshold": lambda r: FreqThreshold(ratio=r),
+    "saec": lambda r: Saec(ratio=r),
+    "mpe": lambda r: MPE(ratio=r, groups=32, penalty=0.1),
+    "fiited": lambda r: FIITED(ratio=r, chunks=2, interval=50),
+}
+QUANT = ("int8", "int4")  # FBGEMM row-wise quantization of the uncompressed tables
+ALL = list(SCHEMES) + list(QUANT)
+
+
+@dataclasses.dataclass
+class QualityData:
+    """A data set for the benchmark: features, table sizes and batch streams."""
+
+    name: str
+    features: List[str]
+    cardinalities: List[int]
+    dense_in: int
+    train: Callable[[int, int], Iterable[Batch]]  # (epoch, seed) -> training batches
+    test: Callable[[], Iterable[Batch]]
+
+    def tables(self, dim: int) -> List[EmbeddingBagConfig]:
+        return [EmbeddingBagConfig(name=f"t_{f}", embedding_dim=dim, num_embeddings=v, feature_names=[f])
+                for f, v in zip(self.features, self.cardinalities)]
+
+
+def frappe_data(root: str, batch_size: int = 512) -> QualityData:
+    """Frappe: train on the validation split (57,722 rows), test on the test split (28,860)."""
+    from ..data.frappe import FRAPPE_CARDINALITIES, FRAPPE_FIELDS, load_frappe
+
+    train, test = load_frappe(root)
+    return QualityData("frappe", FRAPPE_FIELDS, FRAPPE_CARDINALITIES, 1,
+                       lambda e, s: train.batches(batch_size, shuffle_seed=s * 100 + e), lambda: test.batches(4096))
+
+
+def synthetic_data(cardinalities: Sequence[int], batches: int = 200, batch_size: int = 512, test_batches: int = 20) -> QualityData:
+    """The synthetic Criteo-like generator: fresh samples every epoch, a fixed test split."""
+    from ..data.synthetic import SyntheticCriteo, cat_names
+
+    cards = list(cardinalities)
+    return QualityData("synthetic", cat_names(len(cards)), cards, 13,
+                       lambda e, s: SyntheticCriteo(cards, batch_size, batches, seed=0, split="train", start=e * batches),
+                       lambda: SyntheticCriteo(cards, batch_size, test_batches, seed=0, split="test"))
+
+
+def criteo_tsv_data(path: str, cardinalities: Sequence[int], batch_size: int = 512, test_share: float = 0.2) -> QualityData:
+    """A Criteo TSV file (e.g. the 10k-row Kaggle sample): the last ``test_share`` of its batches is the test set."""
+    from ..data.criteo import CriteoTSV
+    from ..data.synthetic import cat_names
+
+    batches = list(CriteoTSV([path], list(cardinalities), batch_size))
+    cut = max(1, int(len(batches) * (1 - test_share)))
+    return QualityData("criteo", cat_names(26), list(cardinalities), 13, lambda e, s: batches[:cut], lambda: batches[cut:])
+
+
+def _model(data: QualityData, dim: int, schemes: Optional[Dict[str, SchemeConfig]], seed: int):
+    torch.manual_seed(seed)
+    model = DLRM(embedding_bag_collection=EmbeddingBagCollection(data.tables(dim), device=torch.device("meta")),
+                 dense_in_features=data.dense_in, dense_arch_layer_sizes=[32, dim], over_arch_layer_sizes=[64, 32, 1],
+                 dense_device=torch.device("cpu"))
+    if schemes:
+        compress_(model, schemes)
+    dmp, opt = shard_for_training(model, model.sparse_arch, lr_sparse=0.05, lr_dense=0.01)
+    return model, dmp, opt
+
+
+def _unsharded(data: QualityData, dim: int, schemes: Optional[Dict[str, SchemeConfig]], state: Dict[str, torch.Tensor]) -> torch.nn.Module:
+    model = DLRM(embedding_bag_collection=EmbeddingBagCollection(data.tables(dim)), dense_in_features=data.dense_in,
+                 dense_arch_layer_sizes=[32, dim], over_arch_layer_sizes=[64, 32, 1])
+    if schemes:
+        compress_(model, schemes)
+    model.load_state_dict(state)
+    return model
+
+
+def run_one(data: QualityData, scheme: str, ratio: float, seed: int, epochs: int = 5, dim: int = 16, min_rows: int = 500,
+            warm_epochs: int = 2) -> Dict[str, object]:
+    """Train and test one (scheme, ratio, seed); ``scheme`` "none" is the uncompressed baseline.
+    Raises ValueError when the scheme cannot reach ``ratio`` on these tables."""
+    big = [f"t_{f}" for f, v in zip(data.features, data.cardinalities) if v >= min_rows]
+    cfg = SCHEMES[scheme](ratio) if scheme in SCHEMES else None
+    schemes = {t: cfg for t in big} if cfg is not None else None
+    if schemes:  # fail fast (unreachable ratio) before any training
+        CompressedEmbeddingBagCollection(data.tables(dim), schemes, device=torch.device("meta"))
+    stats = FrequencyStats(dict(zip(data.features, data.cardinalities)))
+    stats.update_from(data.train(0, seed), progress=False)
+    t0 = time.perf_counter()
+    first, warm = 0, None
+    if scheme == "saec":  # warm up uncompressed, then cluster the warmed embeddings
+        _, dmp, opt = _model(data, dim, None, seed)
+        for e in range(warm_epochs):
+            train_steps(dmp, opt, data.train(e, seed), progress=False)
+        warm, first = single_rank_full_state_dict(dmp), warm_epochs
+    model, dmp, opt = _model(data, dim, schemes, seed)
+    if scheme == "freq_threshold":
+        fit_frequency_(dmp, stats)
+    if scheme == "saec":
+        state = dmp.state_dict()
+        for k, v in warm.items():  # dense layers and the exact tables continue from the warm-up
+            if k in state:
+                copy_full_into_(state[k], v)
+        prefix = "sparse_arch.embedding_bag_collection.embedding_bags."
+        fit_saec_(dmp, {t: warm[f"{prefix}{t}.weight"] for t in big}, stats)
+    if scheme == "mpe":
+        fit_mpe_groups_(dmp, stats)
+        epochs_of = lambda lo, hi: (b for e in range(lo, hi) for b in data.train(e, seed))  # noqa: E731
+        run_mpe(dmp, opt, epochs_of(0, warm_epochs), epochs_of(warm_epochs, epochs), progress=False)
+    else:
+        for e in range(first, epochs):
+            train_steps(dmp, opt, data.train(e, seed), progress=False)
+    seconds = time.perf_counter() - t0
+    if scheme in QUANT or scheme == "mpe":  # evaluated as exported to FBGEMM's quantized tables
+        unsharded = _unsharded(data, dim, schemes, single_rank_full_state_dict(dmp))
+        if scheme == "mpe":
+            inference = export(mpe_finalize(unsharded), default="fp32")
+        else:
+            inference = export(unsharded, dtypes={t: scheme for t in big}, default="fp32")
+        rep = quantized_memory_report(inference)
+        metrics = binary_metrics(*predictions(inference, data.test()))
+    else:
+        ebc = model.sparse_arch.embedding_bag_collection
+        if not isinstance(ebc, CompressedEmbeddingBagCollection):
+            ebc = CompressedEmbeddingBagCollection(data.tables(dim), {}, device=torch.device("meta"))
+        rep = ebc.memory_report()
+        metrics = binary_metrics(*predictions(dmp, data.test()))
+    stored = sum(rep.tables[t].compressed_bytes for t in big)
+    full = sum(rep.tables[t].uncompressed_bytes for t in big)
+    return {**metrics, "bytes": stored, "uncompressed_bytes": full, "achieved_ratio": full / stored, "train_s": seconds}
+
+
+def bench_quality(data: QualityData, schemes: Sequence[str], ratios: Sequence[float], seeds: Sequence[int], epochs: int = 5,
+                  dim: int = 16, min_rows: int = 500, progress: bool = True) -> Dict[str, object]:
+    """Every (scheme, ratio) and the uncompressed baseline over ``seeds``; one process."""
+    unknown = sorted(set(schemes) - set(ALL))
+    if unknown:
+        raise ValueError(f"bench quality: unknown schemes {unknown}; use any of {ALL}")
+    jobs = [("none", 1.0)] + [(s, 0.0) for s in schemes if s in QUANT] + [(s, float(r)) for s in schemes if s not in QUANT for r in ratios]
+    rows: List[Dict[str, object]] = []
+    with local_process_group(), tqdm(total=len(jobs) * len(seeds), desc="bench quality", disable=not progress) as bar:
+        for scheme, ratio in jobs:
+            runs, skipped = [], None
+            for seed in seeds:
+                try:
+                    runs.append(run_one(data, scheme, ratio, seed, epochs, dim, min_rows))
+                except ValueError as e:  # unreachable ratio: recorded, not fatal
+                    skipped = str(e)
+                bar.update(1)
+                if skipped:
+                    bar.update(len(seeds) - len(runs) - 1)
+                    break
+            rows.append(_summary(scheme, ratio, runs, skipped))
+    base = rows[0]["auc"]
+    for r in rows:
+        r["d_auc"] = None if r["auc"] is None else r["auc"] - base
+    return {"data": data.name, "epochs": epochs, "dim": dim, "min_rows": min_rows, "seeds": list(seeds), "rows": rows,
+            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def _summary(scheme: str, ratio: float, runs: List[Dict[str, object]], skipped: Optional[str]) -> Dict[str, object]:
+    if not runs:
+        return {"scheme": scheme, "ratio": ratio, "auc": None, "skipped": skipped}
+    out: Dict[str, object] = {"scheme": scheme, "ratio": ratio, "runs": runs}
+    for k in ("auc", "logloss", "ne", "achieved_ratio", "bytes", "train_s"):
+        vals = [float(r[k]) for r in runs]
+        out[k] = statistics.mean(vals)
+        out[f"{k}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return out
+
+
+def format_quality(res: Dict[str, object]) -> str:
+    table = []
+    for r in res["rows"]:
+        if r["auc"] is None:
+            table.append([r["scheme"], f"{r['ratio']:g}x", "-", "-", "-", "-", "-", f"skipped: {r['skipped'][:70]}"])
+            continue
+        target = "" if r["scheme"] == "none" else f"{r['ratio']:g}x" if r["ratio"] else "fixed"
+        table.append([r["scheme"], target, f"{r['achieved_ratio']:.2f}x", f"{r['bytes'] / 2**20:.3f} MiB",
+                      f"{r['auc']:.4f} +- {r['auc_std']:.4f}", f"{r['d_auc']:+.4f}", f"{r['logloss']:.4f}", f"{r['train_s']:.1f}"])
+    return tabulate(table, headers=["scheme", "target", "achieved", "bytes (compressed tables)", "test AUC (mean +- std)", "dAUC",
+                                    "logloss", "train s"])
+
+
+def plot_frontier(res: Dict[str, object], path: str) -> Optional[str]:
+    """AUC against bytes of the compressed tables (log x), one line per scheme, error bars = std over seeds."""
+    from ..train.report import _pyplot
+
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 5))
+    rows = [r for r in res["rows"] if r["auc"] is not None]
+    base = rows[0]
+    ax.axhline(base["auc"], color="k", ls="--", lw=1, label=f"uncompressed ({base['bytes'] / 2**20:.2f} MiB)")
+    ax.axhspan(base["auc"] - 0.002, base["auc"] + 0.002, color="0.9", label="uncompressed +- 0.002")
+    for i, scheme in enumerate(dict.fromkeys(r["scheme"] for r in rows[1:])):
+        pts = sorted((r["bytes"], r["auc"], r["auc_std"]) for r in rows if r["scheme"] == scheme)
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3, label=scheme, color=f"C{i % 10}")
+    ax.set_xscale("log")
+    lo = min(r["auc"] for r in rows)
+    ax.set_ylim(max(lo - 0.01, 0.5), base["auc"] + 0.01 if not math.isnan(base["auc"]) else None)
+    ax.set(xlabel="bytes of the compressed tables (log scale)", ylabel="test AUC",
+           title=f"{res['data']}: quality vs memory ({len(res['seeds'])} seeds, {res['epochs']} epochs)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
