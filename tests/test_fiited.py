@@ -15,9 +15,10 @@ from torchrec_compress.testing.reference import physical_weights, reference_forw
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _module(pool=30, chunks=2, dim=16, rows=40, pooling=PoolingType.SUM, weighted=False, interval=1, decay=0.5, features=("a",)):
+def _module(pool=30, chunks=2, dim=16, rows=40, pooling=PoolingType.SUM, weighted=False, interval=1, decay=0.5, features=("a",), hysteresis=1.0):
     t = EmbeddingBagConfig(name="t", embedding_dim=dim, num_embeddings=rows, feature_names=list(features), pooling=pooling)
-    m = CompressedEmbeddingBagCollection([t], {"t": FIITED(pool=pool, chunks=chunks, interval=interval, decay=decay)}, is_weighted=weighted)
+    cfg = FIITED(pool=pool, chunks=chunks, interval=interval, decay=decay, hysteresis=hysteresis)
+    m = CompressedEmbeddingBagCollection([t], {"t": cfg}, is_weighted=weighted)
     return m, t, m.scheme("t")
 
 
@@ -79,24 +80,30 @@ def test_pruned_chunks_are_exactly_zero():
 
 
 def test_utility_is_gradient_magnitude_per_access_by_hand():
-    """u(x, k) = SUM over accesses of |w| ||dL/de_k(bag)|| / len (MEAN); pruned chunks included."""
+    """u(x, k) = SUM over accesses of |w| ||dL/de_k(bag)|| / len (MEAN); pruned chunks included:
+    exact for kept chunks (per pool slot), a count-mean-min estimate for pruned ones."""
     m, t, impl = _module(pool=400, chunks=2, dim=8, pooling=PoolingType.MEAN)
+    _assign(impl, {3: [7, 8]})  # id 3 keeps both chunks, id 4 none
     jt = JaggedTensor(values=torch.tensor([3, 4, 3]), lengths=torch.tensor([2, 1]))
     grad = torch.tensor([[3.0, 4.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 2.0, 0.0]])
     impl.observe(grad, jt, None)
     impl.observe(grad, jt, None)
     u = impl.utility(torch.tensor([3, 4, 5]))
-    # id 3: bag 0 (len 2): chunk norms 5, 1 -> 2.5, 0.5; bag 1 (len 1): 1, 2. Twice.
-    torch.testing.assert_close(u, torch.tensor([[2 * 3.5, 2 * 2.5], [2 * 2.5, 2 * 0.5], [0.0, 0.0]]))
+    # id 3: bag 0 (len 2): chunk norms 5, 1 -> 2.5, 0.5; bag 1 (len 1): 1, 2. Twice. Exact (kept).
+    assert u[0].tolist() == [2 * 3.5, 2 * 2.5] and impl.buffers.slot_utility[[7, 8]].tolist() == [7.0, 5.0]
+    # id 4 (pruned): bag 0 only -> 2.5, 0.5, twice; sketched: within its cells' noise share
+    noise = 2 * (2.5 + 0.5) / (impl.width - 1)
+    assert (u[1] - torch.tensor([5.0, 1.0])).abs().max() <= noise + 1e-6 and (u[2] <= noise + 1e-6).all()
     assert impl.buffers.seen[: int(impl.buffers.n_seen)].tolist() == [3, 4, 3, 4]  # merged at the next event
 
 
-def _reference_event(util, old, pool):
-    """Plain Python: keep the ``pool`` (id, chunk) of highest prefix-min utility (> 0), ties to
-    lower (id, chunk); old chunks keep their slots, new ones take the lowest free slots."""
+def _reference_event(util, old, pool, hysteresis):
+    """Plain Python: keep the ``pool`` (id, chunk) of highest prefix-min utility (> 0; kept
+    chunks count ``hysteresis`` x theirs), ties to lower (id, chunk); old chunks keep their
+    slots, new ones take the lowest free slots."""
     by_id = {}
     for (x, k), u in util.items():
-        by_id.setdefault(x, {})[k] = u
+        by_id.setdefault(x, {})[k] = u * (hysteresis if (x, k) in old else 1.0)
     scored = []
     for x, us in by_id.items():
         best = float("inf")
@@ -121,7 +128,7 @@ def _state(impl):
 
 def test_events_match_python_reference_and_respect_the_budget():
     torch.manual_seed(0)
-    m, t, impl = _module(pool=11, chunks=4, dim=16, rows=30, interval=1, decay=0.7)
+    m, t, impl = _module(pool=11, chunks=4, dim=16, rows=30, interval=1, decay=0.7, hysteresis=1.5)
     w = physical_weights(m)["t__pool"]
     for step in range(8):
         bags = random_bags([t], batch=6, seed=step, max_len=4)
@@ -129,7 +136,7 @@ def test_events_match_python_reference_and_respect_the_budget():
         out = m(bags.kjt()).values()  # an event runs first from step 1 on
         after = _state(impl)
         if step:
-            assert after == _reference_event(expected_util, before, impl.pool)
+            assert after == _reference_event(expected_util, before, impl.pool, impl.config.hysteresis)
             granted = sorted(set(after.values()) - {s for p, s in after.items() if before.get(p) == s})
             assert granted == sorted(s for p, s in after.items() if before.get(p) != s)
             assert (w[granted] == 0).all()  # granted chunks start at zero: granting never changes an output
@@ -183,6 +190,8 @@ def test_config_errors_and_memory_report():
         FIITED(ratio=4, pool=10)
     with pytest.raises(ValueError, match="interval must be a positive int"):
         FIITED(ratio=4, interval=0)
+    with pytest.raises(ValueError, match="hysteresis must be >= 1"):
+        FIITED(ratio=4, hysteresis=0.5)
     with pytest.raises(ValueError, match="cannot be reached: not one chunk"):
         CompressedEmbeddingBagCollection([dataclasses_replace(t, num_embeddings=1)], {"t": FIITED(ratio=100)})
     for ratio in (4, 10):

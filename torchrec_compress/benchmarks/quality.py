@@ -46,7 +46,7 @@ SCHEMES: Dict[str, Callable[[float], SchemeConfig]] = {
     "freq_threshold": lambda r: FreqThreshold(ratio=r),
     "saec": lambda r: Saec(ratio=r),
     "mpe": lambda r: MPE(ratio=r, groups=32, penalty=0.1),
-    "fiited": lambda r: FIITED(ratio=r, chunks=2, interval=50),
+    "fiited": lambda r: FIITED(ratio=r, chunks=2),
 }
 QUANT = ("int8", "int4")  # FBGEMM row-wise quantization of the uncompressed tables
 ALL = list(SCHEMES) + list(QUANT)

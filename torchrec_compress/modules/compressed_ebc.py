@@ -121,6 +121,7 @@ class CompressedEmbeddingBagCollection(nn.Module):
         _check_unique([c.name for c in pooled_cfgs + per_id_cfgs], "physical table")
         _check_unique([f for c in pooled_cfgs + per_id_cfgs for f in c.feature_names], "physical feature")
 
+        self._pooled_cfgs = pooled_cfgs
         self.pooled: Optional[EmbeddingBagCollection] = (
             EmbeddingBagCollection(pooled_cfgs, is_weighted=is_weighted, device=device) if pooled_cfgs else None
         )
@@ -239,11 +240,27 @@ class CompressedEmbeddingBagCollection(nn.Module):
 
     @torch.no_grad()
     def _zero_rows(self, physical: str, rows: torch.Tensor) -> None:
-        """Zero ``rows`` of a pooled physical table, in whatever shards this rank holds."""
+        """Zero ``rows`` of a pooled physical table and their fused optimizer state (a reused
+        row must not inherit its previous owner's Adagrad sum), in whatever shards this rank holds."""
         from ..distributed.state import zero_rows_  # the distributed package imports this module
 
-        if rows.numel():
-            zero_rows_(self.pooled.state_dict()[f"embedding_bags.{physical}.weight"], rows)
+        if not rows.numel():
+            return
+        key = f"embedding_bags.{physical}.weight"
+        zero_rows_(self.pooled.state_dict()[key], rows)
+        fused = getattr(self.pooled, "fused_optimizer", None)
+        if fused is not None:  # sharded: FBGEMM's optimizer state (e.g. row-wise momentum1), sharded like the table
+            param = fused.params.get(key)
+            states = fused.state.get(param, {}).values() if param is not None else []
+        else:  # unsharded: optimizers applied in backward keep plain state per parameter
+            w = self.pooled.embedding_bags[physical].weight
+            states = [t for o in getattr(w, "_in_backward_optimizers", []) for t in o.state.get(w, {}).values()]
+        for t in states:
+            if isinstance(t, torch.Tensor) and len(t.size()) >= 1 and t.size(0) == self.pooled_rows(physical):
+                zero_rows_(t, rows)
+
+    def pooled_rows(self, physical: str) -> int:
+        return next(c.num_embeddings for c in self._pooled_cfgs if c.name == physical)
 
     def _per_id_kjt(self, feats: List[Tuple[str, List[Tuple[str, torch.Tensor]]]]) -> Optional[KeyedJaggedTensor]:
         """Every id a bag of one: ``[N_f]`` ids per virtual feature, stride S = max_f N_f

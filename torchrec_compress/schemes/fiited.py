@@ -20,9 +20,10 @@ gradient reaching that chunk, ``|w| * ||dL/de_k(bag)||`` (/ bag length for MEAN)
 it over accesses is frequency x mean gradient magnitude. The gradient reaching a
 *pruned* chunk is known too (it is the bag's), so pruned chunks keep earning utility
 and can grow back. Kept chunks keep their utility exactly (one float per pool slot);
-pruned ones in a count-min sketch (2 x W floats, keyed by ``x * C + k``, an
-over-estimate when keys collide: a chunk granted on a collision is pruned again at the
-next event, once its own utility is tracked exactly); the ids seen since the last event
+pruned ones in a count-mean-min sketch (2 x W floats, keyed by ``x * C + k``; each
+cell less its expected share of the other keys' mass, so collisions do not let pruned
+chunks outbid kept ones; a chunk granted on a bad estimate is pruned again at the next
+event, once its own utility is tracked exactly); the ids seen since the last event
 in a bounded buffer (the ``pool / C`` of highest utility).
 
 Every ``interval`` training steps (an *event*; while the pool fills, after 1, 2, 4, ... steps): u(x, k) is made non-increasing in k
@@ -53,18 +54,21 @@ MIN_SKETCH_WIDTH = 64
 
 @dataclasses.dataclass(frozen=True)
 class FIITED(SchemeConfig):
-    """``FIITED(ratio=4, chunks=4, interval=100)`` or ``FIITED(pool=P, ...)``.
+    """``FIITED(ratio=4, chunks=4, interval=100, decay=0.9, hysteresis=2.0)`` or ``FIITED(pool=P, ...)``.
 
     ``pool``: chunks the pool holds (the memory budget; with ``ratio`` it is derived so
     that pool + address structure + utility state = full size / ratio); ``chunks``: C,
     d / C must be a multiple of 4; ``interval``: training steps between prune/grow
-    events; ``decay``: utility multiplier at each event (exponential decay).
+    events; ``decay``: utility multiplier at each event (exponential decay);
+    ``hysteresis``: a kept chunk ranks with its utility times this, so a pruned one must
+    be clearly better to take its place (every swap restarts a chunk from zero).
     """
 
     pool: Optional[int] = None
     chunks: int = 4
     interval: int = 100
-    decay: float = 0.5
+    decay: float = 0.9
+    hysteresis: float = 2.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -74,6 +78,8 @@ class FIITED(SchemeConfig):
         _check_positive_int("FIITED", "interval", self.interval)
         if not isinstance(self.decay, (int, float)) or not 0.0 < self.decay <= 1.0:
             raise ValueError(f"FIITED: decay must be in (0, 1], got {self.decay!r}")
+        if not isinstance(self.hysteresis, (int, float)) or not self.hysteresis >= 1.0:
+            raise ValueError(f"FIITED: hysteresis must be >= 1, got {self.hysteresis!r}")
         self._ratio_or("pool")
 
 
@@ -151,11 +157,15 @@ class FIITEDScheme(TableScheme):
         return [universal_hash(keys, self.width, self.config.seed * 100 + r) for r in range(SKETCH_DEPTH)]
 
     def utility(self, ids: torch.Tensor) -> torch.Tensor:
-        """``[M]`` ids -> ``[M, C]`` utilities: exact for kept chunks, the count-min estimate
-        (the smallest cell) for pruned ones."""
+        """``[M]`` ids -> ``[M, C]`` utilities: exact for kept chunks, the count-mean-min
+        estimate for pruned ones."""
         keys = (ids.to(torch.int64).unsqueeze(1) * self.c + torch.arange(self.c, device=ids.device)).reshape(-1)
         u = self.buffers.utility
-        est = torch.stack([u[r][cell] for r, cell in enumerate(self._cells(keys))]).min(dim=0).values.view(-1, self.c)
+        cells = torch.stack([u[r][cell] for r, cell in enumerate(self._cells(keys))])  # [depth, M * C]
+        # count-mean-min: take out each cell's expected share of the other keys' mass (a plain
+        # count-min over-estimates by ~total / width, which would let pruned chunks outbid kept ones)
+        noise = (u.sum(dim=1, keepdim=True) - cells) / max(self.width - 1, 1)
+        est = (cells - noise).mean(dim=0).clamp(min=0).minimum(cells.min(dim=0).values).view(-1, self.c)
         slots = self.slots_of(ids)
         return torch.where(slots >= 0, self.buffers.slot_utility[slots.clamp(min=0)], est)
 
@@ -227,7 +237,8 @@ class FIITEDScheme(TableScheme):
         old_keys, old_slots = b.keys[:n].to(torch.int64), b.slots[:n].to(torch.int64)
         cand = torch.unique(torch.cat([old_keys // c, b.seen[: int(b.n_seen)]]))
         raw = self.utility(cand)  # [M, C]
-        u = torch.cummin(raw, dim=1).values.reshape(-1)  # [M * C], x-major
+        held = self.slots_of(cand) >= 0
+        u = torch.cummin(torch.where(held, raw * self.config.hysteresis, raw), dim=1).values.reshape(-1)  # [M * C], x-major
         order = torch.sort(-u, stable=True).indices[: self.pool]  # stable: lower id, then position, first
         order = order[u[order] > 0]
         chosen = (cand[order // c] * c + order % c).sort().values  # new sorted keys
