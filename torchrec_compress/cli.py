@@ -72,6 +72,17 @@ def _parser() -> argparse.ArgumentParser:
     bq.add_argument("--min-rows", type=_positive_int, default=500, help="tables with fewer rows stay exact")
     bq.add_argument("--batches", type=_positive_int, default=100, help="synthetic: training batches (x512) per epoch")
     bq.add_argument("--out", default="runs/bench_quality.json", help="results JSON (the frontier plot goes beside it, .png)")
+    bs = bsub.add_parser("speed", help="train-step and inference samples/s of each scheme vs stock TorchRec, same tables",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    bs.add_argument("--sizes", choices=["kaggle", "criteotb"], default="kaggle", help="Criteo Kaggle or CriteoTB (MLPerf) cardinalities")
+    bs.add_argument("--max-rows", type=int, default=1_000_000, help="cap on table sizes (<= 0: none)")
+    bs.add_argument("--dim", type=_positive_int, default=64)
+    bs.add_argument("--ratio", type=_ratio, default=10.0, help="compression ratio of the tables with >= 10k rows")
+    bs.add_argument("--batch-size", type=_positive_int, default=2048)
+    bs.add_argument("--batches", type=_positive_int, default=8)
+    bs.add_argument("--reps", type=_positive_int, default=3)
+    bs.add_argument("--schemes", default="hashing,qr,qr_add,memcom,memrec,freq_threshold,fiited")
+    bs.add_argument("--out", default=None, help="results JSON")
     bi = bsub.add_parser("inference", help="lookups/s of exported quantized tables vs stock TorchRec FP32/FP16",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     bi.add_argument("--max-rows", type=_positive_int, default=1_000_000, help="cap on the Criteo Kaggle table sizes")
@@ -118,6 +129,21 @@ def main(argv: Optional[List[str]] = None) -> None:
         _plan(args)
     elif args.command == "bench" and args.bench == "quality":
         _bench_quality(args)
+    elif args.command == "bench" and args.bench == "speed":
+        import json
+
+        from .benchmarks.speed import SPEED_SCHEMES, bench_speed, format_speed
+
+        schemes = [x for x in args.schemes.split(",") if x]
+        unknown = sorted(set(schemes) - set(SPEED_SCHEMES))
+        if unknown:
+            raise SystemExit(f"torchrec-compress bench speed: unknown schemes {unknown}; use any of {sorted(SPEED_SCHEMES)}")
+        res = bench_speed(sizes=args.sizes, max_rows=args.max_rows if args.max_rows > 0 else None, dim=args.dim, ratio=args.ratio,
+                          batch=args.batch_size, batches=args.batches, reps=args.reps, schemes=schemes)
+        print(format_speed(res))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(res, f, indent=1)
     elif args.command == "bench" and args.bench == "inference":
         import json
 

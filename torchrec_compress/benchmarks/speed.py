@@ -1,0 +1,158 @@
+"""Training and inference speed of each scheme against stock TorchRec, side by side.
+
+Same logical tables (Criteo Kaggle or CriteoTB cardinalities), same Zipf batches, one
+process. Training step = embedding forward + backward with the fused row-wise Adagrad
+inside backward, under DMP (stock: TorchRec's EmbeddingBagCollection on FBGEMM's fused
+TBE; ours: the CompressedEmbeddingBagCollection of the scheme). Inference = the same
+tables exported to FBGEMM's IntNBit tables at fp32 (stock: ``torchrec.inference.modules.
+quantize_embeddings`` of the plain EBC; ours: ``quant.export``). Repetitions are
+interleaved (stock, scheme A, scheme B, stock, ...) and the median is reported, with the
+ratio scheme / stock. Embedding traffic (rows read x row bytes per second) is put next
+to this machine's memory copy bandwidth, the physical limit.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from tabulate import tabulate
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+from torchrec.inference.modules import quantize_embeddings
+
+from ..config import SchemeConfig
+from ..data.mlperf import DLRMV2_CARDINALITIES
+from ..data.synthetic import CRITEO_KAGGLE_CARDINALITIES, SyntheticCriteo, cat_names
+from ..modules.compressed_ebc import CompressedEmbeddingBagCollection
+from ..quant.export import export
+from ..schemes import FIITED, QR, FreqThreshold, Hashing, MEmCom, MemRec
+from ..train.loop import local_process_group, shard_for_training
+
+SPEED_SCHEMES: Dict[str, Callable[[float], SchemeConfig]] = {
+    "hashing": lambda r: Hashing(ratio=r),
+    "qr": lambda r: QR(ratio=r),
+    "qr_add": lambda r: QR(ratio=r, combiner="add"),
+    "memcom": lambda r: MEmCom(ratio=r),
+    "memrec": lambda r: MemRec(ratio=r, hashes=2),
+    "freq_threshold": lambda r: FreqThreshold(ratio=r),
+    "fiited": lambda r: FIITED(ratio=r, chunks=2),
+}
+SIZES = {"kaggle": CRITEO_KAGGLE_CARDINALITIES, "criteotb": DLRMV2_CARDINALITIES}
+
+
+def copy_bandwidth(mib: int = 512, reps: int = 5) -> float:
+    """This machine's memory copy bandwidth in bytes/s (read + write of a ``mib`` MiB tensor)."""
+    src = torch.empty(mib * 2**18, dtype=torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / statistics.median(times)
+
+
+class _Emb(torch.nn.Module):
+    def __init__(self, ebc: torch.nn.Module) -> None:
+        super().__init__()
+        self.ebc = ebc
+
+    def forward(self, kjt):  # type: ignore[no-untyped-def]
+        return self.ebc(kjt).values()
+
+
+def _tables(cards: Sequence[int], dim: int) -> List[EmbeddingBagConfig]:
+    return [EmbeddingBagConfig(name=f"t_{f}", embedding_dim=dim, num_embeddings=v, feature_names=[f]) for f, v in zip(cat_names(len(cards)), cards)]
+
+
+def _timed(step: Callable[[object], None], batches: Sequence[object]) -> float:
+    t0 = time.perf_counter()
+    for b in batches:
+        step(b)
+    return time.perf_counter() - t0
+
+
+def bench_speed(sizes: str = "kaggle", max_rows: Optional[int] = 2_000_000, dim: int = 64, ratio: float = 10.0, batch: int = 2048,
+                batches: int = 8, reps: int = 3, schemes: Sequence[str] = tuple(SPEED_SCHEMES), min_rows: int = 10_000,
+                stock_limit_bytes: int = 8 * 2**30) -> Dict[str, object]:
+    """Samples/s of a training step and of inference lookups per scheme and for stock TorchRec."""
+    cards = [v if max_rows is None else min(v, max_rows) for v in SIZES[sizes]]
+    tables = _tables(cards, dim)
+    full_bytes = sum(t.num_embeddings * t.embedding_dim * 4 for t in tables)
+    data = [b.sparse_features for b in SyntheticCriteo(cards, batch, batches, seed=0)]
+    ids_per_batch = data[0].values().numel()
+    runs: Dict[str, Dict[str, object]] = {}
+    train_fns, infer_fns = {}, {}
+    with local_process_group():
+        variants: Dict[str, Optional[Dict[str, SchemeConfig]]] = {}
+        if full_bytes <= stock_limit_bytes:
+            variants["stock"] = None
+        for name in schemes:
+            variants[name] = {t.name: SPEED_SCHEMES[name](ratio) for t in tables if t.num_embeddings >= min_rows}
+        for name, sch in variants.items():
+            try:
+                ebc = (EmbeddingBagCollection(_tables(cards, dim), device=torch.device("meta")) if sch is None else
+                       CompressedEmbeddingBagCollection(_tables(cards, dim), sch, device=torch.device("meta")))
+            except ValueError as e:
+                runs[name] = {"skipped": str(e)}
+                continue
+            model = _Emb(ebc)
+            dmp, opt = shard_for_training(model, model, lr_sparse=0.01, lr_dense=0.01)
+            g = torch.randn(batch, dim * len(tables))
+
+            def train_step(kjt, dmp=dmp, opt=opt, g=g):  # type: ignore[no-untyped-def]
+                (dmp(kjt) * g).sum().backward()
+                opt.step()
+                opt.zero_grad()
+
+            stored = ebc.memory_report().total.compressed_bytes if sch is not None else full_bytes
+            train_fns[name] = train_step
+            # inference: an unsharded copy exported to FBGEMM's IntNBit tables at fp32
+            plain = (EmbeddingBagCollection(_tables(cards, dim)) if sch is None else CompressedEmbeddingBagCollection(_tables(cards, dim), sch))
+            infer = quantize_embeddings(_Emb(plain), dtype=torch.float32, inplace=False) if sch is None else export(_Emb(plain), default="fp32")
+            infer.eval()
+            infer_fns[name] = lambda kjt, m=infer: m(kjt)
+            runs[name] = {"stored_bytes": stored, "train_s": [], "infer_s": []}
+            train_step(data[0])  # warm-up (first-call allocations)
+            with torch.no_grad():
+                infer(data[0])
+        for _ in range(reps):  # interleaved repetitions
+            for name in train_fns:
+                runs[name]["train_s"].append(_timed(train_fns[name], data))
+                with torch.no_grad():
+                    runs[name]["infer_s"].append(_timed(infer_fns[name], data))
+    bw = copy_bandwidth()
+    n = batch * len(data)
+    for name, r in runs.items():
+        if "skipped" in r:
+            continue
+        r["train_samples_s"] = n / statistics.median(r["train_s"])
+        r["infer_samples_s"] = n / statistics.median(r["infer_s"])
+        # embedding rows read per logical lookup: one d-row (stock); the schemes read their own physical rows
+        r["infer_emb_bytes_s"] = ids_per_batch * len(data) * dim * 4 / statistics.median(r["infer_s"])
+    stock = runs.get("stock")
+    for name, r in runs.items():
+        if stock is not None and "skipped" not in r:
+            r["train_vs_stock"] = r["train_samples_s"] / stock["train_samples_s"]
+            r["infer_vs_stock"] = r["infer_samples_s"] / stock["infer_samples_s"]
+    return {"sizes": sizes, "max_rows": max_rows, "dim": dim, "ratio": ratio, "batch": batch, "batches": batches, "reps": reps,
+            "full_bytes": full_bytes, "stock_fits": full_bytes <= stock_limit_bytes, "copy_bandwidth_bytes_s": bw,
+            "runs": runs, "torch_threads": torch.get_num_threads(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def format_speed(res: Dict[str, object]) -> str:
+    rows = []
+    for name, r in res["runs"].items():
+        if "skipped" in r:
+            rows.append([name, "-", "-", "-", "-", "-", f"skipped: {r['skipped'][:60]}"])
+            continue
+        rows.append([name, f"{res['full_bytes'] / r['stored_bytes']:.1f}x", f"{r['train_samples_s']:,.0f}",
+                     f"{r.get('train_vs_stock', float('nan')):.2f}x", f"{r['infer_samples_s']:,.0f}", f"{r.get('infer_vs_stock', float('nan')):.2f}x",
+                     f"{r['infer_emb_bytes_s'] / res['copy_bandwidth_bytes_s']:.1%}"])
+    head = (f"{res['sizes']} sizes (max rows {res['max_rows']}), dim {res['dim']}, batch {res['batch']}, {res['reps']} interleaved reps; "
+            f"copy bandwidth {res['copy_bandwidth_bytes_s'] / 1e9:.1f} GB/s")
+    if not res["stock_fits"]:
+        head += f"; stock TorchRec not run: {res['full_bytes'] / 2**30:.1f} GiB of fp32 tables do not fit"
+    return head + "\n" + tabulate(rows, headers=["variant", "ratio", "train samples/s", "vs stock", "infer samples/s", "vs stock",
+                                                 "logical emb bytes/s / copy BW"])
