@@ -1,0 +1,30 @@
+"""bench quality and bench speed, end to end on tiny settings: JSON, plot, every variant present."""
+import json
+
+from torchrec_compress.cli import main
+
+
+def test_bench_quality_cli(tmp_path, capsys):
+    out = tmp_path / "q.json"
+    main(["bench", "quality", "--data", "synthetic", "--schemes", "qr,int8,fiited", "--ratios", "4,100000", "--seeds", "0,1",
+          "--epochs", "1", "--batches", "4", "--out", str(out)])
+    res = json.loads(out.read_text())
+    rows = {(r["scheme"], r["ratio"]): r for r in res["rows"]}
+    assert set(rows) == {("none", 1.0), ("int8", 0.0), ("qr", 4.0), ("qr", 100000.0), ("fiited", 4.0), ("fiited", 100000.0)}
+    assert rows[("none", 1.0)]["d_auc"] == 0 and len(rows[("none", 1.0)]["runs"]) == 2
+    assert abs(rows[("qr", 4.0)]["achieved_ratio"] - 4) < 0.1 and 0.5 < rows[("qr", 4.0)]["auc"] < 1
+    assert rows[("int8", 0.0)]["achieved_ratio"] == 2.0  # dim 16: 16 B + 4 B fp16 scale/bias, 16-byte aligned = 32 B of 64
+    assert rows[("qr", 100000.0)]["auc"] is None and "cannot be reached" in rows[("qr", 100000.0)]["skipped"]
+    assert (tmp_path / "q.png").stat().st_size > 10_000
+    assert "skipped" in capsys.readouterr().out
+
+
+def test_bench_speed_cli(tmp_path, capsys):
+    out = tmp_path / "s.json"
+    main(["bench", "speed", "--max-rows", "20000", "--dim", "16", "--batch-size", "128", "--batches", "2", "--reps", "1",
+          "--schemes", "hashing,fiited", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert set(res["runs"]) == {"stock", "hashing", "fiited"} and res["copy_bandwidth_bytes_s"] > 1e8
+    for r in res["runs"].values():
+        assert r["train_samples_s"] > 0 and r["infer_samples_s"] > 0 and len(r["train_s"]) == 1
+    assert res["runs"]["stock"]["train_vs_stock"] == 1.0 and "vs stock" in capsys.readouterr().out
