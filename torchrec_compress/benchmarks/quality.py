@@ -211,7 +211,8 @@ def _summary(scheme: str, ratio: float, runs: List[Dict[str, object]], skipped: 
     return out
 
 
-def format_quality(res: Dict[str, object]) -> str:
+def format_quality(res: Dict[str, object], fmt: str = "simple") -> str:
+    """The results as a table (``fmt``: a tabulate format, e.g. ``github`` for BENCHMARKS.md)."""
     table = []
     for r in res["rows"]:
         if r["auc"] is None:
@@ -221,7 +222,7 @@ def format_quality(res: Dict[str, object]) -> str:
         table.append([r["scheme"], target, f"{r['achieved_ratio']:.2f}x", f"{r['bytes'] / 2**20:.3f} MiB",
                       f"{r['auc']:.4f} +- {r['auc_std']:.4f}", f"{r['d_auc']:+.4f}", f"{r['logloss']:.4f}", f"{r['train_s']:.1f}"])
     return tabulate(table, headers=["scheme", "target", "achieved", "bytes (compressed tables)", "test AUC (mean +- std)", "dAUC",
-                                    "logloss", "train s"])
+                                    "logloss", "train s"], tablefmt=fmt)
 
 
 def plot_frontier(res: Dict[str, object], path: str) -> Optional[str]:

@@ -141,7 +141,7 @@ def bench_speed(sizes: str = "kaggle", max_rows: Optional[int] = 2_000_000, dim:
             "runs": runs, "torch_threads": torch.get_num_threads(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
-def format_speed(res: Dict[str, object]) -> str:
+def format_speed(res: Dict[str, object], fmt: str = "simple") -> str:
     rows = []
     for name, r in res["runs"].items():
         if "skipped" in r:
@@ -154,5 +154,5 @@ def format_speed(res: Dict[str, object]) -> str:
             f"copy bandwidth {res['copy_bandwidth_bytes_s'] / 1e9:.1f} GB/s")
     if not res["stock_fits"]:
         head += f"; stock TorchRec not run: {res['full_bytes'] / 2**30:.1f} GiB of fp32 tables do not fit"
-    return head + "\n" + tabulate(rows, headers=["variant", "ratio", "train samples/s", "vs stock", "infer samples/s", "vs stock",
-                                                 "logical emb bytes/s / copy BW"])
+    return head + "\n\n" + tabulate(rows, headers=["variant", "ratio", "train samples/s", "vs stock", "infer samples/s", "vs stock",
+                                                   "logical emb bytes/s / copy BW"], tablefmt=fmt)
