@@ -147,8 +147,9 @@ def format_speed(res: Dict[str, object], fmt: str = "simple") -> str:
         if "skipped" in r:
             rows.append([name, "-", "-", "-", "-", "-", f"skipped: {r['skipped'][:60]}"])
             continue
+        vs = {k: f"{r[k]:.2f}x" if k in r else "n/a" for k in ("train_vs_stock", "infer_vs_stock")}
         rows.append([name, f"{res['full_bytes'] / r['stored_bytes']:.1f}x", f"{r['train_samples_s']:,.0f}",
-                     f"{r.get('train_vs_stock', float('nan')):.2f}x", f"{r['infer_samples_s']:,.0f}", f"{r.get('infer_vs_stock', float('nan')):.2f}x",
+                     vs["train_vs_stock"], f"{r['infer_samples_s']:,.0f}", vs["infer_vs_stock"],
                      f"{r['infer_emb_bytes_s'] / res['copy_bandwidth_bytes_s']:.1%}"])
     head = (f"{res['sizes']} sizes (max rows {res['max_rows']}), dim {res['dim']}, batch {res['batch']}, {res['reps']} interleaved reps; "
             f"copy bandwidth {res['copy_bandwidth_bytes_s'] / 1e9:.1f} GB/s")
