@@ -94,7 +94,7 @@ def main(argv=None) -> None:
     p.add_argument("--ratio", type=float, default=10.0)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--chunks", type=int, default=2)
-    p.add_argument("--interval", type=int, default=20, help="steps between prune/grow events")
+    p.add_argument("--interval", type=int, default=100, help="steps between prune/grow events")
     p.add_argument("--min-rows", type=int, default=1000)
     p.add_argument("--dim", type=int, default=16)
     p.add_argument("--epochs", type=int, default=1)
