@@ -138,7 +138,7 @@ class FIITEDScheme(TableScheme):
         """Per chunk position k: (pool slots of the bag's ids that keep chunk k, per-bag counts, weights)."""
         values, lengths, weights = jt.values(), jt.lengths(), jt.weights_or_none()
         slots = self.slots_of(values)
-        self._routed, self._routed_at = (values, slots), int(self.buffers.events)  # observe() of the same ids reuses it
+        self._routed = (values, slots)  # observe() of the same ids reuses it (an event clears it)
         bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=values.device), lengths.long())
         out = []
         for k in range(self.c):
@@ -184,8 +184,7 @@ class FIITEDScheme(TableScheme):
         if self.table.pooling == PoolingType.MEAN:
             per = per / lengths.clamp(min=1)[bag].unsqueeze(1).to(per.dtype)
         routed = getattr(self, "_routed", None)
-        slots = (routed[1] if routed is not None and routed[0] is values and int(self.buffers.events) == self._routed_at
-                 else self.slots_of(values)).reshape(-1)
+        slots = (routed[1] if routed is not None and routed[0] is values else self.slots_of(values)).reshape(-1)
         kept, per = slots >= 0, per.reshape(-1)
         keys = (values.to(torch.int64).unsqueeze(1) * self.c + torch.arange(self.c, device=values.device)).reshape(-1)
         b = self.buffers
@@ -236,6 +235,7 @@ class FIITEDScheme(TableScheme):
     def event(self) -> Dict[str, torch.Tensor]:
         """Prune and grow within the pool. Returns ``{pool table: newly granted slots}`` (to be zeroed)."""
         b = self.buffers
+        self._routed = None  # the assignment changes
         c, n = self.c, int(b.n_kept)
         old_keys, old_slots = b.keys[:n].to(torch.int64), b.slots[:n].to(torch.int64)
         cand = torch.unique(torch.cat([old_keys // c, b.seen[: int(b.n_seen)]]))
