@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from torchrec_compress.data.synthetic import CRITEO_KAGGLE_CARDINALITIES
 from torchrec_compress.train.config import parse_config
 from torchrec_compress.train.run import train
 
+KAGGLE = CRITEO_KAGGLE_CARDINALITIES  # the memory mode's subprocess reads it from this module
 SYNTH_CARDS = [1000, 500, 20000, 20000, 300, 24, 5000, 600, 3, 20000, 5000, 20000, 3000]
 
 
@@ -74,7 +74,7 @@ def _memory(args: argparse.Namespace) -> Dict:
         code = ("import json, resource, sys; sys.argv=['x']; from torchrec_compress.train.config import parse_config;"
                 "from torchrec_compress.train.run import train; import examples.fiited_budget as f;"
                 f"cfg=parse_config(f._raw({{'kind': 'synthetic', 'batch_size': 2048, 'train_batches': {args.steps}, 'eval_batches': 2}},"
-                f"{ratio}, f.CRITEO_KAGGLE_CARDINALITIES, ['cat_%d' % i for i in range(26)], 100000, 0, '{tempfile.mkdtemp()}', 2, 10, 32, 1));"
+                f"{ratio}, f.KAGGLE, ['cat_%d' % i for i in range(26)], 100000, 0, '{tempfile.mkdtemp()}', 2, 10, 32, 1));"
                 "r=train(cfg, progress=False); print(json.dumps({'rss_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,"
                 "'embedding_bytes': r['embedding_bytes'], 'uncompressed_bytes': r['uncompressed_bytes'], 'auc': r['epochs'][-1]['eval_auc'],"
                 "'kept': r['epochs'][-1].get('eval_kept_chunks')}))")

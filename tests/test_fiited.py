@@ -130,6 +130,7 @@ def test_events_match_python_reference_and_respect_the_budget():
     torch.manual_seed(0)
     m, t, impl = _module(pool=11, chunks=4, dim=16, rows=30, interval=1, decay=0.7, hysteresis=1.5)
     w = physical_weights(m)["t__pool"]
+    before, weights_before, expected_util = {}, w.detach().clone(), {}
     for step in range(8):
         bags = random_bags([t], batch=6, seed=step, max_len=4)
         ids = torch.unique(bags.kjt().values())
