@@ -256,10 +256,10 @@ class CompressedEmbeddingBagCollection(nn.Module):
             w = self.pooled.embedding_bags[physical].weight
             states = [t for o in getattr(w, "_in_backward_optimizers", []) for t in o.state.get(w, {}).values()]
         for t in states:
-            if isinstance(t, torch.Tensor) and len(t.size()) >= 1 and t.size(0) == self.pooled_rows(physical):
+            if isinstance(t, torch.Tensor) and len(t.size()) >= 1 and t.size(0) == self._pooled_rows(physical):
                 zero_rows_(t, rows)
 
-    def pooled_rows(self, physical: str) -> int:
+    def _pooled_rows(self, physical: str) -> int:
         return next(c.num_embeddings for c in self._pooled_cfgs if c.name == physical)
 
     def _per_id_kjt(self, feats: List[Tuple[str, List[Tuple[str, torch.Tensor]]]]) -> Optional[KeyedJaggedTensor]:
