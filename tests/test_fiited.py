@@ -252,3 +252,33 @@ def test_train_cli_with_fiited_resumes_exactly(tmp_path):
     n_kept = [v for k, v in ta.items() if k.endswith("maps.t_cat_2.n_kept")]
     assert n_kept and int(n_kept[0]) > 0
     assert json.loads((a / "results.json").read_text())["schemes"]["t_cat_2"].startswith("FIITED(")
+
+
+def test_regranted_slots_restart_weights_and_fused_optimizer_state():
+    """A pool row handed to another chunk starts like a new row: zero weights and zero
+    row-wise Adagrad sum (it must not inherit its previous owner's step size)."""
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+    from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+    m, t, impl = _module(pool=2, chunks=2, dim=8, rows=10, interval=1, decay=0.25, hysteresis=1.0)
+    w = physical_weights(m)["t__pool"]
+    apply_optimizer_in_backward(RowWiseAdagrad, [w], {"lr": 0.1})
+    state = w._in_backward_optimizers[0].state[w]["sum"]
+
+    def step(ids, scale):
+        out = m(Bags(["a"], {"a": [[i] for i in ids]}).kjt()).values()
+        (out * scale).sum().backward()
+
+    step([1], torch.full((1, 8), 10.0))
+    step([1], torch.full((1, 8), 10.0))  # id 1 owns both slots and trains them
+    assert impl.kept_chunks()[1] == 2 and (state.view(-1) > 0).all() and (w != 0).all()
+    for _ in range(3):
+        step([2], torch.full((1, 8), 50.0))  # id 2 takes over
+    granted_at = _state(impl)
+    assert impl.kept_chunks()[[1, 2]].tolist() == [0, 2]
+    # since the hand-over event, id 2's rows had 2 updates from zero weights and zero state:
+    # row-wise Adagrad moves each element by lr (g / sqrt(g^2)), then lr / sqrt(2); an inherited
+    # sum (id 1's) would give ~0.1655 instead of 0.1707
+    for k in range(2):
+        row = w[granted_at[(2, k)]]
+        torch.testing.assert_close(row.abs(), torch.full_like(row, 0.1 * (1 + 2**-0.5)), atol=2e-4, rtol=0)
