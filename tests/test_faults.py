@@ -3,12 +3,10 @@ then `--resume`: the run ends with the same losses, metrics, parameters and opti
 state as an uninterrupted one. Faults are injected with TORCHREC_COMPRESS_FAULT."""
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 
-from torchrec_compress.testing.runs import assert_same_tensors, final_checkpoint_tensors, results, same_run
+from torchrec_compress.testing.runs import assert_same_tensors, final_checkpoint_tensors, results, same_run, torchrun_train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYNTH = os.path.join(ROOT, "examples", "synthetic.yaml")
@@ -17,13 +15,7 @@ COMMON = ["data.train_batches=16", "data.eval_batches=2", "train.epochs=2", "tra
 
 
 def _torchrun(out, *extra, fault=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("TORCHREC_COMPRESS_FAULT", None)
-    if fault:
-        env["TORCHREC_COMPRESS_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max_restarts", "0",
-                           "-m", "torchrec_compress.cli", "train", "--config", SYNTH, *extra, f"out={out}", *COMMON],
-                          cwd=ROOT, capture_output=True, text=True, env=env)
+    return torchrun_train(SYNTH, [*extra, f"out={out}", *COMMON], ROOT, fault=fault)
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +57,8 @@ def test_uneven_streams_over_ranks_do_not_hang(tmp_path):
     path.write_text("\n".join([good, bad] * 20) + "\n")  # 40 rows: 5 batches of 8
     out = tmp_path / "run"
     cards = "[" + ", ".join(["100"] * 26) + "]"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "torchrec_compress.cli", "train",
-                        "--config", SYNTH, f"out={out}", "data.kind=criteo_tsv", f"data.train_paths=[{path}]", "data.batch_size=8",
-                        f"data.cardinalities={cards}", "schemes={}", "train.tensorboard=false", "train.plots=false"],
-                       cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    r = torchrun_train(SYNTH, [f"out={out}", "data.kind=criteo_tsv", f"data.train_paths=[{path}]", "data.batch_size=8",
+                               f"data.cardinalities={cards}", "schemes={}", "train.tensorboard=false", "train.plots=false"], ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     ep = results(str(out))["epochs"][0]
     assert ep["steps"] == 2 and ep["eval_samples"] == 32  # the odd fifth batch is left out, on both passes

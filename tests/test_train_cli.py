@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from torchrec_compress.cli import main
-from torchrec_compress.testing.runs import assert_same_tensors, final_checkpoint_tensors, same_run
+from torchrec_compress.testing.runs import assert_same_tensors, final_checkpoint_tensors, same_run, torchrun_train
 from torchrec_compress.train.config import load_config, parse_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,9 +50,8 @@ def test_train_one_process_writes_results(tmp_path):
 @pytest.mark.slow
 def test_train_two_ranks_torchrun(tmp_path):
     out = tmp_path / "run2"
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "torchrec_compress.cli",
-                    "train", "--config", SYNTH, f"out={out}", "data.train_batches=10", "data.eval_batches=2"],
-                   check=True, cwd=ROOT, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = torchrun_train(SYNTH, [f"out={out}", "data.train_batches=10", "data.eval_batches=2"], ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((out / "results.json").read_text())
     assert res["world_size"] == 2 and res["epochs"][0]["steps"] == 5  # 10 global batches, 5 per rank
     assert res["epochs"][0]["eval_samples"] == 2 * 512  # both ranks' eval batches were gathered
@@ -147,9 +146,8 @@ def test_checkpoint_from_2_ranks_resumes_on_1_and_back(tmp_path):
 
     out = tmp_path / "w2"
     common = ["data.train_batches=4", "data.eval_batches=2"]
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "torchrec_compress.cli",
-                    "train", "--config", SYNTH, f"out={out}", "train.epochs=1", *common],
-                   check=True, cwd=ROOT, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = torchrun_train(SYNTH, [f"out={out}", "train.epochs=1", *common], ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
     two = _final(out)[0]
     # one rank, zero more epochs: the resharded model must evaluate exactly as the 2 ranks did
     with local_process_group():

@@ -126,8 +126,9 @@ def run_one(data: QualityData, scheme: str, ratio: float, seed: int, epochs: int
     schemes = {t: cfg for t in big} if cfg is not None else None
     if schemes:  # fail fast (unreachable ratio) before any training
         CompressedEmbeddingBagCollection(data.tables(dim), schemes, device=torch.device("meta"))
-    stats = FrequencyStats(dict(zip(data.features, data.cardinalities)))
-    stats.update_from(data.train(0, seed), progress=False)
+    if scheme in ("freq_threshold", "saec", "mpe"):  # the schemes fitted from id counts
+        stats = FrequencyStats(dict(zip(data.features, data.cardinalities)))
+        stats.update_from(data.train(0, seed), progress=False)
     t0 = time.perf_counter()
     first, warm = 0, None
     if scheme == "saec":  # warm up uncompressed, then cluster the warmed embeddings

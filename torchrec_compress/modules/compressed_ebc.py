@@ -28,7 +28,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, Keyed
 
 from .. import schemes as _schemes  # noqa: F401  (fills the registry)
 from ..config import SchemeConfig, scheme_class_for
-from ..schemes.base import TableScheme, Uncompressed, uniform_init
+from ..schemes.base import TableScheme, Uncompressed, bag_index, uniform_init
 from .memory import MemoryReport, TableMemory
 
 
@@ -394,7 +394,7 @@ def _pool(per: torch.Tensor, jt: JaggedTensor, pooling: PoolingType, weighted: b
     lengths = jt.lengths()
     if weighted:
         per = per * jt.weights().unsqueeze(1).to(per.dtype)
-    bag = torch.repeat_interleave(torch.arange(batch, device=per.device), lengths.to(torch.int64))
+    bag = bag_index(lengths)
     out = torch.zeros(batch, per.shape[1], dtype=per.dtype, device=per.device).index_add(0, bag, per)
     if pooling == PoolingType.MEAN:
         out = out / lengths.clamp(min=1).unsqueeze(1).to(out.dtype)

@@ -62,6 +62,26 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def bag_index(lengths: torch.Tensor) -> torch.Tensor:
+    """``[B]`` bag lengths -> ``[N]`` the bag of every value (0, 0, 1, 2, 2, ...)."""
+    return torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths.long())
+
+
+def ragged_parts(
+    jt: JaggedTensor, rows: torch.Tensor, masks: List[torch.Tensor]
+) -> List[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
+    """For ragged schemes' :meth:`TableScheme.route`: per physical part k, the ``rows [N]`` (or
+    ``rows[:, k]`` when 2-D) of the ids selected by ``masks[k] [N]``, their per-bag counts
+    ``[B]`` and weights."""
+    lengths, weights = jt.lengths(), jt.weights_or_none()
+    bag = bag_index(lengths)
+    out = []
+    for k, m in enumerate(masks):
+        counts = torch.zeros_like(lengths).index_add_(0, bag[m], torch.ones_like(bag[m]).to(lengths.dtype))
+        out.append(((rows[:, k] if rows.dim() == 2 else rows)[m], counts, None if weights is None else weights[m]))
+    return out
+
+
 def round_dim_ok(dim: int) -> bool:
     """FBGEMM's CPU training kernels need dims that are multiples of 4."""
     return dim > 0 and dim % 4 == 0

@@ -46,7 +46,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from ..config import SchemeConfig, _check_positive_int, register_scheme
 from ..ops import universal_hash
-from .base import PhysicalTable, TableScheme, constant_init
+from .base import PhysicalTable, TableScheme, bag_index, constant_init, ragged_parts
 
 SKETCH_DEPTH = 2
 MIN_SKETCH_WIDTH = 64
@@ -126,26 +126,24 @@ class FIITEDScheme(TableScheme):
         }
 
     # ------------------------------------------------------------------ lookup
+    def _keys(self, ids: torch.Tensor) -> torch.Tensor:
+        """``[N]`` ids -> ``[N, C]`` int64 chunk keys ``x * C + k``."""
+        return ids.to(torch.int64).unsqueeze(1) * self.c + torch.arange(self.c, device=ids.device)
+
     def slots_of(self, values: torch.Tensor) -> torch.Tensor:
         """``[N]`` ids -> ``[N, C]`` pool slots (int64), -1 where the chunk is pruned (eq. 1)."""
         b = self.buffers
-        q = (values.to(torch.int64).unsqueeze(1) * self.c + torch.arange(self.c, device=values.device)).to(self.key_dtype)
+        q = self._keys(values).to(self.key_dtype)
         pos = torch.searchsorted(b.keys, q.reshape(-1)).clamp(max=self.pool - 1).view_as(q)
         hit = (b.keys[pos] == q) & (pos < b.n_kept)  # DMP materializes meta buffers as zeros: only n_kept are real
         return torch.where(hit, b.slots[pos].to(torch.int64), torch.full_like(pos, -1))
 
     def route(self, jt: JaggedTensor) -> List[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
         """Per chunk position k: (pool slots of the bag's ids that keep chunk k, per-bag counts, weights)."""
-        values, lengths, weights = jt.values(), jt.lengths(), jt.weights_or_none()
+        values = jt.values()
         slots = self.slots_of(values)
         self._routed = (values, slots)  # observe() of the same ids reuses it (an event clears it)
-        bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=values.device), lengths.long())
-        out = []
-        for k in range(self.c):
-            m = slots[:, k] >= 0
-            counts = torch.zeros_like(lengths).index_add_(0, bag[m], torch.ones_like(bag[m]).to(lengths.dtype))
-            out.append((slots[m, k], counts, None if weights is None else weights[m]))
-        return out
+        return ragged_parts(jt, slots, [slots[:, k] >= 0 for k in range(self.c)])
 
     def transform(self, values: torch.Tensor) -> List[torch.Tensor]:
         raise NotImplementedError("FIITED is ragged: ids reach only their kept chunks (see route)")
@@ -160,7 +158,7 @@ class FIITEDScheme(TableScheme):
     def utility(self, ids: torch.Tensor) -> torch.Tensor:
         """``[M]`` ids -> ``[M, C]`` utilities: exact for kept chunks, the count-mean-min
         estimate for pruned ones."""
-        keys = (ids.to(torch.int64).unsqueeze(1) * self.c + torch.arange(self.c, device=ids.device)).reshape(-1)
+        keys = self._keys(ids).reshape(-1)
         u = self.buffers.utility
         cells = torch.stack([u[r][cell] for r, cell in enumerate(self._cells(keys))])  # [depth, M * C]
         # count-mean-min: take out each cell's expected share of the other keys' mass (a plain
@@ -177,7 +175,7 @@ class FIITEDScheme(TableScheme):
         gathered over ``group`` when sharded)."""
         values, lengths, weights = jt.values(), jt.lengths(), jt.weights_or_none()
         norms = grad.detach().float().view(grad.shape[0], self.c, self.s).norm(dim=2)  # [B, C]
-        bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=values.device), lengths.long())
+        bag = bag_index(lengths)
         per = norms[bag]  # [N, C]
         if weights is not None:
             per = per * weights.abs().unsqueeze(1)
@@ -186,7 +184,7 @@ class FIITEDScheme(TableScheme):
         routed = getattr(self, "_routed", None)
         slots = (routed[1] if routed is not None and routed[0] is values else self.slots_of(values)).reshape(-1)
         kept, per = slots >= 0, per.reshape(-1)
-        keys = (values.to(torch.int64).unsqueeze(1) * self.c + torch.arange(self.c, device=values.device)).reshape(-1)
+        keys = self._keys(values).reshape(-1)
         b = self.buffers
         # one flat delta [pool + depth * width]: kept chunks by slot, pruned ones into the sketch
         delta = torch.zeros(self.pool + SKETCH_DEPTH * self.width, device=per.device)

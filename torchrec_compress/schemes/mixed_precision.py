@@ -14,7 +14,7 @@ import torch
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from ..config import SchemeConfig, register_scheme
-from .base import PhysicalTable, TableScheme
+from .base import PhysicalTable, TableScheme, ragged_parts
 
 EXPORT_DTYPE = {2: "int2", 4: "int4", 8: "int8", 16: "fp16", 32: "fp32"}
 DROPPED = 255
@@ -53,16 +53,10 @@ class MixedPrecisionScheme(TableScheme):
 
     def route(self, jt: JaggedTensor) -> List[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
         """Per kept precision k: (rows of the bag's ids stored at k, per-bag counts, weights)."""
-        values, lengths, weights = jt.values(), jt.lengths(), jt.weights_or_none()
+        values = jt.values()
         table = self.buffers.table_of[values]
         rows = self.buffers.row_of[values].long()
-        bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=values.device), lengths.long())
-        out = []
-        for k in range(len(self.config.rows_per_bits)):
-            m = table == k
-            counts = torch.zeros_like(lengths).index_add_(0, bag[m], torch.ones_like(bag[m]).to(lengths.dtype))
-            out.append((rows[m], counts, None if weights is None else weights[m]))
-        return out
+        return ragged_parts(jt, rows, [table == k for k in range(len(self.config.rows_per_bits))])
 
     def combine(self, parts: List[torch.Tensor], values: torch.Tensor) -> torch.Tensor:
         return torch.stack(parts).sum(dim=0)

@@ -3,9 +3,23 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict
+import subprocess
+import sys
+from typing import Dict, Optional, Sequence
 
 import torch
+
+
+def torchrun_train(config: str, overrides: Sequence[str], cwd: str, fault: Optional[str] = None,
+                   timeout: float = 600) -> subprocess.CompletedProcess:
+    """``torchrec-compress train --config config overrides...`` on 2 local gloo ranks under
+    torchrun (no restarts, one thread per rank); ``fault``: TORCHREC_COMPRESS_FAULT for it."""
+    env = {k: v for k, v in os.environ.items() if k != "TORCHREC_COMPRESS_FAULT"} | {"OMP_NUM_THREADS": "1"}
+    if fault:
+        env["TORCHREC_COMPRESS_FAULT"] = fault
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max_restarts", "0",
+                           "-m", "torchrec_compress.cli", "train", "--config", config, *overrides],
+                          cwd=cwd, capture_output=True, text=True, env=env, timeout=timeout)
 
 
 def results(out: str) -> Dict[str, object]:

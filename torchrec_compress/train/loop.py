@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from ..distributed.plans import uniform_plan
 from ..distributed.sharders import sharders
-from .metrics import auc
+from .metrics import binary_metrics
 
 # fused embedding optimizers (FBGEMM EXACT_ROWWISE_ADAGRAD / EXACT_ADAGRAD / EXACT_SGD);
 # MLPerf DLRMv2 uses full Adagrad: [rows, dim] state, row-wise keeps one float per row
@@ -165,5 +165,5 @@ def predictions(dmp: nn.Module, batches: Iterable[Batch]) -> Tuple[torch.Tensor,
 
 def evaluate(dmp: nn.Module, batches: Iterable[Batch]) -> Tuple[float, float]:
     """``(AUC, log loss)`` over ``batches`` (all ranks' when distributed)."""
-    logits, labels = predictions(dmp, batches)
-    return auc(logits, labels), F.binary_cross_entropy_with_logits(logits, labels).item()
+    m = binary_metrics(*predictions(dmp, batches))
+    return m["auc"], m["logloss"]

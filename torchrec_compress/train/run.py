@@ -240,12 +240,13 @@ def train(cfg: RunConfig, progress: bool = True, resume: bool = False) -> Dict[s
 def _train(cfg: RunConfig, show: bool, resume: bool) -> Dict[str, object]:
     rank, world = dist.get_rank(), dist.get_world_size()
     tc = cfg.train
+    show = show and rank == 0
     model, plan = _model(cfg, world)
     cebc = model.sparse_arch.embedding_bag_collection
     report = cebc.memory_report() if isinstance(cebc, CompressedEmbeddingBagCollection) else None
     full_bytes = sum(t.num_embeddings * t.embedding_dim * 4 for t in cebc.embedding_bag_configs())
     schemes = plan.schemes if plan is not None else cfg.schemes
-    if plan is not None and rank == 0 and show:
+    if plan is not None and show:
         print(plan, flush=True)
     dmp, opt = shard_for_training(model, model.sparse_arch, tc.lr_sparse, tc.lr_dense, sparse_optimizer=tc.sparse_optimizer,
                                   plan=plan.sharding_plan if plan is not None else None)
@@ -256,7 +257,6 @@ def _train(cfg: RunConfig, show: bool, resume: bool) -> Dict[str, object]:
     if not resume:
         log.scalar("memory/embedding_bytes", report.total.compressed_bytes if report else full_bytes, 0)
     schedule = tc.lr_warmup_steps or tc.lr_decay_steps
-    show = show and rank == 0
     ml = MLPerfLog(os.path.join(cfg.out, "mlperf.log") if tc.mlperf_log and rank == 0 else None)
     ml.event("SUBMISSION_BENCHMARK", "dlrm_dcnv2")
     ml.event("GLOBAL_BATCH_SIZE", cfg.data.batch_size * world)
