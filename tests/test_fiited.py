@@ -15,9 +15,12 @@ from torchrec_compress.testing.reference import physical_weights, reference_forw
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _module(pool=30, chunks=2, dim=16, rows=40, pooling=PoolingType.SUM, weighted=False, interval=1, decay=0.5, features=("a",), hysteresis=1.0):
+def _module(pool=30, chunks=2, dim=16, rows=40, pooling=PoolingType.SUM, weighted=False, interval=1, decay=0.5, features=("a",), hysteresis=1.0,
+            admit=0, reserve=0.0):
+    """A one-table module; admission on first sight is off unless asked for (the event tests
+    check the events alone; the admission tests below check it)."""
     t = EmbeddingBagConfig(name="t", embedding_dim=dim, num_embeddings=rows, feature_names=list(features), pooling=pooling)
-    cfg = FIITED(pool=pool, chunks=chunks, interval=interval, decay=decay, hysteresis=hysteresis)
+    cfg = FIITED(pool=pool, chunks=chunks, interval=interval, decay=decay, hysteresis=hysteresis, admit=admit, reserve=reserve)
     m = CompressedEmbeddingBagCollection([t], {"t": cfg}, is_weighted=weighted)
     return m, t, m.scheme("t")
 
@@ -86,7 +89,9 @@ def test_utility_is_gradient_magnitude_per_access_by_hand():
     _assign(impl, {3: [7, 8]})  # id 3 keeps both chunks, id 4 none
     jt = JaggedTensor(values=torch.tensor([3, 4, 3]), lengths=torch.tensor([2, 1]))
     grad = torch.tensor([[3.0, 4.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 2.0, 0.0]])
+    impl.see(jt.values(), None)
     impl.observe(grad, jt, None)
+    impl.see(jt.values(), None)
     impl.observe(grad, jt, None)
     u = impl.utility(torch.tensor([3, 4, 5]))
     # id 3: bag 0 (len 2): chunk norms 5, 1 -> 2.5, 0.5; bag 1 (len 1): 1, 2. Twice. Exact (kept).
@@ -94,7 +99,7 @@ def test_utility_is_gradient_magnitude_per_access_by_hand():
     # id 4 (pruned): bag 0 only -> 2.5, 0.5, twice; sketched: within its cells' noise share
     noise = 2 * (2.5 + 0.5) / (impl.width - 1)
     assert (u[1] - torch.tensor([5.0, 1.0])).abs().max() <= noise + 1e-6 and (u[2] <= noise + 1e-6).all()
-    assert impl.buffers.seen[: int(impl.buffers.n_seen)].tolist() == [3, 4, 3, 4]  # merged at the next event
+    assert impl.buffers.seen[: int(impl.buffers.n_seen)].tolist() == [3, 4, 3, 4]  # each batch's unique ids, merged at the next event
 
 
 def _reference_event(util, old, pool, hysteresis):
@@ -147,16 +152,16 @@ def test_events_match_python_reference_and_respect_the_budget():
         # budget, uniqueness and the prefix property after every event
         assert len(after) <= impl.pool and len(set(after.values())) == len(after)
         assert all((x, k - 1) in after for x, k in after if k)
-        (out * torch.randn_like(out)).sum().backward()
-        with torch.no_grad():
-            w -= 0.1 * w.grad
-            w.grad = None
-        seen = impl.buffers.seen[: int(impl.buffers.n_seen)]
+        seen = impl.buffers.seen[: int(impl.buffers.n_seen)]  # remembered in the forward, after the event
         assert set(seen.tolist()) <= set(ids.tolist())  # at most pool / C ids: those of highest utility
         assert seen.numel() == min(ids.numel(), impl.seen_cap)
         if ids.numel() > impl.seen_cap:
             u_all = impl.utility(ids)[:, 0]
             assert u_all[torch.isin(ids, seen)].min() >= u_all[~torch.isin(ids, seen)].max()
+        (out * torch.randn_like(out)).sum().backward()
+        with torch.no_grad():
+            w -= 0.1 * w.grad
+            w.grad = None
         cand = torch.unique(torch.cat([torch.tensor(sorted({x for x, _ in after}), dtype=torch.int64), seen]))
         u = impl.utility(cand)  # what the next event sees (before it decays them)
         expected_util = {(int(x), k): float(u[i, k]) for i, x in enumerate(cand) for k in range(impl.c)}
@@ -282,3 +287,77 @@ def test_regranted_slots_restart_weights_and_fused_optimizer_state():
     for k in range(2):
         row = w[granted_at[(2, k)]]
         torch.testing.assert_close(row.abs(), torch.full_like(row, 0.1 * (1 + 2**-0.5)), atol=2e-4, rtol=0)
+
+
+def test_new_ids_are_admitted_on_first_sight_while_free_slots_last():
+    """see(): ids that keep no chunk get their first ``admit`` chunks from the lowest free
+    slots, lowest ids first, up to the pool; ids that keep a chunk are left alone."""
+    m, t, impl = _module(pool=7, chunks=4, dim=16, rows=30, admit=2)
+    impl.see(torch.tensor([9, 3, 9]), None)
+    assert _state(impl) == {(3, 0): 0, (3, 1): 1, (9, 0): 2, (9, 1): 3}
+    _assign(impl, {3: [0, 1], 9: [5], 12: [3]})  # free: 2, 4, 6
+    impl.see(torch.tensor([12, 20, 9, 4, 1]), None)  # new: 1, 4, 20; room for one id of 2 chunks
+    assert _state(impl) == {(1, 0): 2, (1, 1): 4, (3, 0): 0, (3, 1): 1, (9, 0): 5, (12, 0): 3}
+    b = impl.buffers
+    n = int(b.n_kept)
+    assert torch.equal(b.keys[:n], torch.sort(b.keys[:n]).values) and (b.keys[n:] == torch.iinfo(b.keys.dtype).max).all()
+    impl.see(torch.tensor([25, 26]), None)  # one free slot, admit=2: nobody fits
+    assert int(b.n_kept) == n
+
+
+def test_admitted_chunks_start_at_zero_and_train_at_once():
+    m, t, impl = _module(pool=6, chunks=2, dim=8, rows=10, interval=100, admit=1)
+    w = physical_weights(m)["t__pool"]
+    kjt = Bags(["a"], {"a": [[4], [7, 4]]}).kjt()
+    m.eval()
+    assert int(impl.buffers.n_kept) == 0 and (m(kjt).values() == 0).all()  # evaluation admits nobody
+    m.train()
+    out = m(kjt).values()
+    assert _state(impl) == {(4, 0): 0, (7, 0): 1} and (out == 0).all()  # admitted at zero: the output is unchanged
+    (out * torch.ones_like(out)).sum().backward()
+    assert torch.equal(w.grad[:2], torch.tensor([[2.0] * 4 + [0.0] * 4, [1.0] * 4 + [0.0] * 4])[:, :4])  # learns this step
+    assert (w.grad[2:] == 0).all()
+    u = impl.buffers.slot_utility
+    assert u[:2].tolist() == [2 * 2.0, 2.0]  # ||1_4|| = 2 per access, counted from the first one
+
+
+def test_events_zero_freed_rows_and_their_optimizer_state():
+    """Admission takes free rows as they are, so an event zeroes every row it frees (weights
+    and row-wise Adagrad sum) and leaves ``reserve`` of the pool free."""
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+    from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+    m, t, impl = _module(pool=10, chunks=2, dim=8, rows=30, interval=4, decay=1.0, admit=1, reserve=0.3)
+    w = physical_weights(m)["t__pool"]
+    apply_optimizer_in_backward(RowWiseAdagrad, [w], {"lr": 0.1})
+    state = w._in_backward_optimizers[0].state[w]["sum"]
+    for i in range(4):  # events after steps 1, 2 (warm-up) and 4
+        ids = list(range(3 * i, 3 * i + 5))
+        out = m(Bags(["a"], {"a": [[x] for x in ids]}).kjt()).values()
+        (out * torch.arange(1.0, len(ids) + 1).unsqueeze(1)).sum().backward()
+    assert int(impl.buffers.events) == 2
+    before = _state(impl)
+    assert len(before) == impl.pool  # admission filled the pool
+    m(Bags(["a"], {"a": [[29]]}).kjt())  # step 4: event, then id 29 is admitted into the reserve
+    after = _state(impl)
+    assert len(after) <= impl.pool - 3 + 1 and after.get((29, 0)) is not None
+    owned = set(after.values())
+    free = sorted(set(range(impl.pool)) - owned)
+    assert free and (w[free] == 0).all() and (state.view(-1)[free] == 0).all()
+    for p, s in after.items():
+        if p != (29, 0) and before.get(p) != s:  # granted at the event: zero as well
+            assert (w[s] == 0).all()
+    assert (w[after[(29, 0)]] == 0).all()
+
+
+def test_insert_merges_like_a_sort():
+    m, t, impl = _module(pool=300, chunks=3, dim=12, rows=1000)
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randperm(3000, generator=g)[:250]
+    old, new = keys[:120].sort().values, keys[120:].sort().values
+    impl._insert(old, torch.arange(120))
+    impl._insert(new, torch.arange(120, 250))
+    b = impl.buffers
+    slot_of = {**{int(k): j for j, k in enumerate(old)}, **{int(k): 120 + j for j, k in enumerate(new)}}
+    assert b.keys[:250].tolist() == sorted(slot_of) and b.slots[:250].tolist() == [slot_of[k] for k in sorted(slot_of)]
+    assert int(b.n_kept) == 250

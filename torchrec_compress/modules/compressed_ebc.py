@@ -177,6 +177,8 @@ class CompressedEmbeddingBagCollection(nn.Module):
             if impl.step(self.training):
                 for name, rows in impl.event().items():
                     self._zero_rows(name, rows)
+            if impl.sees_ids and self.training:
+                impl.see(torch.cat([jts[f].values() for f in t.feature_names]), self._sync_group())
 
         pooled_keys: List[str] = []
         pooled_vals: List[torch.Tensor] = []
@@ -255,9 +257,12 @@ class CompressedEmbeddingBagCollection(nn.Module):
         else:  # unsharded: optimizers applied in backward keep plain state per parameter
             w = self.pooled.embedding_bags[physical].weight
             states = [t for o in getattr(w, "_in_backward_optimizers", []) for t in o.state.get(w, {}).values()]
+        n = self._pooled_rows(physical)
         for t in states:
-            if isinstance(t, torch.Tensor) and len(t.size()) >= 1 and t.size(0) == self._pooled_rows(physical):
-                zero_rows_(t, rows)
+            if isinstance(t, torch.Tensor) and len(t.size()) >= 1 and t.size(0) % n == 0:
+                # row-wise state of a column-wise (or grid) sharded table: one block of n rows per column shard
+                blocks = torch.arange(t.size(0) // n, device=rows.device).unsqueeze(1) * n
+                zero_rows_(t, (rows.to(torch.int64).unsqueeze(0) + blocks).reshape(-1))
 
     def _pooled_rows(self, physical: str) -> int:
         return next(c.num_embeddings for c in self._pooled_cfgs if c.name == physical)

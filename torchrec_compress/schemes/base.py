@@ -94,6 +94,7 @@ class TableScheme:
     accepts_any_id: bool = False  # True: ids >= num_embeddings are valid (hashed by design)
     ragged: bool = False  # True: route() sends each id to a subset of the physical tables
     observes_gradients: bool = False  # True: observe(grad, jt, group) sees the gradient of the table's output
+    sees_ids: bool = False  # True: see(values, group) gets every training batch's ids before the lookup
 
     def __init__(self, table: EmbeddingBagConfig, config: Optional[SchemeConfig]) -> None:
         self.table = table
@@ -133,6 +134,10 @@ class TableScheme:
     def event(self) -> Dict[str, torch.Tensor]:
         """Re-plan the storage; returns rows of physical tables (by name) to zero."""
         return {}
+
+    def see(self, values: torch.Tensor, group: Optional["torch.distributed.ProcessGroup"]) -> None:
+        """Called once per training forward (after :meth:`step`, before the transform) with
+        ``[N]`` ids of the table's features, when :attr:`sees_ids` (ids of every rank when sharded)."""
 
     def observe(self, grad: torch.Tensor, jt: JaggedTensor, group: Optional["torch.distributed.ProcessGroup"]) -> None:
         """Backward hook on the pooled output ``grad [B, d]`` of feature ``jt`` (summed over ``group`` when sharded)."""

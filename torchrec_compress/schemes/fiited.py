@@ -37,6 +37,7 @@ averages embedding gradients) and the seen ids gathered over ranks every step, s
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -69,6 +70,8 @@ class FIITED(SchemeConfig):
     interval: int = 100
     decay: float = 0.9
     hysteresis: float = 2.0
+    admit: int = 1
+    reserve: float = 0.1
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -80,6 +83,10 @@ class FIITED(SchemeConfig):
             raise ValueError(f"FIITED: decay must be in (0, 1], got {self.decay!r}")
         if not isinstance(self.hysteresis, (int, float)) or not self.hysteresis >= 1.0:
             raise ValueError(f"FIITED: hysteresis must be >= 1, got {self.hysteresis!r}")
+        if not isinstance(self.admit, int) or isinstance(self.admit, bool) or not 0 <= self.admit <= self.chunks:
+            raise ValueError(f"FIITED: admit must be an int in [0, chunks={self.chunks}], got {self.admit!r}")
+        if not isinstance(self.reserve, (int, float)) or not 0.0 <= self.reserve < 1.0:
+            raise ValueError(f"FIITED: reserve must be in [0, 1), got {self.reserve!r}")
         self._ratio_or("pool")
 
 
@@ -87,6 +94,7 @@ class FIITED(SchemeConfig):
 class FIITEDScheme(TableScheme):
     ragged = True  # each id reaches only the chunk positions it keeps
     observes_gradients = True  # the module hooks :meth:`observe` on this table's output
+    sees_ids = True  # :meth:`see`: remember the batch's ids and admit the new ones
 
     def __init__(self, table, config: FIITED) -> None:
         super().__init__(table, config)
@@ -191,14 +199,54 @@ class FIITEDScheme(TableScheme):
         delta.index_add_(0, slots[kept], per[kept])
         for r, cell in enumerate(self._cells(keys[~kept])):
             delta.index_add_(0, self.pool + r * self.width + cell, per[~kept])
-        ids = torch.unique(values.to(torch.int64))
         if group is not None and dist.get_world_size(group) > 1:
             dist.all_reduce(delta, group=group)
             delta /= dist.get_world_size(group)  # averaged over ranks, as TorchRec averages embedding gradients
-            ids = _all_gather_ids(ids, group)
         b.slot_utility.add_(delta[: self.pool])
         b.utility.add_(delta[self.pool:].view(SKETCH_DEPTH, self.width))
+
+    @torch.no_grad()
+    def see(self, values: torch.Tensor, group: Optional[dist.ProcessGroup]) -> None:
+        """Every training forward, before the lookup: remember the batch's ids (gathered over
+        ``group``) for the next event, and *admit* the ones that keep no chunk: their first
+        ``admit`` chunks take free pool slots (zero since they were freed), lowest ids first,
+        while free slots last. As in the paper's storage, a new id is allocated on first
+        access and pruned later, rather than learning nothing until the next event; the
+        event leaves ``reserve`` of the pool free for this."""
+        ids = torch.unique(values.to(torch.int64))
+        if group is not None and dist.get_world_size(group) > 1:
+            ids = _all_gather_ids(ids, group)
         self._remember(ids)
+        a, b = self.config.admit, self.buffers
+        n = int(b.n_kept)
+        if not a or n + a > self.pool:
+            return
+        new = ids[self.slots_of(ids)[:, 0] < 0][: (self.pool - n) // a]  # [m] ids without a chunk, sorted
+        if not new.numel():
+            return
+        keys = self._keys(new)[:, :a]  # [m, a], sorted row-major
+        used = torch.zeros(self.pool, dtype=torch.bool, device=ids.device)
+        used[b.slots[:n].to(torch.int64)] = True
+        free = torch.nonzero(~used).squeeze(1)[: keys.numel()]
+        b.slot_utility[free] = self.utility(new)[:, :a].reshape(-1)  # what they earned while pruned
+        self._insert(keys.reshape(-1).contiguous(), free)
+
+    def _insert(self, keys: torch.Tensor, slots: torch.Tensor) -> None:
+        """Merge sorted new ``keys`` (absent from the address structure) and their ``slots``
+        into the sorted arrays in linear time (no re-sort)."""
+        b = self.buffers
+        n, m = int(b.n_kept), keys.numel()
+        old = b.keys[:n].to(torch.int64)
+        at = torch.searchsorted(old, keys)  # [m] old keys before each new one
+        before = torch.zeros(n + 1, dtype=torch.int64, device=keys.device).index_add_(0, at, torch.ones_like(at))
+        dst_old = torch.arange(n, device=keys.device) + torch.cumsum(before, 0)[:n]
+        dst_new = at + torch.arange(m, device=keys.device)
+        new_keys, new_slots = torch.empty_like(b.keys[: n + m]), torch.empty_like(b.slots[: n + m])
+        new_keys[dst_old], new_slots[dst_old] = b.keys[:n], b.slots[:n]
+        new_keys[dst_new], new_slots[dst_new] = keys.to(b.keys.dtype), slots.to(b.slots.dtype)
+        b.keys[: n + m], b.slots[: n + m] = new_keys, new_slots
+        b.n_kept.fill_(n + m)
+        self._routed = None
 
     def _remember(self, ids: torch.Tensor) -> None:
         """Append ``ids`` to the seen buffer; when full, keep the ids of highest utility."""
@@ -231,7 +279,7 @@ class FIITEDScheme(TableScheme):
 
     @torch.no_grad()
     def event(self) -> Dict[str, torch.Tensor]:
-        """Prune and grow within the pool. Returns ``{pool table: newly granted slots}`` (to be zeroed)."""
+        """Prune and grow within the pool. Returns ``{pool table: granted and freed slots}`` (to be zeroed)."""
         b = self.buffers
         self._routed = None  # the assignment changes
         c, n = self.c, int(b.n_kept)
@@ -240,7 +288,8 @@ class FIITEDScheme(TableScheme):
         raw = self.utility(cand)  # [M, C]
         held = self.slots_of(cand) >= 0
         u = torch.cummin(torch.where(held, raw * self.config.hysteresis, raw), dim=1).values.reshape(-1)  # [M * C], x-major
-        order = torch.sort(-u, stable=True).indices[: self.pool]  # stable: lower id, then position, first
+        keep = self.pool - (math.ceil(self.config.reserve * self.pool) if self.config.admit else 0)
+        order = torch.sort(-u, stable=True).indices[:keep]  # stable: lower id, then position, first
         order = order[u[order] > 0]
         chosen = (cand[order // c] * c + order % c).sort().values  # new sorted keys
         pos = torch.searchsorted(old_keys, chosen).clamp(max=max(n - 1, 0))
@@ -258,6 +307,8 @@ class FIITEDScheme(TableScheme):
             dropped[pos[kept]] = False
         for r, cell in enumerate(self._cells(old_keys[dropped])):
             b.utility[r].index_add_(0, cell, b.slot_utility[old_slots[dropped]])
+        freed = old_slots[dropped]
+        b.slot_utility[freed] = 0.0
         b.slot_utility[granted] = granted_u
         m = chosen.numel()
         b.keys.fill_(torch.iinfo(self.key_dtype).max)
@@ -269,7 +320,8 @@ class FIITEDScheme(TableScheme):
         b.slot_utility.mul_(self.config.decay)
         b.n_seen.zero_()
         b.events.add_(1)
-        return {f"{self.table.name}__pool": granted}
+        # granted slots start at zero; freed ones are zeroed now so that admission (see) can take them as they are
+        return {f"{self.table.name}__pool": torch.unique(torch.cat([granted, freed]))}
 
     def kept_chunks(self) -> torch.Tensor:
         """``[v]`` int64: c(x), the chunks each id keeps now."""
