@@ -32,8 +32,9 @@ SYNTH_CARDS = [1000, 500, 20000, 20000, 300, 24, 5000, 600, 3, 20000, 5000, 2000
 
 
 def _raw(data: Dict, ratio: float, cards: List[int], names: List[str], min_rows: int, seed: int, out: str, chunks: int,
-         interval: int, dim: int, epochs: int) -> Dict:
-    schemes = {} if ratio <= 1 else {f"t_{f}": {"type": "FIITED", "ratio": ratio, "chunks": chunks, "interval": interval}
+         interval: int, dim: int, epochs: int, position_decay: float = 1.0) -> Dict:
+    schemes = {} if ratio <= 1 else {f"t_{f}": {"type": "FIITED", "ratio": ratio, "chunks": chunks, "interval": interval,
+                                                "position_decay": position_decay}
                                      for f, v in zip(names, cards) if v >= min_rows}
     return {"data": data, "model": {"kind": "dlrm", "embedding_dim": dim, "dense_arch": [32], "over_arch": [64, 32, 1]},
             "train": {"epochs": epochs, "lr_sparse": 0.05, "lr_dense": 0.01, "seed": seed, "checkpoint": False, "tensorboard": False,
@@ -47,7 +48,8 @@ def _runs(args: argparse.Namespace, data: Dict, cards: List[int], names: List[st
         res = []
         for seed in [int(s) for s in args.seeds.split(",")]:
             with tempfile.TemporaryDirectory() as out:
-                cfg = parse_config(_raw(dict(data), ratio, cards, names, args.min_rows, seed, out, args.chunks, args.interval, args.dim, args.epochs))
+                cfg = parse_config(_raw(dict(data), ratio, cards, names, args.min_rows, seed, out, args.chunks, args.interval, args.dim, args.epochs,
+                                      args.position_decay))
                 res.append(train(cfg, progress=False))
         last = [r["epochs"][-1] for r in res]
         kept = [sum(r["epochs"][-1].get("eval_kept_chunks", {}).values()) for r in res]
@@ -93,7 +95,8 @@ def main(argv=None) -> None:
     p.add_argument("--ratios", default="4,10")
     p.add_argument("--ratio", type=float, default=10.0)
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--chunks", type=int, default=2)
+    p.add_argument("--chunks", type=int, default=None, help="C (default: chunks of 4 dims, dim / 4)")
+    p.add_argument("--position-decay", type=float, default=1.0, help="FIITED position_decay (1 = the paper's ranking)")
     p.add_argument("--interval", type=int, default=100, help="steps between prune/grow events")
     p.add_argument("--min-rows", type=int, default=1000)
     p.add_argument("--dim", type=int, default=16)
@@ -103,6 +106,7 @@ def main(argv=None) -> None:
     p.add_argument("--root", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "frappe"))
     p.add_argument("--out", default=None, help="results JSON")
     a = p.parse_args(argv)
+    a.chunks = a.chunks or a.dim // 4
     if a.mode == "quality":
         res = _runs(a, {"kind": "synthetic", "batch_size": 512, "train_batches": a.train_batches, "eval_batches": 20, "cardinalities": SYNTH_CARDS},
                     SYNTH_CARDS, [f"cat_{i}" for i in range(len(SYNTH_CARDS))])

@@ -16,11 +16,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _module(pool=30, chunks=2, dim=16, rows=40, pooling=PoolingType.SUM, weighted=False, interval=1, decay=0.5, features=("a",), hysteresis=1.0,
-            admit=0, reserve=0.0):
+            admit=0, reserve=0.0, position_decay=1.0):
     """A one-table module; admission on first sight is off unless asked for (the event tests
     check the events alone; the admission tests below check it)."""
     t = EmbeddingBagConfig(name="t", embedding_dim=dim, num_embeddings=rows, feature_names=list(features), pooling=pooling)
-    cfg = FIITED(pool=pool, chunks=chunks, interval=interval, decay=decay, hysteresis=hysteresis, admit=admit, reserve=reserve)
+    cfg = FIITED(pool=pool, chunks=chunks, interval=interval, decay=decay, hysteresis=hysteresis, admit=admit, reserve=reserve,
+                 position_decay=position_decay)
     m = CompressedEmbeddingBagCollection([t], {"t": cfg}, is_weighted=weighted)
     return m, t, m.scheme("t")
 
@@ -102,10 +103,10 @@ def test_utility_is_gradient_magnitude_per_access_by_hand():
     assert impl.buffers.seen[: int(impl.buffers.n_seen)].tolist() == [3, 4, 3, 4]  # each batch's unique ids, merged at the next event
 
 
-def _reference_event(util, old, pool, hysteresis):
+def _reference_event(util, old, pool, hysteresis, position_decay=1.0):
     """Plain Python: keep the ``pool`` (id, chunk) of highest prefix-min utility (> 0; kept
-    chunks count ``hysteresis`` x theirs), ties to lower (id, chunk); old chunks keep their
-    slots, new ones take the lowest free slots."""
+    chunks count ``hysteresis`` x theirs; chunk k's times ``position_decay ** k``), ties to
+    lower (id, chunk); old chunks keep their slots, new ones take the lowest free slots."""
     by_id = {}
     for (x, k), u in util.items():
         by_id.setdefault(x, {})[k] = u * (hysteresis if (x, k) in old else 1.0)
@@ -115,7 +116,7 @@ def _reference_event(util, old, pool, hysteresis):
         for k in sorted(us):
             best = min(best, us[k])
             if best > 0:
-                scored.append((-best, x, k))
+                scored.append((-best * position_decay**k, x, k))
     chosen = sorted((x, k) for _, x, k in sorted(scored)[:pool])
     new = {p: old[p] for p in chosen if p in old}
     free = sorted(set(range(pool)) - set(new.values()))
@@ -131,9 +132,10 @@ def _state(impl):
     return {(int(k) // impl.c, int(k) % impl.c): int(s) for k, s in zip(b.keys[:n].tolist(), b.slots[:n].tolist())}
 
 
-def test_events_match_python_reference_and_respect_the_budget():
+@pytest.mark.parametrize("position_decay", [1.0, 0.5])
+def test_events_match_python_reference_and_respect_the_budget(position_decay):
     torch.manual_seed(0)
-    m, t, impl = _module(pool=11, chunks=4, dim=16, rows=30, interval=1, decay=0.7, hysteresis=1.5)
+    m, t, impl = _module(pool=11, chunks=4, dim=16, rows=30, interval=1, decay=0.7, hysteresis=1.5, position_decay=position_decay)
     w = physical_weights(m)["t__pool"]
     before, weights_before, expected_util = {}, w.detach().clone(), {}
     for step in range(8):
@@ -142,7 +144,7 @@ def test_events_match_python_reference_and_respect_the_budget():
         out = m(bags.kjt()).values()  # an event runs first from step 1 on
         after = _state(impl)
         if step:
-            assert after == _reference_event(expected_util, before, impl.pool, impl.config.hysteresis)
+            assert after == _reference_event(expected_util, before, impl.pool, impl.config.hysteresis, position_decay)
             granted = sorted(set(after.values()) - {s for p, s in after.items() if before.get(p) == s})
             assert granted == sorted(s for p, s in after.items() if before.get(p) != s)
             assert (w[granted] == 0).all()  # granted chunks start at zero: granting never changes an output
@@ -198,6 +200,12 @@ def test_config_errors_and_memory_report():
         FIITED(ratio=4, interval=0)
     with pytest.raises(ValueError, match="hysteresis must be >= 1"):
         FIITED(ratio=4, hysteresis=0.5)
+    with pytest.raises(ValueError, match=r"admit must be an int in \[0, chunks=4\], got 5"):
+        FIITED(ratio=4, admit=5)
+    with pytest.raises(ValueError, match=r"reserve must be in \[0, 1\)"):
+        FIITED(ratio=4, reserve=1.0)
+    with pytest.raises(ValueError, match=r"position_decay must be in \(0, 1\]"):
+        FIITED(ratio=4, position_decay=0.0)
     with pytest.raises(ValueError, match="cannot be reached: not one chunk"):
         CompressedEmbeddingBagCollection([dataclasses_replace(t, num_embeddings=1)], {"t": FIITED(ratio=100)})
     for ratio in (4, 10):

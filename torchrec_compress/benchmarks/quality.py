@@ -38,15 +38,16 @@ from ..stats import FrequencyStats
 from ..train.loop import local_process_group, predictions, shard_for_training, train_steps
 from ..train.metrics import binary_metrics
 
-SCHEMES: Dict[str, Callable[[float], SchemeConfig]] = {
-    "hashing": lambda r: Hashing(ratio=r),
-    "qr": lambda r: QR(ratio=r),
-    "memcom": lambda r: MEmCom(ratio=r),
-    "memrec": lambda r: MemRec(ratio=r, hashes=2),
-    "freq_threshold": lambda r: FreqThreshold(ratio=r),
-    "saec": lambda r: Saec(ratio=r),
-    "mpe": lambda r: MPE(ratio=r, groups=32, penalty=0.1),
-    "fiited": lambda r: FIITED(ratio=r, chunks=2),
+SCHEMES: Dict[str, Callable[[float, int], SchemeConfig]] = {  # (ratio, embedding dim) -> config
+    "hashing": lambda r, d: Hashing(ratio=r),
+    "qr": lambda r, d: QR(ratio=r),
+    "memcom": lambda r, d: MEmCom(ratio=r),
+    "memrec": lambda r, d: MemRec(ratio=r, hashes=2),
+    "freq_threshold": lambda r, d: FreqThreshold(ratio=r),
+    "saec": lambda r, d: Saec(ratio=r),
+    "mpe": lambda r, d: MPE(ratio=r, groups=32, penalty=0.1),
+    "fiited": lambda r, d: FIITED(ratio=r, chunks=d // 4),  # the paper's utility, chunks of 4 dims
+    "fiited_prior": lambda r, d: FIITED(ratio=r, chunks=d // 4, position_decay=0.2),  # + diminishing returns of later chunks
 }
 QUANT = ("int8", "int4")  # FBGEMM row-wise quantization of the uncompressed tables
 ALL = list(SCHEMES) + list(QUANT)
@@ -122,7 +123,7 @@ def run_one(data: QualityData, scheme: str, ratio: float, seed: int, epochs: int
     """Train and test one (scheme, ratio, seed); ``scheme`` "none" is the uncompressed baseline.
     Raises ValueError when the scheme cannot reach ``ratio`` on these tables."""
     big = [f"t_{f}" for f, v in zip(data.features, data.cardinalities) if v >= min_rows]
-    cfg = SCHEMES[scheme](ratio) if scheme in SCHEMES else None
+    cfg = SCHEMES[scheme](ratio, dim) if scheme in SCHEMES else None
     schemes = {t: cfg for t in big} if cfg is not None else None
     if schemes:  # fail fast (unreachable ratio) before any training
         CompressedEmbeddingBagCollection(data.tables(dim), schemes, device=torch.device("meta"))

@@ -26,12 +26,20 @@ chunks outbid kept ones; a chunk granted on a bad estimate is pruned again at th
 event, once its own utility is tracked exactly); the ids seen since the last event
 in a bounded buffer (the ``pool / C`` of highest utility).
 
-Every ``interval`` training steps (an *event*; while the pool fills, after 1, 2, 4, ... steps): u(x, k) is made non-increasing in k
-(cumulative min: a chunk is only worth keeping after the ones before it), the
-``pool`` chunks of highest utility are kept (ties: lower id and position first), chunks
-kept before keep their slot and weights, pruned chunks free theirs, newly granted
-chunks take free slots set to zero (so granting never changes the model's output), and
-utilities decay by ``decay``. Under DMP the sketch updates are averaged (as TorchRec
+Allocation on first access (the paper's storage allocates a vector when its id first
+shows up): every training forward, ids of the batch that keep no chunk are *admitted*:
+their first ``admit`` chunks take free pool slots, lowest ids first, while free slots
+last, so a new id learns from its first occurrence instead of reading zeros until the
+next event.
+
+Every ``interval`` training steps (an *event*; early on, after 1, 2, 4, ... steps): u(x, k) is made non-increasing in k
+(cumulative min: a chunk is only worth keeping after the ones before it), optionally
+times ``position_decay ** k`` (a prior of diminishing returns for later chunks; 1 = the
+paper), the ``pool x (1 - reserve)`` chunks of highest utility are kept (ties: lower
+id and position first; ``reserve`` is left free for admissions), chunks kept before
+keep their slot and weights, pruned chunks free theirs, newly granted chunks take free
+slots; granted and freed rows are zeroed with their optimizer state (so granting or
+admitting never changes the model's output), and utilities decay by ``decay``. Under DMP the sketch updates are averaged (as TorchRec
 averages embedding gradients) and the seen ids gathered over ranks every step, so every rank makes the same decisions.
 """
 from __future__ import annotations
@@ -55,23 +63,28 @@ MIN_SKETCH_WIDTH = 64
 
 @dataclasses.dataclass(frozen=True)
 class FIITED(SchemeConfig):
-    """``FIITED(ratio=4, chunks=4, interval=100, decay=0.9, hysteresis=2.0)`` or ``FIITED(pool=P, ...)``.
+    """``FIITED(ratio=4, chunks=4, interval=100, decay=0.5, hysteresis=2.0, admit=1, reserve=0.2)`` or ``FIITED(pool=P, ...)``.
 
     ``pool``: chunks the pool holds (the memory budget; with ``ratio`` it is derived so
     that pool + address structure + utility state = full size / ratio); ``chunks``: C,
     d / C must be a multiple of 4; ``interval``: training steps between prune/grow
     events; ``decay``: utility multiplier at each event (exponential decay);
     ``hysteresis``: a kept chunk ranks with its utility times this, so a pruned one must
-    be clearly better to take its place (every swap restarts a chunk from zero).
+    be clearly better to take its place (every swap restarts a chunk from zero);
+    ``admit``: chunks a new id gets on first sight (0: none, ids wait for an event);
+    ``reserve``: share of the pool an event leaves free for admissions;
+    ``position_decay``: chunk k ranks with its utility times ``position_decay ** k``
+    (1: the paper; < 1 spreads the pool over more ids).
     """
 
     pool: Optional[int] = None
     chunks: int = 4
     interval: int = 100
-    decay: float = 0.9
+    decay: float = 0.5
     hysteresis: float = 2.0
     admit: int = 1
-    reserve: float = 0.1
+    reserve: float = 0.2
+    position_decay: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -85,6 +98,8 @@ class FIITED(SchemeConfig):
             raise ValueError(f"FIITED: hysteresis must be >= 1, got {self.hysteresis!r}")
         if not isinstance(self.admit, int) or isinstance(self.admit, bool) or not 0 <= self.admit <= self.chunks:
             raise ValueError(f"FIITED: admit must be an int in [0, chunks={self.chunks}], got {self.admit!r}")
+        if not isinstance(self.position_decay, (int, float)) or not 0.0 < self.position_decay <= 1.0:
+            raise ValueError(f"FIITED: position_decay must be in (0, 1], got {self.position_decay!r}")
         if not isinstance(self.reserve, (int, float)) or not 0.0 <= self.reserve < 1.0:
             raise ValueError(f"FIITED: reserve must be in [0, 1), got {self.reserve!r}")
         self._ratio_or("pool")
@@ -104,11 +119,13 @@ class FIITEDScheme(TableScheme):
         self.c, self.s = c, d // c
         self.key_dtype = torch.int32 if v * c < 2**31 - 1 else torch.int64
         key_bytes = 4 if self.key_dtype == torch.int32 else 8
+        self.id_dtype = torch.int32 if v < 2**31 else torch.int64
+        id_bytes = 4 if self.id_dtype == torch.int32 else 8
         if config.pool is not None:
             self.pool = min(config.pool, v * c)
         else:
             # per pool chunk: its weights, key + slot, its utility, 2 sketch cells per 2 chunks, 1 seen id per C chunks
-            per_chunk = 4 * self.s + key_bytes + 4 + 4 + 4 * SKETCH_DEPTH / 2 + 8 / c
+            per_chunk = 4 * self.s + key_bytes + 4 + 4 + 4 * SKETCH_DEPTH / 2 + id_bytes / c
             self.pool = min(v * c, int(self._target_bytes() // per_chunk))
             if self.pool < 1:
                 raise self._too_small(f"not one chunk of {self.s} fits ({per_chunk:.0f} B each)")
@@ -127,7 +144,7 @@ class FIITEDScheme(TableScheme):
             "n_kept": torch.zeros((), dtype=torch.int64),
             "slot_utility": torch.zeros(self.pool),  # u of the chunk in each pool slot (exact)
             "utility": torch.zeros(SKETCH_DEPTH, self.width),  # count-min sketch of u(x, k) of pruned chunks
-            "seen": torch.zeros(self.seen_cap, dtype=torch.int64),  # ids seen since the last event
+            "seen": torch.zeros(self.seen_cap, dtype=self.id_dtype),  # ids seen since the last event
             "n_seen": torch.zeros((), dtype=torch.int64),
             "steps": torch.zeros((), dtype=torch.int64),  # training forwards
             "events": torch.zeros((), dtype=torch.int64),
@@ -288,6 +305,8 @@ class FIITEDScheme(TableScheme):
         raw = self.utility(cand)  # [M, C]
         held = self.slots_of(cand) >= 0
         u = torch.cummin(torch.where(held, raw * self.config.hysteresis, raw), dim=1).values.reshape(-1)  # [M * C], x-major
+        if self.config.position_decay < 1.0:  # diminishing returns of later chunks (a prior, not in the paper)
+            u = (u.view(-1, c) * self.config.position_decay ** torch.arange(c, device=u.device)).reshape(-1)
         keep = self.pool - (math.ceil(self.config.reserve * self.pool) if self.config.admit else 0)
         order = torch.sort(-u, stable=True).indices[:keep]  # stable: lower id, then position, first
         order = order[u[order] > 0]
