@@ -24,7 +24,7 @@ def _model():
     with torch.no_grad():
         for p in m.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    return m
+    return m.eval()  # inference: FIITED admits no ids (its free pool rows are random here, not zero as in training)
 
 
 def _dequantized_float_copy(m, q):
