@@ -242,11 +242,15 @@ class FIITEDScheme(TableScheme):
         if not new.numel():
             return
         keys = self._keys(new)[:, :a]  # [m, a], sorted row-major
-        used = torch.zeros(self.pool, dtype=torch.bool, device=ids.device)
-        used[b.slots[:n].to(torch.int64)] = True
-        free = torch.nonzero(~used).squeeze(1)[: keys.numel()]
+        free = self._free_slots(b.slots[:n].to(torch.int64), keys.numel())
         b.slot_utility[free] = self.utility(new)[:, :a].reshape(-1)  # what they earned while pruned
         self._insert(keys.reshape(-1).contiguous(), free)
+
+    def _free_slots(self, owned: torch.Tensor, count: int) -> torch.Tensor:
+        """The ``count`` lowest pool slots not in ``owned`` (int64 slots)."""
+        used = torch.zeros(self.pool, dtype=torch.bool, device=owned.device)
+        used[owned] = True
+        return torch.nonzero(~used).squeeze(1)[:count]
 
     def _insert(self, keys: torch.Tensor, slots: torch.Tensor) -> None:
         """Merge sorted new ``keys`` (absent from the address structure) and their ``slots``
@@ -315,9 +319,7 @@ class FIITEDScheme(TableScheme):
         kept = (old_keys[pos] == chosen) if n else torch.zeros_like(chosen, dtype=torch.bool)
         slots = torch.full_like(chosen, -1)
         slots[kept] = old_slots[pos[kept]]
-        used = torch.zeros(self.pool, dtype=torch.bool, device=chosen.device)
-        used[slots[kept]] = True
-        granted = torch.nonzero(~used).squeeze(1)[: int((~kept).sum())]
+        granted = self._free_slots(slots[kept], int((~kept).sum()))
         slots[~kept] = granted
         # utilities follow the chunks: pruned ones go to the sketch, granted ones leave it
         granted_u = raw.reshape(-1)[order][torch.argsort(cand[order // c] * c + order % c)][~kept]  # chosen (sorted key) order
