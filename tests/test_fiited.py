@@ -369,3 +369,33 @@ def test_insert_merges_like_a_sort():
     slot_of = {**{int(k): j for j, k in enumerate(old)}, **{int(k): 120 + j for j, k in enumerate(new)}}
     assert b.keys[:250].tolist() == sorted(slot_of) and b.slots[:250].tolist() == [slot_of[k] for k in sorted(slot_of)]
     assert int(b.n_kept) == 250
+
+
+def test_dmp_materialized_map_finds_admitted_ids_from_the_first_step():
+    """DMP fills buffers left on ``meta`` with zeros (not FIITED's sorted-key padding): the ids
+    admitted in the very first step must still be found, and trained, in that step."""
+    from torchrec import EmbeddingBagCollection
+    from torchrec.models.dlrm import DLRM
+
+    from torchrec_compress import compress_
+    from torchrec_compress.data.synthetic import SyntheticCriteo
+    from torchrec_compress.distributed.state import single_rank_full_state_dict
+    from torchrec_compress.train import local_process_group, shard_for_training, train_steps
+
+    cards = [2000, 30]
+    tables = [EmbeddingBagConfig(name=f"t_cat_{i}", embedding_dim=16, num_embeddings=v, feature_names=[f"cat_{i}"]) for i, v in enumerate(cards)]
+    batch = next(iter(SyntheticCriteo(cards, 256, 1, seed=0)))
+    torch.manual_seed(0)
+    model = DLRM(embedding_bag_collection=EmbeddingBagCollection(tables, device=torch.device("meta")), dense_in_features=13,
+                 dense_arch_layer_sizes=[16, 16], over_arch_layer_sizes=[16, 1], dense_device=torch.device("cpu"))
+    compress_(model, {"t_cat_0": FIITED(pool=4000, chunks=4)})
+    with local_process_group():
+        dmp, opt = shard_for_training(model, model.sparse_arch, lr_sparse=0.1, lr_dense=0.01)
+        impl = dmp.module.sparse_arch.embedding_bag_collection.scheme("t_cat_0")
+        assert int(impl.buffers.n_kept) == 0 and int(impl.buffers.keys.max()) == 0  # as DMP materialized it
+        train_steps(dmp, opt, [batch], progress=False)
+        ids = batch.sparse_features["cat_0"].values()
+        slots = impl.slots_of(ids)[:, 0]
+        assert int(impl.buffers.n_kept) == ids.unique().numel() and bool((slots >= 0).all())
+        pool = next(v for k, v in single_rank_full_state_dict(dmp).items() if k.endswith("t_cat_0__pool.weight"))
+    assert bool((pool[slots].abs().sum(dim=1) > 0).all())  # admitted at zero, trained in the same step

@@ -136,6 +136,9 @@ def test_run_mpe_end_to_end_on_synthetic_dlrm():
     compress_(model, {"t_cat_0": MPE(ratio=8, groups=16, penalty=0.5), "t_cat_1": MPE(ratio=8, groups=16, penalty=0.5)})
     with local_process_group():
         dmp, opt = shard_for_training(model, model.sparse_arch, lr_sparse=0.05, lr_dense=0.05)
+        maps = dmp.module.sparse_arch.embedding_bag_collection.maps["t_cat_0"]
+        for name, init in maps._impl[0].initial_buffers().items():  # DMP zero-filled them; reset_parameters restores them
+            assert torch.equal(getattr(maps, name), init), name
         fit_mpe_groups_(dmp, data)
         res = run_mpe(dmp, opt, data[:40], data[40:], progress=False)
         auc, _ = evaluate(dmp, held)

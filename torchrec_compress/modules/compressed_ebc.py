@@ -371,8 +371,10 @@ class _SchemeState(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """DMP calls this after materializing meta parameters."""
-        for name, tensor in self._impl[0].initial_parameters().items():
+        """DMP calls this after materializing meta parameters; it has just filled the meta
+        buffers with zeros, which is not every scheme's initial state (e.g. MPE's bit widths)."""
+        impl = self._impl[0]
+        for name, tensor in [*impl.initial_parameters().items(), *impl.initial_buffers().items()]:
             getattr(self, name).copy_(tensor)
 
 

@@ -160,7 +160,7 @@ class FIITEDScheme(TableScheme):
         b = self.buffers
         q = self._keys(values).to(self.key_dtype)
         pos = torch.searchsorted(b.keys, q.reshape(-1)).clamp(max=self.pool - 1).view_as(q)
-        hit = (b.keys[pos] == q) & (pos < b.n_kept)  # DMP materializes meta buffers as zeros: only n_kept are real
+        hit = (b.keys[pos] == q) & (pos < b.n_kept)  # only n_kept are real (the padding of a DMP-materialized map is 0 until see())
         return torch.where(hit, b.slots[pos].to(torch.int64), torch.full_like(pos, -1))
 
     def route(self, jt: JaggedTensor) -> List[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
@@ -236,6 +236,8 @@ class FIITEDScheme(TableScheme):
         self._remember(ids)
         a, b = self.config.admit, self.buffers
         n = int(b.n_kept)
+        if n == 0:  # DMP materializes buffers left on meta as zeros: the padding must sort last for searchsorted
+            b.keys.fill_(torch.iinfo(self.key_dtype).max)
         if not a or n + a > self.pool:
             return
         new = ids[self.slots_of(ids)[:, 0] < 0][: (self.pool - n) // a]  # [m] ids without a chunk, sorted
