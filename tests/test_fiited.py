@@ -16,12 +16,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _module(pool=30, chunks=2, dim=16, rows=40, pooling=PoolingType.SUM, weighted=False, interval=1, decay=0.5, features=("a",), hysteresis=1.0,
-            admit=0, reserve=0.0, position_decay=1.0):
+            admit=0, reserve=0.0, position_decay=1.0, min_chunks=0, max_chunks=None):
     """A one-table module; admission on first sight is off unless asked for (the event tests
     check the events alone; the admission tests below check it)."""
     t = EmbeddingBagConfig(name="t", embedding_dim=dim, num_embeddings=rows, feature_names=list(features), pooling=pooling)
     cfg = FIITED(pool=pool, chunks=chunks, interval=interval, decay=decay, hysteresis=hysteresis, admit=admit, reserve=reserve,
-                 position_decay=position_decay)
+                 position_decay=position_decay, min_chunks=min_chunks, max_chunks=max_chunks)
     m = CompressedEmbeddingBagCollection([t], {"t": cfg}, is_weighted=weighted)
     return m, t, m.scheme("t")
 
@@ -103,10 +103,11 @@ def test_utility_is_gradient_magnitude_per_access_by_hand():
     assert impl.buffers.seen[: int(impl.buffers.n_seen)].tolist() == [3, 4, 3, 4]  # each batch's unique ids, merged at the next event
 
 
-def _reference_event(util, old, pool, hysteresis, position_decay=1.0):
+def _reference_event(util, old, pool, hysteresis, position_decay=1.0, min_chunks=0, max_chunks=None):
     """Plain Python: keep the ``pool`` (id, chunk) of highest prefix-min utility (> 0; kept
-    chunks count ``hysteresis`` x theirs; chunk k's times ``position_decay ** k``), ties to
-    lower (id, chunk); old chunks keep their slots, new ones take the lowest free slots."""
+    chunks count ``hysteresis`` x theirs; chunk k's times ``position_decay ** k``; chunks
+    k < ``min_chunks`` before all others; none from ``max_chunks`` on), ties to lower
+    (id, chunk); old chunks keep their slots, new ones take the lowest free slots."""
     by_id = {}
     for (x, k), u in util.items():
         by_id.setdefault(x, {})[k] = u * (hysteresis if (x, k) in old else 1.0)
@@ -115,9 +116,9 @@ def _reference_event(util, old, pool, hysteresis, position_decay=1.0):
         best = float("inf")
         for k in sorted(us):
             best = min(best, us[k])
-            if best > 0:
-                scored.append((-best * position_decay**k, x, k))
-    chosen = sorted((x, k) for _, x, k in sorted(scored)[:pool])
+            if best > 0 and (max_chunks is None or k < max_chunks):
+                scored.append((k >= min_chunks, -best * position_decay**k, x, k))
+    chosen = sorted((x, k) for _, _, x, k in sorted(scored)[:pool])
     new = {p: old[p] for p in chosen if p in old}
     free = sorted(set(range(pool)) - set(new.values()))
     for p in chosen:
@@ -132,10 +133,11 @@ def _state(impl):
     return {(int(k) // impl.c, int(k) % impl.c): int(s) for k, s in zip(b.keys[:n].tolist(), b.slots[:n].tolist())}
 
 
-@pytest.mark.parametrize("position_decay", [1.0, 0.5])
-def test_events_match_python_reference_and_respect_the_budget(position_decay):
+@pytest.mark.parametrize("position_decay, min_chunks, max_chunks", [(1.0, 0, None), (0.5, 0, None), (1.0, 1, 3), (0.5, 2, 2)])
+def test_events_match_python_reference_and_respect_the_budget(position_decay, min_chunks, max_chunks):
     torch.manual_seed(0)
-    m, t, impl = _module(pool=11, chunks=4, dim=16, rows=30, interval=1, decay=0.7, hysteresis=1.5, position_decay=position_decay)
+    m, t, impl = _module(pool=11, chunks=4, dim=16, rows=30, interval=1, decay=0.7, hysteresis=1.5, position_decay=position_decay,
+                         min_chunks=min_chunks, max_chunks=max_chunks)
     w = physical_weights(m)["t__pool"]
     before, weights_before, expected_util = {}, w.detach().clone(), {}
     for step in range(8):
@@ -144,7 +146,7 @@ def test_events_match_python_reference_and_respect_the_budget(position_decay):
         out = m(bags.kjt()).values()  # an event runs first from step 1 on
         after = _state(impl)
         if step:
-            assert after == _reference_event(expected_util, before, impl.pool, impl.config.hysteresis, position_decay)
+            assert after == _reference_event(expected_util, before, impl.pool, impl.config.hysteresis, position_decay, min_chunks, max_chunks)
             granted = sorted(set(after.values()) - {s for p, s in after.items() if before.get(p) == s})
             assert granted == sorted(s for p, s in after.items() if before.get(p) != s)
             assert (w[granted] == 0).all()  # granted chunks start at zero: granting never changes an output
@@ -153,7 +155,7 @@ def test_events_match_python_reference_and_respect_the_budget(position_decay):
                     assert torch.equal(w[s], weights_before[s])
         # budget, uniqueness and the prefix property after every event
         assert len(after) <= impl.pool and len(set(after.values())) == len(after)
-        assert all((x, k - 1) in after for x, k in after if k)
+        assert all((x, k - 1) in after for x, k in after if k) and all(k < impl.top for _, k in after)
         seen = impl.buffers.seen[: int(impl.buffers.n_seen)]  # remembered in the forward, after the event
         assert set(seen.tolist()) <= set(ids.tolist())  # at most pool / C ids: those of highest utility
         assert seen.numel() == min(ids.numel(), impl.seen_cap)
@@ -206,13 +208,22 @@ def test_config_errors_and_memory_report():
         FIITED(ratio=4, reserve=1.0)
     with pytest.raises(ValueError, match=r"position_decay must be in \(0, 1\]"):
         FIITED(ratio=4, position_decay=0.0)
+    with pytest.raises(ValueError, match=r"min_chunks must be an int in \[0, chunks=4\], got 5"):
+        FIITED(ratio=4, min_chunks=5)
+    with pytest.raises(ValueError, match=r"max_chunks must be an int in \[max\(1, admit, min_chunks\), chunks=4\], got 1"):
+        FIITED(ratio=4, admit=2, max_chunks=1)
+    with pytest.raises(ValueError, match=r"sketch \(cells per pool chunk\) must be in \(0, 16\]"):
+        FIITED(ratio=4, sketch=0.0)
     with pytest.raises(ValueError, match="cannot be reached: not one chunk"):
         CompressedEmbeddingBagCollection([dataclasses_replace(t, num_embeddings=1)], {"t": FIITED(ratio=100)})
-    for ratio in (4, 10):
-        m = CompressedEmbeddingBagCollection([t], {"t": FIITED(ratio=ratio, chunks=2)})
+    for ratio, sketch in ((4, 0.5), (10, 0.5), (10, 0.125)):
+        m = CompressedEmbeddingBagCollection([t], {"t": FIITED(ratio=ratio, chunks=2, sketch=sketch)})
         rep = m.memory_report().tables["t"]
         assert ratio * 0.97 <= rep.ratio <= ratio * 1.03  # pool + address structure + utility state = budget
+        assert m.scheme("t").width == max(64, int(m.scheme("t").pool * sketch))  # never narrower than 64 cells, paid from the budget
         assert set(rep.parts) == {"t__pool", "t (maps)"} and rep.parts["t (maps)"] > 0
+    capped = CompressedEmbeddingBagCollection([t], {"t": FIITED(ratio=1.5, chunks=4, max_chunks=1)}).scheme("t")
+    assert capped.pool == 1000  # an id never holds more than max_chunks: the pool needs no more than v x max_chunks
 
 
 def dataclasses_replace(t, **kw):

@@ -47,7 +47,10 @@ SCHEMES: Dict[str, Callable[[float, int], SchemeConfig]] = {  # (ratio, embeddin
     "saec": lambda r, d: Saec(ratio=r),
     "mpe": lambda r, d: MPE(ratio=r, groups=32, penalty=0.1),
     "fiited": lambda r, d: FIITED(ratio=r, chunks=d // 4),  # the paper's utility, chunks of 4 dims
-    "fiited_prior": lambda r, d: FIITED(ratio=r, chunks=d // 4, position_decay=0.2),  # + diminishing returns of later chunks
+    # + priors against churn (not in the paper): every id's first chunk before anyone's second, at most 2 chunks
+    # per id, later chunks discounted; a narrower sketch and a smaller reserve
+    "fiited_prior": lambda r, d: FIITED(ratio=r, chunks=d // 4, position_decay=0.2, min_chunks=1, max_chunks=2, sketch=0.125,
+                                        reserve=0.05),
 }
 QUANT = ("int8", "int4")  # FBGEMM row-wise quantization of the uncompressed tables
 ALL = list(SCHEMES) + list(QUANT)

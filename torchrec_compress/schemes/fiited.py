@@ -20,7 +20,7 @@ gradient reaching that chunk, ``|w| * ||dL/de_k(bag)||`` (/ bag length for MEAN)
 it over accesses is frequency x mean gradient magnitude. The gradient reaching a
 *pruned* chunk is known too (it is the bag's), so pruned chunks keep earning utility
 and can grow back. Kept chunks keep their utility exactly (one float per pool slot);
-pruned ones in a count-mean-min sketch (2 x W floats, keyed by ``x * C + k``; each
+pruned ones in a count-mean-min sketch (2 x W floats, W = ``sketch`` x pool, at least 64, keyed by ``x * C + k``; each
 cell less its expected share of the other keys' mass, so collisions do not let pruned
 chunks outbid kept ones; a chunk granted on a bad estimate is pruned again at the next
 event, once its own utility is tracked exactly); the ids seen since the last event
@@ -35,7 +35,9 @@ next event.
 Every ``interval`` training steps (an *event*; early on, after 1, 2, 4, ... steps): u(x, k) is made non-increasing in k
 (cumulative min: a chunk is only worth keeping after the ones before it), optionally
 times ``position_decay ** k`` (a prior of diminishing returns for later chunks; 1 = the
-paper), the ``pool x (1 - reserve)`` chunks of highest utility are kept (ties: lower
+paper; ``min_chunks`` / ``max_chunks`` are two more priors: every candidate's first chunks
+rank before anyone's later ones, and no id holds more than ``max_chunks``), the
+``pool x (1 - reserve)`` chunks of highest utility are kept (ties: lower
 id and position first; ``reserve`` is left free for admissions), chunks kept before
 keep their slot and weights, pruned chunks free theirs, newly granted chunks take free
 slots; granted and freed rows are zeroed with their optimizer state (so granting or
@@ -74,7 +76,11 @@ class FIITED(SchemeConfig):
     ``admit``: chunks a new id gets on first sight (0: none, ids wait for an event);
     ``reserve``: share of the pool an event leaves free for admissions;
     ``position_decay``: chunk k ranks with its utility times ``position_decay ** k``
-    (1: the paper; < 1 spreads the pool over more ids).
+    (1: the paper; < 1 spreads the pool over more ids); ``min_chunks``: every candidate
+    id's first ``min_chunks`` chunks rank before any later chunk of any id (0: the paper);
+    ``max_chunks``: most chunks one id may hold (None: C, the paper); ``sketch``: cells
+    per pool chunk in each row of the utility sketch of pruned chunks (its memory is
+    paid from the budget).
     """
 
     pool: Optional[int] = None
@@ -85,6 +91,9 @@ class FIITED(SchemeConfig):
     admit: int = 1
     reserve: float = 0.2
     position_decay: float = 1.0
+    min_chunks: int = 0
+    max_chunks: Optional[int] = None
+    sketch: float = 0.5
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -100,6 +109,13 @@ class FIITED(SchemeConfig):
             raise ValueError(f"FIITED: admit must be an int in [0, chunks={self.chunks}], got {self.admit!r}")
         if not isinstance(self.position_decay, (int, float)) or not 0.0 < self.position_decay <= 1.0:
             raise ValueError(f"FIITED: position_decay must be in (0, 1], got {self.position_decay!r}")
+        if not isinstance(self.min_chunks, int) or isinstance(self.min_chunks, bool) or not 0 <= self.min_chunks <= self.chunks:
+            raise ValueError(f"FIITED: min_chunks must be an int in [0, chunks={self.chunks}], got {self.min_chunks!r}")
+        if self.max_chunks is not None and (not isinstance(self.max_chunks, int) or isinstance(self.max_chunks, bool)
+                                            or not max(1, self.admit, self.min_chunks) <= self.max_chunks <= self.chunks):
+            raise ValueError(f"FIITED: max_chunks must be an int in [max(1, admit, min_chunks), chunks={self.chunks}], got {self.max_chunks!r}")
+        if not isinstance(self.sketch, (int, float)) or isinstance(self.sketch, bool) or not 0.0 < self.sketch <= 16.0:
+            raise ValueError(f"FIITED: sketch (cells per pool chunk) must be in (0, 16], got {self.sketch!r}")
         if not isinstance(self.reserve, (int, float)) or not 0.0 <= self.reserve < 1.0:
             raise ValueError(f"FIITED: reserve must be in [0, 1), got {self.reserve!r}")
         self._ratio_or("pool")
@@ -117,19 +133,23 @@ class FIITEDScheme(TableScheme):
         if d % c or (d // c) % 4:
             raise ValueError(f"table {table.name!r}: FIITED chunks={c}: the chunk dim d / C = {d}/{c} must be a multiple of 4 (FBGEMM)")
         self.c, self.s = c, d // c
+        self.top = c if config.max_chunks is None else config.max_chunks  # chunks an id may hold
         self.key_dtype = torch.int32 if v * c < 2**31 - 1 else torch.int64
         key_bytes = 4 if self.key_dtype == torch.int32 else 8
         self.id_dtype = torch.int32 if v < 2**31 else torch.int64
         id_bytes = 4 if self.id_dtype == torch.int32 else 8
         if config.pool is not None:
-            self.pool = min(config.pool, v * c)
+            self.pool = min(config.pool, v * self.top)
         else:
-            # per pool chunk: its weights, key + slot, its utility, 2 sketch cells per 2 chunks, 1 seen id per C chunks
-            per_chunk = 4 * self.s + key_bytes + 4 + 4 + 4 * SKETCH_DEPTH / 2 + id_bytes / c
-            self.pool = min(v * c, int(self._target_bytes() // per_chunk))
+            # per pool chunk: its weights, key + slot, its utility, its share of the sketch, 1 seen id per C chunks
+            per_chunk = 4 * self.s + key_bytes + 4 + 4 + 4 * SKETCH_DEPTH * config.sketch + id_bytes / c
+            sketch_floor = 4 * SKETCH_DEPTH * MIN_SKETCH_WIDTH  # the sketch never gets narrower than this
+            target = self._target_bytes()
+            fits = min(target // per_chunk, (target - sketch_floor) // (per_chunk - 4 * SKETCH_DEPTH * config.sketch))
+            self.pool = min(v * self.top, int(fits))
             if self.pool < 1:
                 raise self._too_small(f"not one chunk of {self.s} fits ({per_chunk:.0f} B each)")
-        self.width = max(MIN_SKETCH_WIDTH, self.pool // 2)
+        self.width = max(MIN_SKETCH_WIDTH, int(self.pool * config.sketch))
         self.seen_cap = max(1, self.pool // c)
 
     # ------------------------------------------------------------------ storage
@@ -313,8 +333,14 @@ class FIITEDScheme(TableScheme):
         u = torch.cummin(torch.where(held, raw * self.config.hysteresis, raw), dim=1).values.reshape(-1)  # [M * C], x-major
         if self.config.position_decay < 1.0:  # diminishing returns of later chunks (a prior, not in the paper)
             u = (u.view(-1, c) * self.config.position_decay ** torch.arange(c, device=u.device)).reshape(-1)
+        if self.top < c:  # chunks past max_chunks are never granted
+            u = u.view(-1, c).index_fill(1, torch.arange(self.top, c, device=u.device), 0.0).reshape(-1)
         keep = self.pool - (math.ceil(self.config.reserve * self.pool) if self.config.admit else 0)
-        order = torch.sort(-u, stable=True).indices[:keep]  # stable: lower id, then position, first
+        order = torch.sort(-u, stable=True).indices  # stable: lower id, then position, first
+        if self.config.min_chunks:  # every candidate's first min_chunks chunks rank before any later chunk
+            later = (torch.arange(u.numel(), device=u.device) % c >= self.config.min_chunks)[order]
+            order = order[torch.sort(later.to(torch.int8), stable=True).indices]
+        order = order[:keep]
         order = order[u[order] > 0]
         chosen = (cand[order // c] * c + order % c).sort().values  # new sorted keys
         pos = torch.searchsorted(old_keys, chosen).clamp(max=max(n - 1, 0))

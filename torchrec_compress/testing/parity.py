@@ -53,7 +53,7 @@ def parity_schemes() -> Dict[str, object]:
         "t_freq": FreqThreshold(capacity=20, shared_rows=5),
         "t_saec": Saec(clusters=12),
         "t_mpe": MPE(ratio=4, groups=4),  # searching: logits and clip are DDP-replicated parameters
-        "t_fiited": FIITED(pool=50, chunks=2, interval=2),  # prune/grow events before steps 1 and 2
+        "t_fiited": FIITED(pool=50, chunks=2, interval=2, min_chunks=1),  # prune/grow events before steps 1 and 2
     }
 
 
