@@ -22,6 +22,7 @@ def _worker(rank: int, world: int, port: int, fn: Callable[..., Any], args: tupl
     try:
         result = fn(rank, world, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while another still waits in a collective (SIGABRT at exit)
     finally:
         dist.destroy_process_group()
 
