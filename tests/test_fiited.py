@@ -190,6 +190,19 @@ def test_regrowth_when_utility_returns():
     assert step([1], torch.tensor([[1.0] * 8]))[[1, 2]].tolist() == [2, 0]  # 1 grows back
 
 
+def test_min_chunks_never_spends_the_pool_on_useless_first_chunks():
+    m, t, impl = _module(pool=2, chunks=2, dim=8, rows=10, interval=1, min_chunks=1)
+    _assign(impl, {1: [0], 2: [1]})
+    out = m(Bags(["a"], {"a": [[1], [2]]}).kjt()).values()
+    (out * torch.tensor([[1.0] * 8, [0.0] * 8])).sum().backward()  # id 2 earns nothing
+    u = impl.utility(torch.tensor([1, 2]))
+    assert (u[0] > 0).all() and (u[1] == 0).all()
+    m(Bags(["a"], {"a": [[1]]}).kjt())  # the event: id 1's two chunks, not id 2's zero-utility first chunk
+    assert impl.kept_chunks()[[1, 2]].tolist() == [2, 0]
+    util = {(x, k): float(u[i, k]) for i, x in enumerate((1, 2)) for k in range(2)}
+    assert _state(impl) == _reference_event(util, {(1, 0): 0, (2, 0): 1}, 2, 1.0, 1.0, 1)
+
+
 def test_config_errors_and_memory_report():
     t = EmbeddingBagConfig(name="t", embedding_dim=16, num_embeddings=1000, feature_names=["a"])
     with pytest.raises(ValueError, match=r"chunk dim d / C = 16/8 must be a multiple of 4"):

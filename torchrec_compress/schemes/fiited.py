@@ -142,10 +142,11 @@ class FIITEDScheme(TableScheme):
             self.pool = min(config.pool, v * self.top)
         else:
             # per pool chunk: its weights, key + slot, its utility, its share of the sketch, 1 seen id per C chunks
-            per_chunk = 4 * self.s + key_bytes + 4 + 4 + 4 * SKETCH_DEPTH * config.sketch + id_bytes / c
+            sketch_bytes = 4 * SKETCH_DEPTH * config.sketch
+            per_chunk = 4 * self.s + key_bytes + 4 + 4 + sketch_bytes + id_bytes / c
             sketch_floor = 4 * SKETCH_DEPTH * MIN_SKETCH_WIDTH  # the sketch never gets narrower than this
             target = self._target_bytes()
-            fits = min(target // per_chunk, (target - sketch_floor) // (per_chunk - 4 * SKETCH_DEPTH * config.sketch))
+            fits = min(target // per_chunk, (target - sketch_floor) // (per_chunk - sketch_bytes))
             self.pool = min(v * self.top, int(fits))
             if self.pool < 1:
                 raise self._too_small(f"not one chunk of {self.s} fits ({per_chunk:.0f} B each)")
@@ -337,11 +338,11 @@ class FIITEDScheme(TableScheme):
             u = u.view(-1, c).index_fill(1, torch.arange(self.top, c, device=u.device), 0.0).reshape(-1)
         keep = self.pool - (math.ceil(self.config.reserve * self.pool) if self.config.admit else 0)
         order = torch.sort(-u, stable=True).indices  # stable: lower id, then position, first
+        order = order[u[order] > 0]  # before min_chunks' tiers: a useless first chunk must not take a useful chunk's place
         if self.config.min_chunks:  # every candidate's first min_chunks chunks rank before any later chunk
             later = (torch.arange(u.numel(), device=u.device) % c >= self.config.min_chunks)[order]
             order = order[torch.sort(later.to(torch.int8), stable=True).indices]
         order = order[:keep]
-        order = order[u[order] > 0]
         chosen = (cand[order // c] * c + order % c).sort().values  # new sorted keys
         pos = torch.searchsorted(old_keys, chosen).clamp(max=max(n - 1, 0))
         kept = (old_keys[pos] == chosen) if n else torch.zeros_like(chosen, dtype=torch.bool)
