@@ -2,38 +2,45 @@
 
 Public API::
 
-    from torchrec_compress import CompressedEmbeddingBagCollection, compress_, Hashing, QR, MEmCom, sharders
-"""
-from .config import SchemeConfig, register_scheme
-from .modules import CompressedEmbeddingBagCollection, MemoryReport, TableMemory
-from .modules.compress import compress_
-from .schemes import FIITED, MPE, QR, FreqThreshold, Hashing, MEmCom, MemRec, Saec
-from .mpe import fit_mpe_groups_, mpe_choose_, mpe_finalize, mpe_penalty, run_mpe
-from .fit import fit_frequency_, fit_saec_
-from .distributed.sharders import sharders
+    from torchrec_compress import CompressedEmbeddingBagCollection, compress_, fit_, Hashing, QR, MEmCom, sharders
 
-__all__ = [
-    "CompressedEmbeddingBagCollection",
-    "FIITED",
-    "FreqThreshold",
-    "Hashing",
-    "MEmCom",
-    "MPE",
-    "MemRec",
-    "MemoryReport",
-    "QR",
-    "Saec",
-    "SchemeConfig",
-    "TableMemory",
-    "compress_",
-    "fit_frequency_",
-    "fit_saec_",
-    "fit_mpe_groups_",
-    "mpe_choose_",
-    "mpe_finalize",
-    "mpe_penalty",
-    "run_mpe",
-    "register_scheme",
-    "sharders",
-]
+Names are imported on first use (PEP 562), so ``torchrec-compress --help`` does not wait
+for torchrec's import.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "SchemeConfig": ".config",
+    "register_scheme": ".config",
+    "CompressedEmbeddingBagCollection": ".modules",
+    "MemoryReport": ".modules",
+    "TableMemory": ".modules",
+    "compress_": ".modules.compress",
+    "fit_": ".modules.compress",
+    "FIITED": ".schemes",
+    "FreqThreshold": ".schemes",
+    "Hashing": ".schemes",
+    "MEmCom": ".schemes",
+    "MPE": ".schemes",
+    "MemRec": ".schemes",
+    "QR": ".schemes",
+    "Saec": ".schemes",
+    "sharders": ".distributed.sharders",
+}
+__all__ = sorted(_WHERE)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'torchrec_compress' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list:
+    return sorted(list(globals()) + __all__)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 from typing import List, Optional
 
-from .data.synthetic import CRITEO_KAGGLE_CARDINALITIES
 
 
 def _positive_int(text: str) -> int:
@@ -27,7 +26,21 @@ def _ratio(text: str) -> float:
     return value
 
 
-def _parser() -> argparse.ArgumentParser:
+def _scheme_names(argv: Optional[List[str]]) -> str:
+    """The registry's benchmark presets for the bench/demo help, only when that help is
+    asked for: the registry imports torchrec (seconds), which ``--help`` must not wait for."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if not any(a in ("bench", "demo") for a in args):
+        return "see `torchrec-compress bench quality --help`"
+    from .config import presets
+
+    return ", ".join(presets())
+
+
+def _parser(argv: Optional[List[str]] = None) -> argparse.ArgumentParser:
+    names = _scheme_names(argv)
     p = argparse.ArgumentParser(prog="torchrec-compress", description="Embedding compression for TorchRec.")
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="train DLRM on synthetic Criteo-like data: uncompressed vs each scheme",
@@ -38,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--ratio", type=_ratio, default=16.0, help="target compression ratio of every scheme")
     d.add_argument("--eval-batches", type=_positive_int, default=10, help="held-out batches for AUC / log loss")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--schemes", default="none,hashing,qr,memcom", help="comma-separated; 'none' is the uncompressed baseline")
+    d.add_argument("--schemes", default="none,hashing,qr,memcom", help=f"comma-separated; 'none' is the uncompressed baseline; any of: {names}")
     d.add_argument("--max-rows", type=_positive_int, default=None, help="cap every table's rows (quick smoke runs)")
     d.add_argument("--out", default="runs/demo.json", help="results JSON")
     tr = sub.add_parser("train", help="train DLRM / DLRM_DCN from a YAML config (one process, torchrun or torchx)")
@@ -64,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     bq.add_argument("--data", choices=["synthetic", "frappe", "criteo"], default="synthetic")
     bq.add_argument("--root", default="../shared/data/frappe", help="frappe: the libFM folder")
     bq.add_argument("--path", default="../shared/data/criteo_kaggle_sample/criteo_train_10k.tsv.gz", help="criteo: a TSV file")
-    bq.add_argument("--schemes", default="all", help="comma-separated, from: hashing, qr, memcom, memrec, freq_threshold, saec, mpe, fiited, fiited_prior, int8, int4")
+    bq.add_argument("--schemes", default="all", help=f"comma-separated, from: {names}, int8, int4")
     bq.add_argument("--ratios", default="4,10,100", help="target compression ratios of the large tables")
     bq.add_argument("--seeds", default="0,1,2")
     bq.add_argument("--epochs", type=_positive_int, default=5)
@@ -81,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     bs.add_argument("--batch-size", type=_positive_int, default=2048)
     bs.add_argument("--batches", type=_positive_int, default=8)
     bs.add_argument("--reps", type=_positive_int, default=3)
-    bs.add_argument("--schemes", default="hashing,qr,qr_add,memcom,memrec,freq_threshold,fiited")
+    bs.add_argument("--schemes", default="hashing,qr,qr_add,memcom,memrec,freq_threshold,fiited", help=f"comma-separated, from: {names}")
     bs.add_argument("--out", default=None, help="results JSON")
     bi = bsub.add_parser("inference", help="lookups/s of exported quantized tables vs stock TorchRec FP32/FP16",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -95,8 +108,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    args = _parser().parse_args(argv)
+    args = _parser(argv).parse_args(argv)
     if args.command == "demo":
+        from .data.synthetic import CRITEO_KAGGLE_CARDINALITIES
         from .demo import run_demo  # torchrec imports are slow; keep --help fast
 
         cards = CRITEO_KAGGLE_CARDINALITIES if args.max_rows is None else [min(v, args.max_rows) for v in CRITEO_KAGGLE_CARDINALITIES]
@@ -132,12 +146,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     elif args.command == "bench" and args.bench == "speed":
         import json
 
-        from .benchmarks.speed import SPEED_SCHEMES, bench_speed, format_speed
+        from .benchmarks.speed import bench_speed, format_speed
+        from .config import presets
 
         schemes = [x for x in args.schemes.split(",") if x]
-        unknown = sorted(set(schemes) - set(SPEED_SCHEMES))
+        unknown = sorted(set(schemes) - set(presets()))
         if unknown:
-            raise SystemExit(f"torchrec-compress bench speed: unknown schemes {unknown}; use any of {sorted(SPEED_SCHEMES)}")
+            raise SystemExit(f"torchrec-compress bench speed: unknown schemes {unknown}; use any of {sorted(presets())}")
         res = bench_speed(sizes=args.sizes, max_rows=args.max_rows if args.max_rows > 0 else None, dim=args.dim, ratio=args.ratio,
                           batch=args.batch_size, batches=args.batches, reps=args.reps, schemes=schemes)
         print(format_speed(res))
@@ -167,7 +182,7 @@ def _bench_quality(args: argparse.Namespace) -> None:
         seeds = [int(x) for x in args.seeds.split(",") if x]
     except ValueError:
         raise SystemExit(f"torchrec-compress bench quality: --ratios / --seeds must be comma-separated numbers, got {args.ratios!r} / {args.seeds!r}")
-    schemes = q.ALL if args.schemes == "all" else [s for s in args.schemes.split(",") if s]
+    schemes = q.all_schemes() if args.schemes == "all" else [s for s in args.schemes.split(",") if s]
     if args.data == "frappe":
         data = q.frappe_data(args.root)
     elif args.data == "criteo":

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Dict, Optional, Type, TypeVar
 
-__all__ = ["SchemeConfig", "register_scheme", "scheme_class_for"]
+__all__ = ["SchemeConfig", "register_scheme", "registered_schemes", "scheme_class_for", "scheme_types"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +60,32 @@ def register_scheme(config_type: Type[SchemeConfig]) -> Callable[[T], T]:
     return deco
 
 
+def registered_schemes() -> Dict[Type[SchemeConfig], type]:
+    """Every registered config type -> its scheme class (importing ``torchrec_compress.schemes``
+    registers the built-in ones), in registration order."""
+    from . import schemes  # noqa: F401  (fills the registry)
+
+    return dict(_REGISTRY)
+
+
+def scheme_types() -> Dict[str, Type[SchemeConfig]]:
+    """Config name (YAML ``type:``) -> config type of every scheme a user may choose (the
+    ones with ``public = True``; e.g. ``MixedPrecision`` is built by export, not chosen)."""
+    return {c.__name__: c for c, impl in registered_schemes().items() if getattr(impl, "public", True)}
+
+
+def presets() -> Dict[str, Callable[[float, int], SchemeConfig]]:
+    """Benchmark name -> ``(ratio, dim) -> config`` of every scheme that declares presets
+    (``TableScheme.presets``), e.g. ``{"hashing": ..., "fiited_prior": ...}``."""
+    out: Dict[str, Callable[[float, int], SchemeConfig]] = {}
+    for impl in registered_schemes().values():
+        for name, make in getattr(impl, "presets", {}).items():
+            if name in out:
+                raise ValueError(f"benchmark preset {name!r} is declared by two schemes")
+            out[name] = make
+    return out
+
+
 def scheme_class_for(config: SchemeConfig) -> type:
     try:
         return _REGISTRY[type(config)]
@@ -73,3 +99,8 @@ def _check_positive_int(owner: str, field: str, value: Optional[int]) -> None:
         return
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{owner}: {field} must be a positive int, got {value!r}")
+
+
+def _check_steps(owner: str, field: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{owner}: {field} must be an int >= 0 (training steps), got {value!r}")

@@ -23,14 +23,13 @@ from torchrec.models.dlrm import DLRM
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from .config import SchemeConfig
+from .config import SchemeConfig, presets
 from .data.synthetic import CRITEO_KAGGLE_CARDINALITIES, NUM_DENSE, SyntheticCriteo, cat_names
 from .modules.compress import compress_
 from .modules.compressed_ebc import CompressedEmbeddingBagCollection, replace_configs
-from .schemes import QR, Hashing, MEmCom
 from .train.loop import evaluate, local_process_group, shard_for_training, train_steps
 
-SCHEMES = {"none": None, "hashing": Hashing, "qr": QR, "memcom": MEmCom}
+DEFAULT_SCHEMES = ("none", "hashing", "qr", "memcom")  # "none" = uncompressed; any registry preset may be named
 META = torch.device("meta")
 CPU = torch.device("cpu")
 
@@ -69,12 +68,12 @@ def qualifying_schemes(tables: Sequence[EmbeddingBagConfig], scheme: str, ratio:
     ~(2 ratio)^2 rows, MEmCom below ~ratio x dim) and reaches at least 95% of the ratio
     (Hashing always builds, but a 10-row table cannot be compressed 16x: it keeps >= 1 row).
     """
-    cls = SCHEMES[scheme]
-    if cls is None:
+    if scheme == "none":
         return {}
+    make = presets()[scheme]
     out: Dict[str, SchemeConfig] = {}
     for t in tables:
-        cfg = cls(ratio=ratio)
+        cfg = make(ratio, t.embedding_dim)
         try:
             probe = CompressedEmbeddingBagCollection([t], {t.name: cfg}, device=META)
         except ValueError:
@@ -162,9 +161,10 @@ def run_demo(
 
     Returns ``{"config": ..., "results": [RunResult as dict, ...], "wall_s": ...}``.
     """
-    unknown = [s for s in schemes if s not in SCHEMES]
+    known = ["none", *presets()]
+    unknown = [s for s in schemes if s not in known]
     if unknown:
-        raise ValueError(f"unknown schemes {unknown}; choose from {list(SCHEMES)}")
+        raise ValueError(f"unknown schemes {unknown}; choose from {known}")
     if steps < 1 or batch_size < 1 or eval_batches < 1:
         raise ValueError(f"steps, batch_size and eval_batches must be >= 1, got {steps}, {batch_size}, {eval_batches}")
     t0 = time.perf_counter()
@@ -179,7 +179,7 @@ def run_demo(
             plan = qualifying_schemes(tables, name, ratio)
             if progress:
                 skipped = [t.name for t in tables if t.name not in plan]
-                print(f"{name}: uncompressed baseline, {len(tables)} tables" if SCHEMES[name] is None else
+                print(f"{name}: uncompressed baseline, {len(tables)} tables" if name == "none" else
                       f"{name}: compressing {len(plan)} tables at {ratio:g}x; left uncompressed (too small): {', '.join(skipped) or '-'}")
             results.append(train_and_eval(name, tables, plan, train, held_out, dim, seed, lr_sparse, lr_dense, progress))
 

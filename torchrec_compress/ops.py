@@ -35,3 +35,9 @@ def universal_hash(ids: torch.Tensor, buckets: int, seed: int) -> torch.Tensor:
     a, b = hash_params(seed)
     x = torch.remainder(ids.to(torch.int64), MERSENNE_P)
     return torch.remainder(torch.remainder(x * a + b, MERSENNE_P), buckets)
+
+
+def py_hash(x: int, buckets: int, seed: int) -> int:
+    """:func:`universal_hash` of one id in Python integers (for the plain-torch references)."""
+    a, b = hash_params(seed)
+    return ((a * (x % MERSENNE_P) + b) % MERSENNE_P) % buckets

@@ -20,7 +20,7 @@ from torchrec.inference.modules import quantize_embeddings
 
 from ..data.synthetic import CRITEO_KAGGLE_CARDINALITIES, SyntheticCriteo, cat_names
 from ..modules.compressed_ebc import CompressedEmbeddingBagCollection
-from ..mpe import fit_mpe_groups_, mpe_choose_, mpe_finalize
+from ..modules.compress import fit_
 from ..quant.export import DTYPES, export, quantized_memory_report
 from ..schemes.mpe import MPE
 
@@ -74,13 +74,14 @@ def bench_inference(max_rows: int = 1_000_000, dim: int = 64, batch: int = 2048,
     mpe.load_state_dict({f"pooled.{k}": v for k, v in ebc.state_dict().items() if k.split(".")[1] not in big}, strict=False)
     for n in big:
         mpe.per_id.embedding_bags[f"{n}__full"].weight.copy_(ebc.embedding_bags[n].weight)
-        mpe.maps[n].clip.fill_(1.0)
+        mpe.scheme_states()[n].clip.fill_(1.0)
         # frequency rule: top 10% of ids int8, next 40% int4, next 30% int2, rarest 20% dropped
         rule = torch.tensor([3] + [2] * 4 + [1] * 3 + [0] * 2)  # candidate index over (0, 2, 4, 8, 16, 32)
-        mpe.maps[n].logits.copy_(torch.nn.functional.one_hot(rule, 6).float())
-    fit_mpe_groups_(mpe, data)
-    mpe_choose_(mpe)
-    variants["ours MPE (int8/4/2/drop)"] = export(mpe_finalize(mpe), {n: "int8" for n in [t.name for t in tables if t.name not in big]})
+        mpe.scheme_states()[n].logits.copy_(torch.nn.functional.one_hot(rule, 6).float())
+    fit_(mpe, data)  # groups from the benchmark's own id counts
+    for n in big:
+        mpe.scheme(n).choose_()
+    variants["ours MPE (int8/4/2/drop)"] = export(mpe, {n: "int8" for n in [t.name for t in tables if t.name not in big]})
 
     lookups = sum(int(k.values().numel()) for k in data)
     times: Dict[str, List[float]] = {k: [] for k in variants}

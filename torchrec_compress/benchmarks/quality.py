@@ -2,10 +2,10 @@
 
 Same model (DLRM, dim ``dim``), seeds, epochs, batches and optimizers (fused row-wise
 Adagrad for tables, Adagrad for the rest) for every run; only the large tables (``>=
-min_rows`` rows) are compressed, as a planner would leave the small ones exact. Per
-scheme, what it needs to be used properly: FreqThreshold is fitted from the training
-data's counts; Saec warms up uncompressed for ``warm_epochs``, clusters, then fine-tunes;
-MPE searches for ``warm_epochs`` then retrains, and is evaluated exported; ``int8`` /
+min_rows`` rows) are compressed, as a planner would leave the small ones exact. Every
+scheme (its preset from the registry) runs its own procedure inside training, as under
+``torchrec-compress train``: FreqThreshold counts then fits, Saec warms up, clusters and
+fine-tunes, MPE counts, searches and retrains (QAT); ``int8`` /
 ``int4`` are the uncompressed model exported with FBGEMM row-wise quantization of the
 large tables (their ratio is fixed by the format). Reported per (scheme, ratio): test AUC,
 log loss and NE (mean and spread over seeds), embedding bytes and achieved ratio (of the
@@ -26,34 +26,20 @@ from torchrec.datasets.utils import Batch
 from torchrec.models.dlrm import DLRM
 from tqdm import tqdm
 
-from ..config import SchemeConfig
-from ..distributed.state import copy_full_into_, single_rank_full_state_dict
-from ..fit import fit_frequency_, fit_saec_
+from ..config import SchemeConfig, presets
+from ..distributed.state import single_rank_full_state_dict
 from ..modules.compress import compress_
 from ..modules.compressed_ebc import CompressedEmbeddingBagCollection
-from ..mpe import fit_mpe_groups_, mpe_finalize, run_mpe
 from ..quant.export import export, quantized_memory_report
-from ..schemes import FIITED, MPE, QR, FreqThreshold, Hashing, MEmCom, MemRec, Saec
-from ..stats import FrequencyStats
 from ..train.loop import local_process_group, predictions, shard_for_training, train_steps
 from ..train.metrics import binary_metrics
 
-SCHEMES: Dict[str, Callable[[float, int], SchemeConfig]] = {  # (ratio, embedding dim) -> config
-    "hashing": lambda r, d: Hashing(ratio=r),
-    "qr": lambda r, d: QR(ratio=r),
-    "memcom": lambda r, d: MEmCom(ratio=r),
-    "memrec": lambda r, d: MemRec(ratio=r, hashes=2),
-    "freq_threshold": lambda r, d: FreqThreshold(ratio=r),
-    "saec": lambda r, d: Saec(ratio=r),
-    "mpe": lambda r, d: MPE(ratio=r, groups=32, penalty=0.1),
-    "fiited": lambda r, d: FIITED(ratio=r, chunks=d // 4),  # the paper's utility, chunks of 4 dims
-    # + priors against churn (not in the paper): every id's first chunk before anyone's second, at most 2 chunks
-    # per id, later chunks discounted; a narrower sketch and a smaller reserve
-    "fiited_prior": lambda r, d: FIITED(ratio=r, chunks=d // 4, position_decay=0.2, min_chunks=1, max_chunks=2, sketch=0.125,
-                                        reserve=0.05),
-}
 QUANT = ("int8", "int4")  # FBGEMM row-wise quantization of the uncompressed tables
-ALL = list(SCHEMES) + list(QUANT)
+
+
+def all_schemes() -> List[str]:
+    """Every benchmark name: the registry's presets (``TableScheme.presets``) and the post-training formats."""
+    return list(presets()) + list(QUANT)
 
 
 @dataclasses.dataclass
@@ -121,49 +107,27 @@ def _unsharded(data: QualityData, dim: int, schemes: Optional[Dict[str, SchemeCo
     return model
 
 
-def run_one(data: QualityData, scheme: str, ratio: float, seed: int, epochs: int = 5, dim: int = 16, min_rows: int = 500,
-            warm_epochs: int = 2) -> Dict[str, object]:
+def run_one(data: QualityData, scheme: str, ratio: float, seed: int, epochs: int = 5, dim: int = 16, min_rows: int = 500
+            ) -> Dict[str, object]:
     """Train and test one (scheme, ratio, seed); ``scheme`` "none" is the uncompressed baseline.
-    Raises ValueError when the scheme cannot reach ``ratio`` on these tables."""
+    Every scheme runs its own procedure inside training (counting, warm-up, search), exactly
+    as under ``torchrec-compress train``. Raises ValueError when the scheme cannot reach
+    ``ratio`` on these tables."""
     big = [f"t_{f}" for f, v in zip(data.features, data.cardinalities) if v >= min_rows]
-    cfg = SCHEMES[scheme](ratio, dim) if scheme in SCHEMES else None
+    cfg = presets()[scheme](ratio, dim) if scheme in presets() else None
     schemes = {t: cfg for t in big} if cfg is not None else None
     if schemes:  # fail fast (unreachable ratio) before any training
         CompressedEmbeddingBagCollection(data.tables(dim), schemes, device=torch.device("meta"))
-    if scheme in ("freq_threshold", "saec", "mpe"):  # the schemes fitted from id counts
-        stats = FrequencyStats(dict(zip(data.features, data.cardinalities)))
-        stats.update_from(data.train(0, seed), progress=False)
     t0 = time.perf_counter()
-    first, warm = 0, None
-    if scheme == "saec":  # warm up uncompressed, then cluster the warmed embeddings
-        _, dmp, opt = _model(data, dim, None, seed)
-        for e in range(warm_epochs):
-            train_steps(dmp, opt, data.train(e, seed), progress=False)
-        warm, first = single_rank_full_state_dict(dmp), warm_epochs
     model, dmp, opt = _model(data, dim, schemes, seed)
-    if scheme == "freq_threshold":
-        fit_frequency_(dmp, stats)
-    if scheme == "saec":
-        state = dmp.state_dict()
-        for k, v in warm.items():  # dense layers and the exact tables continue from the warm-up
-            if k in state:
-                copy_full_into_(state[k], v)
-        prefix = "sparse_arch.embedding_bag_collection.embedding_bags."
-        fit_saec_(dmp, {t: warm[f"{prefix}{t}.weight"] for t in big}, stats)
-    if scheme == "mpe":
-        fit_mpe_groups_(dmp, stats)
-        epochs_of = lambda lo, hi: (b for e in range(lo, hi) for b in data.train(e, seed))  # noqa: E731
-        run_mpe(dmp, opt, epochs_of(0, warm_epochs), epochs_of(warm_epochs, epochs), progress=False)
-    else:
-        for e in range(first, epochs):
-            train_steps(dmp, opt, data.train(e, seed), progress=False)
+    steps = 0
+    for e in range(epochs):
+        losses, _, _ = train_steps(dmp, opt, data.train(e, seed), progress=False)
+        steps += len(losses)
     seconds = time.perf_counter() - t0
-    if scheme in QUANT or scheme == "mpe":  # evaluated as exported to FBGEMM's quantized tables
+    if scheme in QUANT:  # evaluated as exported to FBGEMM's quantized tables
         unsharded = _unsharded(data, dim, schemes, single_rank_full_state_dict(dmp))
-        if scheme == "mpe":
-            inference = export(mpe_finalize(unsharded), default="fp32")
-        else:
-            inference = export(unsharded, dtypes={t: scheme for t in big}, default="fp32")
+        inference = export(unsharded, dtypes={t: scheme for t in big}, default="fp32")
         rep = quantized_memory_report(inference)
         metrics = binary_metrics(*predictions(inference, data.test()))
     else:
@@ -174,15 +138,16 @@ def run_one(data: QualityData, scheme: str, ratio: float, seed: int, epochs: int
         metrics = binary_metrics(*predictions(dmp, data.test()))
     stored = sum(rep.tables[t].compressed_bytes for t in big)
     full = sum(rep.tables[t].uncompressed_bytes for t in big)
-    return {**metrics, "bytes": stored, "uncompressed_bytes": full, "achieved_ratio": full / stored, "train_s": seconds}
+    return {**metrics, "bytes": stored, "uncompressed_bytes": full, "achieved_ratio": full / stored, "train_s": seconds,
+            "steps": steps, "config": repr(cfg) if cfg is not None else None}
 
 
 def bench_quality(data: QualityData, schemes: Sequence[str], ratios: Sequence[float], seeds: Sequence[int], epochs: int = 5,
                   dim: int = 16, min_rows: int = 500, progress: bool = True) -> Dict[str, object]:
     """Every (scheme, ratio) and the uncompressed baseline over ``seeds``; one process."""
-    unknown = sorted(set(schemes) - set(ALL))
+    unknown = sorted(set(schemes) - set(all_schemes()))
     if unknown:
-        raise ValueError(f"bench quality: unknown schemes {unknown}; use any of {ALL}")
+        raise ValueError(f"bench quality: unknown schemes {unknown}; use any of {all_schemes()}")
     jobs = [("none", 1.0)] + [(s, 0.0) for s in schemes if s in QUANT] + [(s, float(r)) for s in schemes if s not in QUANT for r in ratios]
     rows: List[Dict[str, object]] = []
     with local_process_group(), tqdm(total=len(jobs) * len(seeds), desc="bench quality", disable=not progress) as bar:

@@ -21,23 +21,14 @@ from tabulate import tabulate
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.inference.modules import quantize_embeddings
 
-from ..config import SchemeConfig
+from ..config import SchemeConfig, presets
 from ..data.mlperf import DLRMV2_CARDINALITIES
 from ..data.synthetic import CRITEO_KAGGLE_CARDINALITIES, SyntheticCriteo, cat_names
 from ..modules.compressed_ebc import CompressedEmbeddingBagCollection
 from ..quant.export import export
-from ..schemes import FIITED, QR, FreqThreshold, Hashing, MEmCom, MemRec
 from ..train.loop import local_process_group, shard_for_training
 
-SPEED_SCHEMES: Dict[str, Callable[[float], SchemeConfig]] = {
-    "hashing": lambda r: Hashing(ratio=r),
-    "qr": lambda r: QR(ratio=r),
-    "qr_add": lambda r: QR(ratio=r, combiner="add"),
-    "memcom": lambda r: MEmCom(ratio=r),
-    "memrec": lambda r: MemRec(ratio=r, hashes=2),
-    "freq_threshold": lambda r: FreqThreshold(ratio=r),
-    "fiited": lambda r: FIITED(ratio=r, chunks=2),
-}
+SPEED_DEFAULT = ("hashing", "qr", "qr_add", "memcom", "memrec", "freq_threshold", "fiited")  # registry presets timed by default
 SIZES = {"kaggle": CRITEO_KAGGLE_CARDINALITIES, "criteotb": DLRMV2_CARDINALITIES}
 
 
@@ -74,7 +65,7 @@ def _timed(step: Callable[[object], None], batches: Sequence[object]) -> float:
 
 
 def bench_speed(sizes: str = "kaggle", max_rows: Optional[int] = 2_000_000, dim: int = 64, ratio: float = 10.0, batch: int = 2048,
-                batches: int = 8, reps: int = 3, schemes: Sequence[str] = tuple(SPEED_SCHEMES), min_rows: int = 10_000,
+                batches: int = 8, reps: int = 3, schemes: Sequence[str] = SPEED_DEFAULT, min_rows: int = 10_000,
                 stock_limit_bytes: int = 8 * 2**30) -> Dict[str, object]:
     """Samples/s of a training step and of inference lookups per scheme and for stock TorchRec."""
     cards = [v if max_rows is None else min(v, max_rows) for v in SIZES[sizes]]
@@ -89,7 +80,7 @@ def bench_speed(sizes: str = "kaggle", max_rows: Optional[int] = 2_000_000, dim:
         if full_bytes <= stock_limit_bytes:
             variants["stock"] = None
         for name in schemes:
-            variants[name] = {t.name: SPEED_SCHEMES[name](ratio) for t in tables if t.num_embeddings >= min_rows}
+            variants[name] = {t.name: presets()[name](ratio, dim) for t in tables if t.num_embeddings >= min_rows}
         for name, sch in variants.items():
             try:
                 ebc = (EmbeddingBagCollection(_tables(cards, dim), device=torch.device("meta")) if sch is None else

@@ -1,7 +1,7 @@
 """Write full (unsharded) tensors into a module's state, sharded or not."""
 from __future__ import annotations
 
-from typing import Dict, Mapping
+from typing import Dict, Mapping, Optional
 
 import torch
 
@@ -50,3 +50,21 @@ def single_rank_full_state_dict(module: torch.nn.Module) -> Dict[str, torch.Tens
             t = shards[0].tensor
         out[name] = t.detach().clone()
     return out
+
+
+@torch.no_grad()
+def full_tensor(target: object, group: Optional["torch.distributed.ProcessGroup"]) -> torch.Tensor:
+    """The whole tensor behind ``target`` on every rank: a plain (replicated) tensor is
+    copied; a ShardedTensor's local shards are placed and summed over ``group``."""
+    from .collectives import all_reduce_sum_
+
+    if not hasattr(target, "local_shards"):
+        return target.detach().clone()
+    shards = target.local_shards()
+    device = shards[0].tensor.device if shards else torch.device("cpu")
+    dtype = shards[0].tensor.dtype if shards else target.dtype
+    out = torch.zeros(tuple(target.size()), dtype=dtype, device=device)
+    for shard in shards:
+        o, s = shard.metadata.shard_offsets, shard.tensor.shape
+        out[o[0]:o[0] + s[0], o[1]:o[1] + s[1]] = shard.tensor
+    return all_reduce_sum_(out, group)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
@@ -28,7 +29,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, Keyed
 
 from .. import schemes as _schemes  # noqa: F401  (fills the registry)
 from ..config import SchemeConfig, scheme_class_for
-from ..schemes.base import TableScheme, Uncompressed, bag_index, uniform_init
+from ..schemes.base import TableAccess, TableScheme, Uncompressed, bag_index, uniform_init
 from .memory import MemoryReport, TableMemory
 
 
@@ -133,10 +134,12 @@ class CompressedEmbeddingBagCollection(nn.Module):
         for t in tables:
             impl = self._schemes[t.name]
             if impl.initial_buffers() or impl.initial_parameters():
-                self.maps[t.name] = _SchemeState(impl, device)
+                self.maps[t.name] = SchemeState(impl, device)
                 impl.bind(self.maps[t.name])
         # follows .to(); lets forward() check the input device without touching sharded tables
         self.register_buffer("_device_probe", torch.empty(0, device=device), persistent=False)
+        self._materialized = False  # scheme state checked after DMP's materialization (materialize())
+        self._warned: set = set()
 
     # ------------------------------------------------------------------ torchrec API
     def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
@@ -152,6 +155,11 @@ class CompressedEmbeddingBagCollection(nn.Module):
 
     def scheme(self, table_name: str) -> TableScheme:
         return self._schemes[table_name]
+
+    def scheme_states(self) -> Dict[str, "SchemeState"]:
+        """Table -> the module holding its scheme's buffers and small parameters (tables whose
+        scheme keeps any state)."""
+        return dict(self.maps.items())
 
     # ------------------------------------------------------------------ forward
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
@@ -172,13 +180,17 @@ class CompressedEmbeddingBagCollection(nn.Module):
         if self._validate:
             self._check_ids(jts)
         batch = features.stride()
-        for t in self._tables:  # schemes that change their storage during training (FIITED)
+        self.materialize()
+        for t in self._tables:  # the schemes' own procedures (counting, clustering, search, re-planning)
             impl = self._schemes[t.name]
             if impl.step(self.training):
-                for name, rows in impl.event().items():
+                for name, rows in impl.event(self.tables(t.name)).items():
                     self._zero_rows(name, rows)
             if impl.sees_ids and self.training:
                 impl.see(torch.cat([jts[f].values() for f in t.feature_names]), self._sync_group())
+            if not self.training and impl.data_driven and t.name not in self._warned and not impl.fitted():
+                self._warned.add(t.name)
+                warnings.warn(unfitted_message(t.name, impl), stacklevel=3)
 
         pooled_keys: List[str] = []
         pooled_vals: List[torch.Tensor] = []
@@ -232,6 +244,31 @@ class CompressedEmbeddingBagCollection(nn.Module):
             per = impl.combine([per_id_out[f"{f}{s}"][:n] for s in suffixes], jt.values())
             outs.append(_pool(per, jt, t.pooling, self._is_weighted, batch))
         return KeyedTensor(keys=self._embedding_names, length_per_key=self._dims, values=torch.cat(outs, dim=1))
+
+    def materialize(self) -> None:
+        """Give every scheme state its initial value if ``DistributedModelParallel`` has just
+        materialized it from meta: DMP fills meta buffers with zeros and calls
+        ``reset_parameters`` only on modules with meta parameters, so a buffer-only state
+        (Saec's map, FreqThreshold's padding) would stay zero. Runs once (first forward, fit_)."""
+        if self._materialized or self.device.type == "meta":
+            return
+        for state in self.maps.values():
+            state.materialize()
+        self._materialized = True
+
+    def tables(self, table_name: str) -> TableAccess:
+        """What the scheme of ``table_name`` may do to its physical tables (sharded or not)."""
+        return _Tables(self, table_name)
+
+    def _inner_weight(self, physical: str) -> object:
+        """``physical``'s weight in this rank's state: a tensor, or a ShardedTensor once sharded."""
+        key = f"embedding_bags.{physical}.weight"
+        for inner in (self.pooled, self.per_id):
+            if inner is not None:
+                state = inner.state_dict()
+                if key in state:
+                    return state[key]
+        raise KeyError(f"no physical table {physical!r}")
 
     def _sync_group(self) -> Optional[dist.ProcessGroup]:
         """The process group of the sharded inner tables (None when unsharded): what schemes
@@ -342,9 +379,44 @@ class CompressedEmbeddingBagCollection(nn.Module):
                     f"(scheme {self._schemes[t.name].name})"
                 )
 
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def for_inference(self) -> "CompressedEmbeddingBagCollection":
+        """This module with every scheme in its deployed layout (``TableScheme.inference``:
+        MPE's precision groups as one table per precision, Saec without its warm-up table);
+        itself when no scheme changes. A data-driven scheme that never finished its procedure
+        is deployed as it is (e.g. MPE's fp32 table), with a warning naming the table."""
+        self.materialize()
+        swaps = {}
+        for t in self._tables:
+            impl = self._schemes[t.name]
+            if impl.data_driven and not impl.fitted():  # deployed as it is, and said so
+                warnings.warn(unfitted_message(t.name, impl), stacklevel=2)
+                continue
+            out = impl.inference(self.tables(t.name))
+            if out is not None:
+                swaps[t.name] = out
+        if not swaps:
+            return self
+        schemes = {t.name: self._schemes[t.name].config for t in self._tables if self._schemes[t.name].config is not None}
+        schemes.update({name: cfg for name, (cfg, _, _) in swaps.items()})
+        new = CompressedEmbeddingBagCollection(replace_configs(self._tables), schemes, is_weighted=self._is_weighted,
+                                               device=self.device, validate=self._validate)
+        mine = new.state_dict()
+        new.load_state_dict({k: v for k, v in self.state_dict().items() if k in mine and mine[k].shape == v.shape}, strict=False)
+        for name, (_, weights, buffers) in swaps.items():
+            access = new.tables(name)
+            for suffix, w in weights.items():
+                access.write(suffix, w)
+            for b, value in buffers.items():
+                getattr(new.maps[name], b).copy_(value)
+        new._materialized = True
+        return new.train(self.training)
+
     # ------------------------------------------------------------------ memory
     def memory_report(self) -> MemoryReport:
         """Bytes of every physical table and map per logical table (logical, unsharded sizes)."""
+        self.materialize()
         tables: Dict[str, TableMemory] = {}
         for t in self._tables:
             impl = self._schemes[t.name]
@@ -354,11 +426,12 @@ class CompressedEmbeddingBagCollection(nn.Module):
                 compressed_bytes=sum(parts.values()),
                 uncompressed_bytes=t.num_embeddings * t.embedding_dim * 4,
                 parts=parts,
+                training_bytes=impl.training_bytes(),
             )
         return MemoryReport(tables)
 
 
-class _SchemeState(nn.Module):
+class SchemeState(nn.Module):
     """A scheme's maps (buffers) and small parameters, registered under ``maps.<table>``."""
 
     def __init__(self, impl: TableScheme, device: Optional[torch.device]) -> None:
@@ -368,6 +441,8 @@ class _SchemeState(nn.Module):
             self.register_buffer(name, tensor.to(device) if device is not None else tensor)
         for name, tensor in impl.initial_parameters().items():
             self.register_parameter(name, nn.Parameter(tensor.to(device) if device is not None else tensor))
+        # True once the state holds real values: DMP's zero fill of meta buffers makes it False
+        self.register_buffer("ready", torch.ones((), dtype=torch.bool, device=device))
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -376,6 +451,48 @@ class _SchemeState(nn.Module):
         impl = self._impl[0]
         for name, tensor in [*impl.initial_parameters().items(), *impl.initial_buffers().items()]:
             getattr(self, name).copy_(tensor)
+        self.ready.fill_(True)
+
+    @torch.no_grad()
+    def materialize(self) -> None:
+        """Initial values for a state DMP zero-filled without calling ``reset_parameters``."""
+        if not bool(self.ready):
+            self.reset_parameters()
+
+
+def scheme_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """The schemes' own small trainable tensors (e.g. MPE's precision logits) in ``model``
+    (sharded or not): what training gives its own learning rate."""
+    return [p for m in model.modules() if isinstance(m, SchemeState) for p in m.parameters()]
+
+
+class _Tables:
+    """:class:`~torchrec_compress.schemes.base.TableAccess` of one logical table's physical tables."""
+
+    def __init__(self, module: CompressedEmbeddingBagCollection, table_name: str) -> None:
+        self._m, self._name = module, table_name
+        self.group = module._sync_group()
+
+    def read(self, suffix: str) -> torch.Tensor:
+        from ..distributed.state import full_tensor  # the distributed package imports this module
+
+        return full_tensor(self._m._inner_weight(self._name + suffix), self.group)
+
+    @torch.no_grad()
+    def write(self, suffix: str, full: torch.Tensor) -> None:
+        from ..distributed.state import copy_full_into_
+
+        target = self._m._inner_weight(self._name + suffix)
+        copy_full_into_(target, full.to(target.dtype) if not hasattr(target, "local_shards") else full)
+
+    def zero_rows(self, suffix: str, rows: torch.Tensor) -> None:
+        self._m._zero_rows(self._name + suffix, rows)
+
+
+def unfitted_message(table: str, impl: TableScheme) -> str:
+    return (f"table {table!r}: {impl.name} has not finished its procedure (it learns from the training data: "
+            f"{impl.config!r}); its lookups are not what it will deploy. Train for more steps or call "
+            f"torchrec_compress.fit_(model, batches) first")
 
 
 def _observe(impl: TableScheme, jt: JaggedTensor, group: Optional[dist.ProcessGroup], grad: torch.Tensor) -> None:

@@ -104,7 +104,7 @@ def export(model: nn.Module, dtypes: Optional[Mapping[str, str]] = None, default
     for m in model.modules():
         if isinstance(m, ShardedModule):
             raise ValueError("export needs an unsharded model: load the trained (DCP) checkpoint into an unsharded copy first")
-    out = copy.deepcopy(model)
+    out = finalize(copy.deepcopy(model))
     used: set = set()
     replaced = 0
     for parent in list(out.modules()):
@@ -118,6 +118,20 @@ def export(model: nn.Module, dtypes: Optional[Mapping[str, str]] = None, default
     if unknown:
         raise ValueError(f"export: dtypes given for unknown tables {unknown}")
     return out.eval()
+
+
+def finalize(model: nn.Module) -> nn.Module:
+    """``model`` with every compressed module in its deployed layout
+    (:meth:`CompressedEmbeddingBagCollection.for_inference`: e.g. MPE's chosen precisions as
+    one table per precision); ``export`` calls it. Changes ``model`` in place and returns it
+    (a bare compressed module is returned replaced)."""
+    if isinstance(model, CompressedEmbeddingBagCollection):
+        return model.for_inference()
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, CompressedEmbeddingBagCollection):
+                setattr(parent, name, child.for_inference())
+    return model
 
 
 def _rows(weight: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Protocol, Tuple
 
 import torch
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
@@ -87,14 +87,38 @@ def round_dim_ok(dim: int) -> bool:
     return dim > 0 and dim % 4 == 0
 
 
+class TableAccess(Protocol):
+    """What a scheme's procedure may do to its own physical tables, sharded or not (given
+    to :meth:`TableScheme.event`, :meth:`TableScheme.fit` and :meth:`TableScheme.inference`
+    by the module). ``suffix`` names the physical table (``PhysicalTable.suffix``)."""
+
+    group: Optional["torch.distributed.ProcessGroup"]  # ranks that share the scheme's decisions (None: one process)
+
+    def read(self, suffix: str) -> torch.Tensor:
+        """The whole ``[rows, dim]`` table, the same on every rank (gathered when sharded)."""
+
+    def write(self, suffix: str, full: torch.Tensor) -> None:
+        """Overwrite the table with ``full [rows, dim]`` (each rank writes the shards it holds)."""
+
+    def zero_rows(self, suffix: str, rows: torch.Tensor) -> None:
+        """Zero ``rows`` and their fused optimizer state."""
+
+
 class TableScheme:
-    """Base class; subclasses are registered with ``@register_scheme(Config)``."""
+    """Base class; subclasses are registered with ``@register_scheme(Config)``.
+
+    Class attributes a scheme declares next to itself (the registry reads them):
+    ``preset`` (``(ratio, dim) -> config`` used by ``bench quality``/``bench speed``/the demo)
+    and ``reference`` (the plain-torch reference of its paper's equations, see
+    ``torchrec_compress.testing.reference``)."""
 
     per_value: bool = False
     accepts_any_id: bool = False  # True: ids >= num_embeddings are valid (hashed by design)
     ragged: bool = False  # True: route() sends each id to a subset of the physical tables
     observes_gradients: bool = False  # True: observe(grad, jt, group) sees the gradient of the table's output
     sees_ids: bool = False  # True: see(values, group) gets every training batch's ids before the lookup
+    data_driven: bool = False  # True: its procedure learns from the data (counts, warm-up, search); see fitted()
+    training_buffers: Tuple[str, ...] = ()  # buffers only training needs (e.g. id counts): not in the deployed bytes
 
     def __init__(self, table: EmbeddingBagConfig, config: Optional[SchemeConfig]) -> None:
         self.table = table
@@ -131,9 +155,29 @@ class TableScheme:
         """Called once per forward before the transform; True: run :meth:`event` now."""
         return False
 
-    def event(self) -> Dict[str, torch.Tensor]:
-        """Re-plan the storage; returns rows of physical tables (by name) to zero."""
+    def event(self, tables: TableAccess) -> Dict[str, torch.Tensor]:
+        """The scheme's procedure at this step (fit, cluster, choose, re-plan): identical on
+        every rank. Returns rows of physical tables (by name) to zero."""
         return {}
+
+    # --- data-driven schemes (the lifecycle) ---------------------------------------------
+    def fitted(self) -> bool:
+        """False while a data-driven scheme has not finished its procedure (its lookups are
+        then not what it will deploy); the module warns when such a table is evaluated."""
+        return True
+
+    def fit(self, counts: torch.Tensor, tables: TableAccess, embeddings: Optional[torch.Tensor] = None) -> None:
+        """Fit from id ``counts [v]`` (summed over the table's features; the same on every
+        rank) given up front (``torchrec_compress.fit_``) instead of counted while training."""
+
+    def status(self) -> Dict[str, object]:
+        """Where the scheme's procedure stands (stage, kept ids or chunks), for run reports."""
+        return {}
+
+    def inference(self, tables: TableAccess) -> Optional[Tuple[SchemeConfig, Dict[str, torch.Tensor], Dict[str, torch.Tensor]]]:
+        """What export deploys instead of the trained layout: ``(config, {suffix: [rows, d]
+        weights}, {buffer: tensor})`` of the deployed scheme, or None (deployed as trained)."""
+        return None
 
     def see(self, values: torch.Tensor, group: Optional["torch.distributed.ProcessGroup"]) -> None:
         """Called once per training forward (after :meth:`step`, before the transform) with
@@ -168,7 +212,11 @@ class TableScheme:
     # --- memory accounting -----------------------------------------------------------
     def extra_bytes(self) -> int:
         """Bytes kept outside the physical tables (maps, per-id state)."""
-        return sum(t.numel() * t.element_size() for t in self.initial_buffers().values())
+        return sum(t.numel() * t.element_size() for n, t in self.initial_buffers().items() if n not in self.training_buffers)
+
+    def training_bytes(self) -> int:
+        """Bytes held only while training (id counts, warm-up tables): not deployed."""
+        return sum(t.numel() * t.element_size() for n, t in self.initial_buffers().items() if n in self.training_buffers)
 
     def table_bytes(self) -> int:
         width = _BYTES_PER_ELEMENT.get(self.table.data_type, 4)

@@ -57,6 +57,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from ..config import SchemeConfig, _check_positive_int, register_scheme
 from ..ops import universal_hash
+from ..distributed.collectives import all_gather_ids
 from .base import PhysicalTable, TableScheme, bag_index, constant_init, ragged_parts
 
 SKETCH_DEPTH = 2
@@ -123,6 +124,13 @@ class FIITED(SchemeConfig):
 
 @register_scheme(FIITED)
 class FIITEDScheme(TableScheme):
+    presets = {
+        "fiited": lambda r, d: FIITED(ratio=r, chunks=d // 4),  # the paper's utility, chunks of 4 dims
+        # + priors against churn (not in the paper): every id's first chunk before anyone's second, at most 2
+        # chunks per id, later chunks discounted; a narrower sketch and a smaller reserve
+        "fiited_prior": lambda r, d: FIITED(ratio=r, chunks=d // 4, position_decay=0.2, min_chunks=1, max_chunks=2,
+                                            sketch=0.125, reserve=0.05),
+    }
     ragged = True  # each id reaches only the chunk positions it keeps
     observes_gradients = True  # the module hooks :meth:`observe` on this table's output
     sees_ids = True  # :meth:`see`: remember the batch's ids and admit the new ones
@@ -253,7 +261,7 @@ class FIITEDScheme(TableScheme):
         event leaves ``reserve`` of the pool free for this."""
         ids = torch.unique(values.to(torch.int64))
         if group is not None and dist.get_world_size(group) > 1:
-            ids = _all_gather_ids(ids, group)
+            ids = all_gather_ids(ids, group)
         self._remember(ids)
         a, b = self.config.admit, self.buffers
         n = int(b.n_kept)
@@ -308,6 +316,9 @@ class FIITEDScheme(TableScheme):
         b.seen[: merged.numel()] = merged
         b.n_seen.fill_(merged.numel())
 
+    def status(self) -> Dict[str, object]:
+        return {"kept_chunks": int(self.buffers.n_kept), "events": int(self.buffers.events)}
+
     # ------------------------------------------------------------------ prune / grow
     def step(self, training: bool) -> bool:
         """Count a forward; True when an event is due before it: after 1, 2, 4, ... training
@@ -322,7 +333,7 @@ class FIITEDScheme(TableScheme):
         return due
 
     @torch.no_grad()
-    def event(self) -> Dict[str, torch.Tensor]:
+    def event(self, tables=None) -> Dict[str, torch.Tensor]:
         """Prune and grow within the pool. Returns ``{pool table: granted and freed slots}`` (to be zeroed)."""
         b = self.buffers
         self._routed = None  # the assignment changes
@@ -379,17 +390,12 @@ class FIITEDScheme(TableScheme):
         x = b.keys[: int(b.n_kept)].to(torch.int64) // self.c
         return torch.zeros(self.table.num_embeddings, dtype=torch.int64, device=x.device).index_add_(0, x, torch.ones_like(x))
 
-
-def _all_gather_ids(ids: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """Sorted union of every rank's ``ids`` (padded all_gather: gloo has no variable sizes)."""
-    world = dist.get_world_size(group)
-    size = torch.tensor([ids.numel()], dtype=torch.int64, device=ids.device)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size, group=group)
-    top = int(max(s.item() for s in sizes))
-    padded = torch.full((top,), -1, dtype=torch.int64, device=ids.device)
-    padded[: ids.numel()] = ids
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded, group=group)
-    allids = torch.cat(parts)
-    return torch.unique(allids[allids >= 0])
+    # --- the plain-torch reference of the paper's equation (the tests compare against it) ----
+    @staticmethod
+    def reference(table, config, w, x: int, state) -> torch.Tensor:
+        """Eq. 1: kept chunks from the pool, pruned ones zero."""
+        pool, c = w[f"{table.name}__pool"], config.chunks
+        n = int(state["n_kept"])
+        kept = {int(k): int(sl) for k, sl in zip(state["keys"][:n].tolist(), state["slots"][:n].tolist())}
+        s = table.embedding_dim // c
+        return torch.cat([pool[kept[x * c + k]] if x * c + k in kept else torch.zeros(s) for k in range(c)])

@@ -4,9 +4,11 @@ rare ids share a few hashed rows.
 Storage: F private rows + S shared rows (d each) and the sorted ids of the frequent
 set (the compact id -> row map: row = position in the sorted list, found with a binary
 search; int32 where ids fit). Shapes are fixed by the config so the table can be
-sharded before the data is seen; :func:`fit_frequency_` fills the map from
-:class:`~torchrec_compress.stats.FrequencyStats` (the ``capacity`` most frequent ids with
-at least ``min_count`` occurrences). Until then every id reads a shared row.
+sharded before the data is seen. The scheme fits itself: it counts the ids of its first
+``fit_steps`` training steps (summed over ranks), every id reading a shared row, then keeps
+the ``capacity`` most frequent ids with at least ``min_count`` occurrences; each starts
+from the shared row it trained so far. ``torchrec_compress.fit_`` fits it from
+statistics given up front instead.
 """
 from __future__ import annotations
 
@@ -15,21 +17,24 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ..config import SchemeConfig, _check_positive_int, register_scheme
-from ..ops import universal_hash
-from .base import PhysicalTable, TableScheme, uniform_init
+from ..config import SchemeConfig, _check_positive_int, _check_steps, register_scheme
+from ..ops import universal_hash, py_hash
+from .base import PhysicalTable, TableAccess, uniform_init
+from .lifecycle import Scheduled
 
 SHARED_SHARE = 0.05  # share of the row budget given to the shared rows when sizes come from ratio=
 
 
 @dataclasses.dataclass(frozen=True)
 class FreqThreshold(SchemeConfig):
-    """``FreqThreshold(ratio=27)`` or ``FreqThreshold(capacity=F, shared_rows=S)``; ``min_count`` = k."""
+    """``FreqThreshold(ratio=27)`` or ``FreqThreshold(capacity=F, shared_rows=S)``; ``min_count`` = k;
+    ``fit_steps``: training steps counted before the frequent set is chosen (0: only ``fit_``)."""
 
     capacity: Optional[int] = None
     shared_rows: Optional[int] = None
     min_count: int = 1
     seed: int = 0
+    fit_steps: int = 50
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -37,10 +42,12 @@ class FreqThreshold(SchemeConfig):
         _check_positive_int("FreqThreshold", "shared_rows", self.shared_rows)
         _check_positive_int("FreqThreshold", "min_count", self.min_count)
         self._ratio_or("capacity")
+        _check_steps("FreqThreshold", "fit_steps", self.fit_steps)
 
 
 @register_scheme(FreqThreshold)
-class FreqThresholdScheme(TableScheme):
+class FreqThresholdScheme(Scheduled):
+    presets = {"freq_threshold": lambda r, d: FreqThreshold(ratio=r)}
     def __init__(self, table, config: FreqThreshold) -> None:
         super().__init__(table, config)
         v, d = table.num_embeddings, table.embedding_dim
@@ -56,9 +63,14 @@ class FreqThresholdScheme(TableScheme):
             if self.capacity < 1:
                 raise self._too_small(f"no private row fits beside {self.shared} shared rows")
 
+    @property
+    def count_steps(self) -> int:
+        return self.config.fit_steps
+
     def initial_buffers(self) -> Dict[str, torch.Tensor]:
         # sorted frequent ids, padded with a sentinel larger than any id
-        return {"frequent_ids": torch.full((self.capacity,), torch.iinfo(self.id_dtype).max, dtype=self.id_dtype)}
+        return {"frequent_ids": torch.full((self.capacity,), torch.iinfo(self.id_dtype).max, dtype=self.id_dtype),
+                **self.lifecycle_buffers()}
 
     def physical_tables(self) -> List[PhysicalTable]:
         return [PhysicalTable("__ft", self.capacity + self.shared, self.table.embedding_dim, uniform_init(self.table))]
@@ -75,14 +87,49 @@ class FreqThresholdScheme(TableScheme):
     def combine(self, parts: List[torch.Tensor], values: torch.Tensor) -> torch.Tensor:
         return parts[0]
 
-    def fit(self, counts_ids: torch.Tensor, counts: torch.Tensor) -> int:
-        """Keep the ``capacity`` most frequent ids with count >= min_count. Returns how many."""
-        keep = counts >= self.config.min_count
-        ids, counts = counts_ids[keep], counts[keep]
+    @torch.no_grad()
+    def event(self, tables: TableAccess) -> Dict[str, torch.Tensor]:
+        """After ``fit_steps``: keep the most frequent counted ids; each private row starts as
+        the shared row its id trained so far (the model goes on where it was)."""
+        if self.stage == 0:
+            ids = self._keep(self.counted())
+            rows = tables.read("__ft")
+            rows[: ids.numel()] = rows[self.capacity + universal_hash(ids, self.shared, self.config.seed)]
+            tables.write("__ft", rows)
+            self._set(ids)
+        return {}
+
+    def fit(self, counts: torch.Tensor, tables: TableAccess, embeddings: Optional[torch.Tensor] = None) -> None:
+        """From id ``counts [v]`` given up front (``fit_``): keep the most frequent ids."""
+        self._set(self._keep(counts))
+
+    def _keep(self, counts: torch.Tensor) -> torch.Tensor:
+        """Sorted ids of the ``capacity`` most frequent ids with count >= min_count (ties: lower id)."""
+        counts = counts.cpu()
+        ids = (counts >= self.config.min_count).nonzero().squeeze(1)
         if ids.numel() > self.capacity:
-            ids = ids[counts.topk(self.capacity).indices]
+            ids = ids[torch.sort(-counts[ids], stable=True).indices[: self.capacity]]
+        return ids.sort().values
+
+    def _set(self, ids: torch.Tensor) -> None:
         frequent = self.buffers.frequent_ids
         fill = torch.full_like(frequent, torch.iinfo(self.id_dtype).max)
-        fill[: ids.numel()] = ids.sort().values.to(self.id_dtype).to(frequent.device)
+        fill[: ids.numel()] = ids.to(self.id_dtype).to(frequent.device)
         frequent.copy_(fill)
-        return ids.numel()
+        self.buffers.stage.fill_(self.FITTED)
+
+    def kept(self) -> int:
+        """Ids that have a private row."""
+        return int((self.buffers.frequent_ids != torch.iinfo(self.id_dtype).max).sum())
+
+    # --- the plain-torch reference of the paper's equation (the tests compare against it) ----
+    @staticmethod
+    def reference(table, config, w, x: int, state) -> torch.Tensor:
+        """Its own row (its rank among the frequent ids) if x is frequent, else E[F + h(x) mod S]."""
+        n = table.name
+        frequent = state["frequent_ids"].tolist()
+        ids = [i for i in frequent if i < 2**31 - 1]  # drop the padding sentinel
+        if x in ids:
+            return w[f"{n}__ft"][sorted(ids).index(x)]
+        cap = len(frequent)
+        return w[f"{n}__ft"][cap + py_hash(x, w[f"{n}__ft"].shape[0] - cap, config.seed)]

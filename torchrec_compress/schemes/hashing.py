@@ -11,7 +11,7 @@ from typing import List, Optional
 import torch
 
 from ..config import SchemeConfig, _check_positive_int, register_scheme
-from ..ops import universal_hash
+from ..ops import universal_hash, py_hash
 from .base import PhysicalTable, TableScheme, uniform_init
 
 
@@ -30,6 +30,7 @@ class Hashing(SchemeConfig):
 
 @register_scheme(Hashing)
 class HashingScheme(TableScheme):
+    presets = {"hashing": lambda r, d: Hashing(ratio=r)}  # bench quality / speed / demo: (ratio, dim) -> config
     accepts_any_id = True
 
     def __init__(self, table, config: Hashing) -> None:
@@ -50,3 +51,10 @@ class HashingScheme(TableScheme):
 
     def combine(self, parts: List[torch.Tensor], values: torch.Tensor) -> torch.Tensor:
         return parts[0]
+
+    # --- the plain-torch reference of the paper's equation (the tests compare against it) ----
+    @staticmethod
+    def reference(table, config, w, x: int, state) -> torch.Tensor:
+        """e(x) = E[h(x) mod m]."""
+        n = table.name
+        return w[f"{n}__hash"][py_hash(x, w[f"{n}__hash"].shape[0], config.seed)]

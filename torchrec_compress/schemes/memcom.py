@@ -15,7 +15,7 @@ from typing import List, Optional
 import torch
 
 from ..config import SchemeConfig, _check_positive_int, register_scheme
-from ..ops import universal_hash
+from ..ops import universal_hash, py_hash
 from .base import PhysicalTable, TableScheme, ceil_div, constant_init, uniform_init
 
 PACK = 4  # scalars per physical row of the weight table
@@ -36,6 +36,7 @@ class MEmCom(SchemeConfig):
 
 @register_scheme(MEmCom)
 class MEmComScheme(TableScheme):
+    presets = {"memcom": lambda r, d: MEmCom(ratio=r)}
     per_value = True
 
     def __init__(self, table, config: MEmCom) -> None:
@@ -68,3 +69,11 @@ class MEmComScheme(TableScheme):
         shared, packed = parts
         w = packed.gather(1, torch.remainder(values, PACK).unsqueeze(1))
         return shared * w
+
+    # --- the plain-torch reference of the paper's equation (the tests compare against it) ----
+    @staticmethod
+    def reference(table, config, w, x: int, state) -> torch.Tensor:
+        """Paper eq.: e(x) = w_x * E[h(x)]; the packed [v/4, 4] table read flat is w."""
+        n = table.name
+        shared = w[f"{n}__shared"]
+        return w[f"{n}__w"].reshape(-1)[x] * shared[py_hash(x, shared.shape[0], config.seed)]

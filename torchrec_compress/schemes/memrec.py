@@ -14,7 +14,7 @@ from typing import List, Optional
 import torch
 
 from ..config import SchemeConfig, _check_positive_int, register_scheme
-from ..ops import universal_hash
+from ..ops import universal_hash, py_hash
 from .base import PhysicalTable, TableScheme, ceil_div, constant_init, uniform_init
 
 PACK = 4
@@ -48,6 +48,7 @@ class MemRec(SchemeConfig):
 
 @register_scheme(MemRec)
 class MemRecScheme(TableScheme):
+    presets = {"memrec": lambda r, d: MemRec(ratio=r, hashes=2)}
     per_value = True
     accepts_any_id = True  # every id is hashed, so any non-negative id has an embedding
 
@@ -87,3 +88,13 @@ class MemRecScheme(TableScheme):
         if self.pack > 1:
             alpha = alpha.gather(1, torch.remainder(self._weight_slot(values), self.pack).unsqueeze(1))
         return alpha * torch.stack(toks).sum(dim=0)
+
+    # --- the plain-torch reference of the paper's equation (the tests compare against it) ----
+    @staticmethod
+    def reference(table, config, w, x: int, state) -> torch.Tensor:
+        """alpha(x) * SUM_k T[h_k(x)]; W (weight slots) is a derived size, not stored in the table shape."""
+        n = table.name
+        tok, alpha = w[f"{n}__tok"], w[f"{n}__alpha"]
+        slot = py_hash(x, MemRecScheme(table, config).weight_rows, config.seed * 1000 + 999)
+        a = alpha.reshape(-1)[slot] if config.weight_dim == 1 else alpha[slot]
+        return a * sum(tok[py_hash(x, tok.shape[0], config.seed * 1000 + k)] for k in range(config.hashes))

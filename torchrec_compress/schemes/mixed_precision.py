@@ -22,14 +22,14 @@ DROPPED = 255
 
 @dataclasses.dataclass(frozen=True)
 class MixedPrecision(SchemeConfig):
-    """``rows_per_bits``: ((bits, rows), ...) of the kept precisions (built by ``mpe_finalize``)."""
+    """``rows_per_bits``: ((bits, rows), ...) of the kept precisions (built by ``quant.export`` from a trained MPE table: ``MPEScheme.inference``)."""
 
     rows_per_bits: Tuple[Tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.ratio is not None:
-            raise ValueError("MixedPrecision is built by mpe_finalize from an MPE table; it takes no ratio")
+            raise ValueError("MixedPrecision is built by export from a trained MPE table; it takes no ratio")
         if not self.rows_per_bits:
             raise ValueError("MixedPrecision: every id is dropped; keep at least one precision")
         for bits, rows in self.rows_per_bits:
@@ -39,6 +39,7 @@ class MixedPrecision(SchemeConfig):
 
 @register_scheme(MixedPrecision)
 class MixedPrecisionScheme(TableScheme):
+    public = False  # built by export from an MPE table, not chosen by users
     ragged = True
 
     def initial_buffers(self) -> Dict[str, torch.Tensor]:

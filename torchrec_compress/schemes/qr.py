@@ -35,6 +35,7 @@ class QR(SchemeConfig):
 
 @register_scheme(QR)
 class QRScheme(TableScheme):
+    presets = {"qr": lambda r, d: QR(ratio=r), "qr_add": lambda r, d: QR(ratio=r, combiner="add")}
     def __init__(self, table, config: QR) -> None:
         super().__init__(table, config)
         v, d = table.num_embeddings, table.embedding_dim
@@ -79,3 +80,12 @@ class QRScheme(TableScheme):
         if self.config.combiner == "add":
             return q + r
         return torch.cat([q, r], dim=1)
+
+    # --- the plain-torch reference of the paper's equation (the tests compare against it) ----
+    @staticmethod
+    def reference(table, config, w, x: int, state) -> torch.Tensor:
+        """e(x) = E_q[x // m] (* | + | concat) E_r[x mod m]."""
+        n = table.name
+        m = w[f"{n}__r"].shape[0]
+        q, r = w[f"{n}__q"][x // m], w[f"{n}__r"][x % m]
+        return {"mult": lambda: q * r, "add": lambda: q + r, "concat": lambda: torch.cat([q, r])}[config.combiner]()

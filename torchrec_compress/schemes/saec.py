@@ -1,44 +1,59 @@
 """Saec (similarity-aware embedding compression, seed 001): e(x) = C[cluster(x)].
 
-k centroid rows per table and an id -> cluster map. Fitting (``fit_saec_``) follows the
-paper's fast frequency-based variant: cluster the embeddings of the most frequent ids
-with frequency-weighted k-means, assign the seen tail ids to the nearest centroid, and
-leave never-seen ids at their hashed cluster (the map's initial value, so an unfitted
-Saec table behaves like hashing into k rows). The map is int16 when k fits, else int32;
-it costs v * 2 (or 4) bytes, which caps the ratio at 2d (or d).
+k centroid rows per table and an id -> cluster map. The procedure follows the paper's fast
+frequency-based variant and runs by itself while training: for ``warm_steps`` steps the
+table trains uncompressed (a ``[v, d]`` warm-up table, training memory only) while its ids
+are counted; then the embeddings of the most frequent ids are clustered with
+frequency-weighted k-means, the seen tail ids go to the nearest centroid, never-seen ids
+keep their hashed cluster (the map's initial value), and the centroids are fine-tuned for
+the rest of training. Export deploys the centroids and the map only. The map is int16
+when k fits, else int32; it costs v * 2 (or 4) bytes, which caps the ratio at 2d (or d).
 """
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Dict, List, Optional, Tuple
+
+from torchrec.sparse.jagged_tensor import JaggedTensor
 
 import torch
 
-from ..config import SchemeConfig, _check_positive_int, register_scheme
+from ..config import SchemeConfig, _check_positive_int, _check_steps, register_scheme
 from ..ops import universal_hash
-from .base import PhysicalTable, TableScheme, uniform_init
+from .base import PhysicalTable, TableAccess, ragged_parts, uniform_init
+from .lifecycle import Scheduled
 
 
 @dataclasses.dataclass(frozen=True)
 class Saec(SchemeConfig):
-    """``Saec(clusters=k)`` or ``Saec(ratio=R)``; ``head_fraction`` of the seen ids (most frequent) are clustered."""
+    """``Saec(clusters=k)`` or ``Saec(ratio=R)``; ``head_fraction`` of the seen ids (most frequent) are
+    clustered after ``warm_steps`` training steps of the uncompressed table (0: no warm-up;
+    ``fit_`` clusters given embeddings)."""
 
     clusters: Optional[int] = None
     head_fraction: float = 0.2
     kmeans_iters: int = 25
     seed: int = 0
+    warm_steps: int = 100
+    kmeans_restarts: int = 3
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_positive_int("Saec", "clusters", self.clusters)
         _check_positive_int("Saec", "kmeans_iters", self.kmeans_iters)
+        _check_positive_int("Saec", "kmeans_restarts", self.kmeans_restarts)
         self._ratio_or("clusters")
+        _check_steps("Saec", "warm_steps", self.warm_steps)
         if not 0.0 < self.head_fraction <= 1.0:
             raise ValueError(f"Saec: head_fraction must be in (0, 1], got {self.head_fraction!r}")
 
 
 @register_scheme(Saec)
-class SaecScheme(TableScheme):
+class SaecScheme(Scheduled):
+    presets = {"saec": lambda r, d: Saec(ratio=r)}
+    STAGES = ("warm-up", "clustered")
+
     def __init__(self, table, config: Saec) -> None:
         super().__init__(table, config)
         v, d = table.num_embeddings, table.embedding_dim
@@ -52,36 +67,128 @@ class SaecScheme(TableScheme):
             if self.clusters < 1:
                 raise self._too_small(f"the id -> cluster map alone costs 2 bytes per id, so at most ~{2 * d}x is reachable")
         self.map_dtype = torch.int16 if self.clusters <= 32767 else torch.int32
+        self.ragged = config.warm_steps > 0  # ids go to the warm-up table, then to the centroids
+
+    @property
+    def count_steps(self) -> int:
+        return self.config.warm_steps
 
     def initial_buffers(self) -> Dict[str, torch.Tensor]:
         ids = torch.arange(self.table.num_embeddings)
-        return {"cluster_of": universal_hash(ids, self.clusters, self.config.seed).to(self.map_dtype)}
+        return {"cluster_of": universal_hash(ids, self.clusters, self.config.seed).to(self.map_dtype), **self.lifecycle_buffers()}
 
     def physical_tables(self) -> List[PhysicalTable]:
-        return [PhysicalTable("__centroids", self.clusters, self.table.embedding_dim, uniform_init(self.table))]
+        centroids = PhysicalTable("__centroids", self.clusters, self.table.embedding_dim, uniform_init(self.table))
+        if not self.config.warm_steps:
+            return [centroids]
+        v, d = self.table.num_embeddings, self.table.embedding_dim
+        return [PhysicalTable("__warm", v, d, uniform_init(self.table), role="warm-up (training only)"), centroids]
 
     def transform(self, values: torch.Tensor) -> List[torch.Tensor]:
-        """``[N]`` ids -> ``[N]`` cluster rows."""
-        return [self.buffers.cluster_of[values].to(torch.int64)]
+        """``[N]`` ids -> ``[N]`` cluster rows (and the ids themselves for the warm-up table)."""
+        rows = self.buffers.cluster_of[values].to(torch.int64)
+        return [values, rows] if self.config.warm_steps else [rows]
+
+    def route(self, jt: JaggedTensor):
+        """While warming up every id reads its own row of the warm-up table, then its centroid."""
+        if not self.config.warm_steps:
+            return super().route(jt)
+        values = jt.values()
+        clustered = (self.buffers.stage >= self.FITTED).expand(values.shape)
+        return ragged_parts(jt, torch.stack(self.transform(values), dim=1), [~clustered, clustered])
 
     def combine(self, parts: List[torch.Tensor], values: torch.Tensor) -> torch.Tensor:
-        return parts[0]
+        return parts[0] if len(parts) == 1 else parts[0] + parts[1]
 
-    def fit(self, embeddings: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Cluster ``embeddings [v, d]`` given id ``counts [v]``; writes the map, returns centroids ``[k, d]``."""
+    def table_bytes(self) -> int:  # the deployed centroids; the warm-up table is training memory
+        return self.clusters * self.table.embedding_dim * 4
+
+    def memory_parts(self) -> Dict[str, int]:
+        return {f"{self.table.name}__centroids": self.table_bytes(), f"{self.table.name} (maps)": self.extra_bytes()}
+
+    def training_bytes(self) -> int:
+        warm = self.table.num_embeddings * self.table.embedding_dim * 4 if self.config.warm_steps else 0
+        return super().training_bytes() + warm
+
+    # --- the procedure ---------------------------------------------------------------------
+    @torch.no_grad()
+    def event(self, tables: TableAccess) -> Dict[str, torch.Tensor]:
+        """After the warm-up: cluster the warmed-up embeddings of the counted ids."""
+        if self.stage == 0:
+            self.fit(self.counted(), tables, tables.read("__warm"))
+        return {}
+
+    @torch.no_grad()
+    def fit(self, counts: torch.Tensor, tables: TableAccess, embeddings: Optional[torch.Tensor] = None) -> None:
+        """Cluster ``embeddings [v, d]`` (default: the warm-up table as trained so far) given id
+        ``counts [v]``: writes the map and the centroid table, identically on every rank."""
+        if embeddings is None:
+            if not self.config.warm_steps:
+                raise ValueError(f"Saec: table {self.table.name!r} has no warm-up table (warm_steps=0): give its embeddings")
+            embeddings = tables.read("__warm")
+        v, d = self.table.num_embeddings, self.table.embedding_dim
+        if tuple(embeddings.shape) != (v, d):
+            raise ValueError(f"Saec: table {self.table.name!r}: embeddings have shape {tuple(embeddings.shape)}, expected {(v, d)}")
+        tables.write("__centroids", self.cluster(embeddings.cpu(), counts.cpu(), tables.read("__centroids").cpu()))
+        self.buffers.stage.fill_(self.FITTED)
+
+    def inference(self, tables: TableAccess):
+        """Deployed: the centroids and the map, without the warm-up table."""
+        if not self.config.warm_steps:
+            return None
+        state = {"cluster_of": self.buffers.cluster_of.detach().clone(), "stage": self.buffers.stage.detach().clone()}
+        return dataclasses.replace(self.config, warm_steps=0), {"__centroids": tables.read("__centroids")}, state
+
+    def cluster(self, embeddings: torch.Tensor, counts: torch.Tensor, current: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Cluster ``embeddings [v, d]`` given id ``counts [v]``; writes the map, returns centroids ``[k, d]``.
+
+        Fewer seen ids than clusters (a short warm-up on a large table): every seen id keeps
+        its own row (its embedding), and the unseen ids are hashed into the rows left over,
+        which keep their ``current [k, d]`` values (a warning says so)."""
         seen = (counts > 0).nonzero().squeeze(1)
         if seen.numel() == 0:
             raise ValueError(f"Saec: table {self.table.name!r}: no id was seen in the statistics")
+        if seen.numel() <= self.clusters:
+            return self._own_rows(embeddings.detach().float(), seen, current)
         n_head = max(self.clusters, int(round(self.config.head_fraction * seen.numel())))
         order = counts[seen].argsort(descending=True, stable=True)
         head, tail = seen[order[:n_head]], seen[order[n_head:]]
         x = embeddings.detach().float()
-        centroids, head_assign = kmeans(x[head], self.clusters, counts[head].float(), self.config.kmeans_iters, self.config.seed)
+        w = counts[head].float()
+        # the best of ``kmeans_restarts`` seeded runs (lowest weighted inertia), as sklearn's n_init
+        runs = [kmeans(x[head], self.clusters, w, self.config.kmeans_iters, self.config.seed * 1000 + r)
+                for r in range(self.config.kmeans_restarts)]
+        centroids, head_assign = min(runs, key=lambda ca: float((w * (x[head] - ca[0][ca[1]]).pow(2).sum(1)).sum()))
         cluster_of = self.buffers.cluster_of
         cluster_of[head.to(cluster_of.device)] = head_assign.to(self.map_dtype).to(cluster_of.device)
         if tail.numel():
             cluster_of[tail.to(cluster_of.device)] = nearest(x[tail], centroids).to(self.map_dtype).to(cluster_of.device)
         return centroids
+
+    def _own_rows(self, x: torch.Tensor, seen: torch.Tensor, current: Optional[torch.Tensor]) -> torch.Tensor:
+        n, k = seen.numel(), self.clusters
+        warnings.warn(f"Saec: table {self.table.name!r}: only {n} distinct ids were seen for {k} clusters; each keeps its own "
+                      f"row and the unseen ids share the other {k - n} (warm up longer, or use fewer clusters)", stacklevel=3)
+        cluster_of = self.buffers.cluster_of
+        unseen = torch.ones(self.table.num_embeddings, dtype=torch.bool)
+        unseen[seen] = False
+        rest = unseen.nonzero().squeeze(1)
+        cluster_of[seen.to(cluster_of.device)] = torch.arange(n).to(self.map_dtype).to(cluster_of.device)
+        if rest.numel():
+            rows = n + universal_hash(rest, k - n, self.config.seed) if k > n else universal_hash(rest, k, self.config.seed)
+            cluster_of[rest.to(cluster_of.device)] = rows.to(self.map_dtype).to(cluster_of.device)
+        centroids = current.detach().float().clone() if current is not None else torch.zeros(k, x.shape[1])
+        centroids[:n] = x[seen]
+        return centroids
+
+    # --- the plain-torch reference of the paper's equation (the tests compare against it) ----
+    @staticmethod
+    def reference(table, config, w, x: int, state) -> torch.Tensor:
+        """Warm-up: the id's own row; then C[cluster(x)]."""
+        n = table.name
+        if config.warm_steps and int(state["stage"]) == 0:
+            return w[f"{n}__warm"][x]
+        return w[f"{n}__centroids"][int(state["cluster_of"][x])]
 
 
 def nearest(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 65536) -> torch.Tensor:

@@ -16,10 +16,8 @@ from ..distributed.plans import uniform_plan
 from ..distributed.state import load_full_state_dict_
 from ..distributed.sharders import sharders
 from ..modules import CompressedEmbeddingBagCollection
-from ..fit import fit_frequency_, fit_saec_
-from ..mpe import fit_mpe_groups_
+from ..modules.compressed_ebc import scheme_parameters
 from ..schemes import FIITED, MPE, QR, FreqThreshold, Hashing, MEmCom, MemRec, Saec
-from ..stats import FrequencyStats
 from .data import random_bags
 from .reference import physical_weights, rowwise_adagrad_step
 
@@ -50,21 +48,15 @@ def parity_schemes() -> Dict[str, object]:
         "t_memcom": MEmCom(ratio=8),
         "t_memcom_mean": MEmCom(rows=20, seed=1),
         "t_memrec": MemRec(ratio=50, hashes=3),
-        "t_freq": FreqThreshold(capacity=20, shared_rows=5),
-        "t_saec": Saec(clusters=12),
-        "t_mpe": MPE(ratio=4, groups=4),  # searching: logits and clip are DDP-replicated parameters
+        # the data-driven schemes run their whole procedure within the 3 parity steps, from
+        # counts summed over the ranks: fitted before step 1 (FreqThreshold), clustered before
+        # step 2 (Saec), grouped before step 1 and precisions chosen before step 2 (MPE; its
+        # logits and clip are DDP-replicated parameters, searched with the penalty in step 1)
+        "t_freq": FreqThreshold(capacity=20, shared_rows=5, fit_steps=1),
+        "t_saec": Saec(clusters=12, warm_steps=2),
+        "t_mpe": MPE(ratio=4, groups=4, fit_steps=1, search_steps=1),
         "t_fiited": FIITED(pool=50, chunks=2, interval=2, min_chunks=1),  # prune/grow events before steps 1 and 2
     }
-
-
-def fit_reference(module: CompressedEmbeddingBagCollection, tables: List[EmbeddingBagConfig]) -> None:
-    """Fill FreqThreshold and Saec maps from a fixed batch (the same on every rank)."""
-    stats = FrequencyStats({f: t.num_embeddings for t in tables for f in t.feature_names})
-    stats.update(random_bags(tables, 64, seed=4242).kjt())
-    fit_frequency_(module, stats)
-    warm = torch.randn(300, 8, generator=torch.Generator().manual_seed(5))  # stands in for warmed-up embeddings
-    fit_saec_(module, {"t_saec": warm}, stats)
-    fit_mpe_groups_(module, stats)
 
 
 def sharded_parity_worker(rank: int, world: int, sharding_type: str, device_type: str = "cpu") -> Dict[str, Dict[str, List[float]]]:
@@ -97,9 +89,7 @@ def _parity_run(
     tables, schemes = parity_tables(), parity_schemes()
     if weighted:
         tables = [dataclasses.replace(t, pooling=PoolingType.SUM) for t in tables]
-    ref = CompressedEmbeddingBagCollection(copy.deepcopy(tables), schemes, is_weighted=weighted)
-    fit_reference(ref, tables)
-    ref = ref.to(device)
+    ref = CompressedEmbeddingBagCollection(copy.deepcopy(tables), schemes, is_weighted=weighted).to(device)
     model = CompressedEmbeddingBagCollection(copy.deepcopy(tables), schemes, is_weighted=weighted, device=torch.device("meta"))
     opt_cls, opt_kw = (RowWiseAdagrad, {"lr": LR, "eps": EPS}) if optimizer == "rowwise_adagrad" else (torch.optim.SGD, {"lr": LR})
     table_params = [p for inner in (model.pooled, model.per_id) for p in inner.parameters()]
@@ -111,8 +101,9 @@ def _parity_run(
     # data-parallel tables are not fused: TorchRec leaves them to the dense optimizer;
     # schemes' small parameters (MPE's logits, clip) are dense too, trained with SGD here
     dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
-    dp_tables = [p for n, p in dense.items() if ".maps." not in f".{n}"]
-    scheme_params = [p for n, p in dense.items() if ".maps." in f".{n}"]
+    mine = {id(p) for p in scheme_parameters(dmp)}
+    dp_tables = [p for p in dense.values() if id(p) not in mine]
+    scheme_params = [p for p in dense.values() if id(p) in mine]
     dense_opts = ([opt_cls(dp_tables, **opt_kw)] if dp_tables else []) + ([torch.optim.SGD(scheme_params, lr=LR)] if scheme_params else [])
 
     ref_w = physical_weights(ref)
@@ -147,12 +138,14 @@ def _parity_run(
                 else:
                     rowwise_adagrad_step(w, w.grad, state[n], LR, EPS, blocks[n])
                 w.grad = None
-            for p in ref.maps.parameters():
+            for p in scheme_parameters(ref):
                 p -= LR * p.grad
                 p.grad = None
         diffs["params"].append(_max_param_diff(dmp.state_dict(), ref.state_dict()))
     fiited = ref.scheme("t_fiited").buffers
     diffs["fiited_events_kept"] = [int(fiited.events), int(fiited.n_kept)]  # the parity covered a prune/grow event
+    # ... and every data-driven scheme finished its procedure (fitted, clustered, precisions chosen)
+    diffs["fitted"] = [ref.scheme(t).fitted() for t in ("t_freq", "t_saec", "t_mpe")]
     return diffs
 
 

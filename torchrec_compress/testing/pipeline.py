@@ -19,7 +19,9 @@ from ..distributed.sharders import sharders
 from ..distributed.state import load_full_state_dict_
 from ..modules import CompressedEmbeddingBagCollection
 from .data import random_bags
-from .parity import fit_reference, parity_schemes, parity_tables
+from ..modules.compress import fit_
+from ..schemes import MPE, FreqThreshold, Saec
+from .parity import parity_schemes, parity_tables
 
 LR = 0.05
 
@@ -31,16 +33,29 @@ def _tables():
     return [t for t in parity_tables() if t.name != "t_fiited"]
 
 
-def _schemes():
-    return {k: v for k, v in parity_schemes().items() if k != "t_fiited"}
+def _schemes(fitted_up_front: bool = True):
+    """The parity schemes without FIITED. ``fitted_up_front``: the data-driven ones take their
+    statistics from ``fit_`` instead of counting in their first steps. Their events read the
+    tables (FreqThreshold's warm start, Saec's clustering) and, pipelined, the transform of
+    step k runs before the update of step k - 1: a valid run, but not an equal one."""
+    out = {k: v for k, v in parity_schemes().items() if k != "t_fiited"}
+    if fitted_up_front:
+        out.update(t_freq=FreqThreshold(capacity=20, shared_rows=5, fit_steps=0), t_saec=Saec(clusters=12, warm_steps=0),
+                   t_mpe=MPE(ratio=4, groups=4, fit_steps=0, search_steps=10))
+    return out
+
+
+def _fit(ebc: CompressedEmbeddingBagCollection) -> None:
+    warm = torch.randn(300, 8, generator=torch.Generator().manual_seed(5))  # stands in for warmed-up embeddings
+    fit_(ebc, [random_bags(_tables(), 64, seed=4242).kjt()], embeddings={"t_saec": warm})
 
 
 class TinyModel(nn.Module):
     """KJT -> compressed embeddings -> linear logit; ``forward(Batch) -> (loss, loss.detach())``."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, fitted_up_front: bool = True) -> None:
         super().__init__()
-        self.ebc = CompressedEmbeddingBagCollection(copy.deepcopy(_tables()), _schemes(), device=device)
+        self.ebc = CompressedEmbeddingBagCollection(copy.deepcopy(_tables()), _schemes(fitted_up_front), device=device)
         width = sum(t.embedding_dim * len(t.feature_names) for t in _tables())
         self.head = nn.Linear(width + 2, 1)
 
@@ -61,7 +76,7 @@ def _batch(step: int, lo: int, hi: int, batch: int = 8) -> Batch:
 def pipeline_worker(rank: int, world: int, sharding_type: str, steps: int = 5) -> Dict[str, object]:
     torch.manual_seed(0)
     ref = TinyModel(torch.device("cpu"))
-    fit_reference(ref.ebc, _tables())
+    _fit(ref.ebc)
     lo, hi = rank * 8 // world, (rank + 1) * 8 // world
 
     def sharded():
@@ -111,6 +126,23 @@ def pipeline_worker(rank: int, world: int, sharding_type: str, steps: int = 5) -
         losses.append(loss.item())
     out["unsharded"] = losses
     out["unsharded_state"] = {k: v.detach().clone() for k, v in ref.state_dict().items()}
+
+    # the schemes' own procedures (count, fit, cluster, search, choose) inside the pipeline
+    model = TinyModel(torch.device("meta"), fitted_up_front=False)
+    apply_optimizer_in_backward(torch.optim.SGD, [p for m in (model.ebc.pooled, model.ebc.per_id) for p in m.parameters()], {"lr": LR})
+    dmp = DistributedModelParallel(model, device=torch.device("cpu"), sharders=sharders(pipelineable=True),
+                                   plan=uniform_plan(model, sharding_type, world, pipelineable=True))
+    pipe = TrainPipelineSparseDist(dmp, torch.optim.SGD([p for _, p in in_backward_optimizer_filter(dmp.named_parameters())], lr=LR),
+                                   torch.device("cpu"))
+    it = iter([_batch(step, lo, hi) for step in range(steps)])
+    while True:
+        try:
+            pipe.progress(it)
+        except StopIteration:
+            break
+    logic = dmp.module.ebc._logic[0]
+    out["lifecycle_fitted"] = [logic.scheme(t).fitted() for t in ("t_freq", "t_saec", "t_mpe")]
+    out["lifecycle_maps"] = {t: {k: v.detach().clone() for k, v in s.named_buffers()} for t, s in logic.scheme_states().items()}
     return out
 
 

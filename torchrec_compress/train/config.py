@@ -6,11 +6,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import yaml
 
-from ..config import SchemeConfig
-from ..distributed.planner import parse_bytes
-from ..schemes import FIITED, MPE, QR, FreqThreshold, Hashing, MEmCom, MemRec, Saec
-
-SCHEME_TYPES = {c.__name__: c for c in (Hashing, QR, MEmCom, MemRec, FreqThreshold, Saec, MPE, FIITED)}
+from ..config import SchemeConfig, scheme_types
 DATA_KINDS = ("synthetic", "frappe", "criteo_tsv", "criteo_npy", "criteo_multihot")
 MODEL_KINDS = ("dlrm", "dlrm_dcn")
 SPARSE_OPTIMIZER_NAMES = ("rowwise_adagrad", "adagrad", "sgd")
@@ -104,6 +100,7 @@ def _section(cls: type, raw: Any, where: str) -> Any:
 
 
 def _scheme(table: str, raw: Any) -> SchemeConfig:
+    SCHEME_TYPES = scheme_types()
     if not isinstance(raw, Mapping) or "type" not in raw:
         raise ValueError(f"schemes.{table}: expected {{type: <one of {sorted(SCHEME_TYPES)}>, ...}}, got {raw!r}")
     kw = dict(raw)
@@ -165,6 +162,8 @@ def parse_config(raw: Mapping[str, Any]) -> RunConfig:
     if schemes == "auto":
         if not plan.memory_per_rank:
             raise ValueError("schemes: auto needs plan.memory_per_rank (e.g. plan: {memory_per_rank: 8GiB})")
+        from ..distributed.planner import parse_bytes
+
         parse_bytes(plan.memory_per_rank)  # raises with the allowed forms
         schemes = {}
     elif plan.memory_per_rank:

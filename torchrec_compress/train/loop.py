@@ -29,6 +29,7 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from tqdm import tqdm
 
 from ..distributed.plans import uniform_plan
+from ..modules.compressed_ebc import scheme_parameters
 from ..distributed.sharders import sharders
 from .metrics import binary_metrics
 
@@ -103,8 +104,9 @@ def shard_for_training(
             model, device=device, plan=plan or uniform_plan(model, sharding_type, world, device_type=device.type), sharders=sharders()
         )
     dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
-    schemes = [p for n, p in dense.items() if ".maps." in f".{n}"]
-    others = [p for n, p in dense.items() if ".maps." not in f".{n}"]
+    mine = {id(p) for p in scheme_parameters(dmp)}
+    schemes = [p for p in dense.values() if id(p) in mine]
+    others = [p for p in dense.values() if id(p) not in mine]
     groups = [{"params": others}] + ([{"params": schemes, "lr": lr_dense * scheme_lr_scale}] if schemes else [])
     return dmp, torch.optim.Adagrad(groups, lr=lr_dense)
 

@@ -124,9 +124,10 @@ def _gathered(p: Progress) -> Progress:
     return dataclasses.replace(p, ne=ne, window=window)
 
 
-def _storage(dmp: torch.nn.Module) -> Dict[str, int]:
-    """Chunks kept now by each FIITED table (its ``maps.<table>.n_kept``; replicated)."""
-    return {name.split(".")[-2]: int(b) for name, b in dmp.named_buffers() if name.endswith(".n_kept")}
+def _status(dmp: torch.nn.Module) -> Dict[str, Dict[str, object]]:
+    """Where each scheme's own procedure stands (``TableScheme.status``; replicated state)."""
+    return {t.name: m.scheme(t.name).status() for m in dmp.modules() if isinstance(m, CompressedEmbeddingBagCollection)
+            for t in m.embedding_bag_configs() if m.scheme(t.name).status()}
 
 
 def _ckpt_root(cfg: RunConfig) -> str:
@@ -269,8 +270,8 @@ def _train(cfg: RunConfig, show: bool, resume: bool) -> Dict[str, object]:
         ev = binary_metrics(*predictions(dmp, _batches(cfg, "eval", p.epoch, rank, world)))
         dmp.train()
         ml.event("EVAL_ACCURACY", ev["auc"], epoch_num=p.epoch, step=p.steps)
-        if _storage(dmp):
-            ev["kept_chunks"] = _storage(dmp)
+        if _status(dmp):
+            ev["schemes"] = _status(dmp)
         ml.end("EVAL_STOP", epoch_num=p.epoch)
         for k in ("auc", "ne", "logloss"):
             log.scalar(f"eval/{k}", ev[k], p.steps)
