@@ -12,7 +12,7 @@ import torch
 import yaml
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
 
-from torchrec_compress import CompressedEmbeddingBagCollection, FreqThreshold, MPE, Saec, fit_
+from torchrec_compress import CompressedEmbeddingBagCollection, FreqThreshold, Saec, fit_
 from torchrec_compress.cli import main
 from torchrec_compress.config import scheme_types
 from torchrec_compress.ops import universal_hash

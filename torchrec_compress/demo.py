@@ -19,13 +19,11 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from tabulate import tabulate
 from torchrec.datasets.utils import Batch
-from torchrec.models.dlrm import DLRM
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from .config import SchemeConfig, presets
 from .data.synthetic import CRITEO_KAGGLE_CARDINALITIES, NUM_DENSE, SyntheticCriteo, cat_names
-from .modules.compress import compress_
+from .models import build_dlrm, logical_tables
 from .modules.compressed_ebc import CompressedEmbeddingBagCollection, replace_configs
 from .train.loop import evaluate, local_process_group, shard_for_training, train_steps
 
@@ -55,10 +53,7 @@ class RunResult:
 
 def make_tables(cardinalities: Sequence[int], dim: int) -> List[EmbeddingBagConfig]:
     """One table ``t_cat_i`` of ``cardinalities[i]`` rows x ``dim`` per feature ``cat_i``."""
-    return [
-        EmbeddingBagConfig(name=f"t_{f}", embedding_dim=dim, num_embeddings=v, feature_names=[f])
-        for f, v in zip(cat_names(len(cardinalities)), cardinalities)
-    ]
+    return logical_tables(cat_names(len(cardinalities)), cardinalities, dim)
 
 
 def qualifying_schemes(tables: Sequence[EmbeddingBagConfig], scheme: str, ratio: float) -> Dict[str, SchemeConfig]:
@@ -83,20 +78,10 @@ def qualifying_schemes(tables: Sequence[EmbeddingBagConfig], scheme: str, ratio:
     return out
 
 
-def build_model(tables: Sequence[EmbeddingBagConfig], schemes: Dict[str, SchemeConfig], dim: int, seed: int) -> DLRM:
-    """DLRM with its embeddings on ``meta`` (DMP materializes them) and dense layers on CPU."""
-    torch.manual_seed(seed)  # identical dense initialisation for every scheme
-    ebc = EmbeddingBagCollection(replace_configs(list(tables)), device=META)
-    model = DLRM(
-        embedding_bag_collection=ebc,
-        dense_in_features=NUM_DENSE,
-        dense_arch_layer_sizes=[64, dim],
-        over_arch_layer_sizes=[64, 32, 1],
-        dense_device=CPU,
-    )
-    if schemes:
-        compress_(model, schemes)
-    return model
+def build_model(tables: Sequence[EmbeddingBagConfig], schemes: Dict[str, SchemeConfig], dim: int, seed: int) -> torch.nn.Module:
+    """DLRM with its embeddings on ``meta`` (DMP materializes them) and dense layers on CPU;
+    the same dense initialisation (``seed``) for every scheme."""
+    return build_dlrm(replace_configs(list(tables)), NUM_DENSE, [64], [64, 32, 1], schemes, seed=seed)
 
 
 def train_and_eval(

@@ -18,6 +18,7 @@ from tabulate import tabulate
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.inference.modules import quantize_embeddings
 
+from ..models import logical_tables
 from ..data.synthetic import CRITEO_KAGGLE_CARDINALITIES, SyntheticCriteo, cat_names
 from ..modules.compressed_ebc import CompressedEmbeddingBagCollection
 from ..modules.compress import fit_
@@ -26,7 +27,7 @@ from ..schemes.mpe import MPE
 
 
 def _tables(cards: Sequence[int], dim: int) -> List[EmbeddingBagConfig]:
-    return [EmbeddingBagConfig(name=f"t_{f}", embedding_dim=dim, num_embeddings=v, feature_names=[f]) for f, v in zip(cat_names(len(cards)), cards)]
+    return logical_tables(cat_names(len(cards)), cards, dim)
 
 
 class _Holder(torch.nn.Module):

@@ -21,14 +21,13 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 from tabulate import tabulate
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+from torchrec import EmbeddingBagConfig
 from torchrec.datasets.utils import Batch
-from torchrec.models.dlrm import DLRM
 from tqdm import tqdm
 
 from ..config import SchemeConfig, presets
 from ..distributed.state import single_rank_full_state_dict
-from ..modules.compress import compress_
+from ..models import build_dlrm, logical_tables
 from ..modules.compressed_ebc import CompressedEmbeddingBagCollection
 from ..quant.export import export, quantized_memory_report
 from ..train.loop import local_process_group, predictions, shard_for_training, train_steps
@@ -54,8 +53,7 @@ class QualityData:
     test: Callable[[], Iterable[Batch]]
 
     def tables(self, dim: int) -> List[EmbeddingBagConfig]:
-        return [EmbeddingBagConfig(name=f"t_{f}", embedding_dim=dim, num_embeddings=v, feature_names=[f])
-                for f, v in zip(self.features, self.cardinalities)]
+        return logical_tables(self.features, self.cardinalities, dim)
 
 
 def frappe_data(root: str, batch_size: int = 512) -> QualityData:
@@ -88,21 +86,13 @@ def criteo_tsv_data(path: str, cardinalities: Sequence[int], batch_size: int = 5
 
 
 def _model(data: QualityData, dim: int, schemes: Optional[Dict[str, SchemeConfig]], seed: int):
-    torch.manual_seed(seed)
-    model = DLRM(embedding_bag_collection=EmbeddingBagCollection(data.tables(dim), device=torch.device("meta")),
-                 dense_in_features=data.dense_in, dense_arch_layer_sizes=[32, dim], over_arch_layer_sizes=[64, 32, 1],
-                 dense_device=torch.device("cpu"))
-    if schemes:
-        compress_(model, schemes)
+    model = build_dlrm(data.tables(dim), data.dense_in, [32], [64, 32, 1], schemes, seed=seed)
     dmp, opt = shard_for_training(model, model.sparse_arch, lr_sparse=0.05, lr_dense=0.01)
     return model, dmp, opt
 
 
 def _unsharded(data: QualityData, dim: int, schemes: Optional[Dict[str, SchemeConfig]], state: Dict[str, torch.Tensor]) -> torch.nn.Module:
-    model = DLRM(embedding_bag_collection=EmbeddingBagCollection(data.tables(dim)), dense_in_features=data.dense_in,
-                 dense_arch_layer_sizes=[32, dim], over_arch_layer_sizes=[64, 32, 1])
-    if schemes:
-        compress_(model, schemes)
+    model = build_dlrm(data.tables(dim), data.dense_in, [32], [64, 32, 1], schemes, table_device=torch.device("cpu"))
     model.load_state_dict(state)
     return model
 

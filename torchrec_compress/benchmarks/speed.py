@@ -23,6 +23,7 @@ from torchrec.inference.modules import quantize_embeddings
 
 from ..config import SchemeConfig, presets
 from ..data.mlperf import DLRMV2_CARDINALITIES
+from ..models import logical_tables
 from ..data.synthetic import CRITEO_KAGGLE_CARDINALITIES, SyntheticCriteo, cat_names
 from ..modules.compressed_ebc import CompressedEmbeddingBagCollection
 from ..quant.export import export
@@ -54,7 +55,7 @@ class _Emb(torch.nn.Module):
 
 
 def _tables(cards: Sequence[int], dim: int) -> List[EmbeddingBagConfig]:
-    return [EmbeddingBagConfig(name=f"t_{f}", embedding_dim=dim, num_embeddings=v, feature_names=[f]) for f, v in zip(cat_names(len(cards)), cards)]
+    return logical_tables(cat_names(len(cards)), cards, dim)
 
 
 def _timed(step: Callable[[object], None], batches: Sequence[object]) -> float:

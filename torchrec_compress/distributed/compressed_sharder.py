@@ -35,7 +35,7 @@ from torchrec.distributed.utils import append_prefix
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from ..modules.compressed_ebc import CompressedEmbeddingBagCollection
-from .sharders import CpuRowWiseEmbeddingBagCollectionSharder
+from .ebc_sharder import CpuRowWiseEmbeddingBagCollectionSharder
 
 
 @dataclass

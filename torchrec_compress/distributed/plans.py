@@ -22,7 +22,7 @@ from torchrec.distributed.types import ShardingPlan
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from .sharders import CpuRowWiseEmbeddingBagCollectionSharder
+from .ebc_sharder import CpuRowWiseEmbeddingBagCollectionSharder
 
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel")
 

@@ -68,3 +68,47 @@ def full_tensor(target: object, group: Optional["torch.distributed.ProcessGroup"
         o, s = shard.metadata.shard_offsets, shard.tensor.shape
         out[o[0]:o[0] + s[0], o[1]:o[1] + s[1]] = shard.tensor
     return all_reduce_sum_(out, group)
+
+
+def inner_process_group(inner: Optional[torch.nn.Module]) -> Optional["torch.distributed.ProcessGroup"]:
+    """The process group of a DMP-sharded inner EBC (None when it is not sharded)."""
+    import torch.distributed as dist
+    from torchrec.distributed.types import ShardedModule
+
+    if isinstance(inner, ShardedModule):
+        return getattr(getattr(inner, "_env", None), "process_group", None) or dist.group.WORLD
+    return None
+
+
+def agree_stride(stride: int, inner: Optional[torch.nn.Module], device: torch.device) -> int:
+    """A sharded inner EBC's row-wise output distribution (reduce-scatter) needs one KJT
+    stride on every rank: the largest of the ranks' ``stride`` (itself when unsharded)."""
+    import torch.distributed as dist
+
+    group = inner_process_group(inner)
+    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return stride
+    t = torch.tensor([stride], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return int(t.item())
+
+
+@torch.no_grad()
+def zero_rows_and_state_(inner: torch.nn.Module, physical: str, rows: torch.Tensor, num_rows: int) -> None:
+    """Zero ``rows`` of ``inner``'s table ``physical`` (``num_rows`` rows) and their optimizer
+    state: FBGEMM's fused state when sharded (sharded like the table), the in-backward
+    optimizers' plain state when not."""
+    key = f"embedding_bags.{physical}.weight"
+    zero_rows_(inner.state_dict()[key], rows)
+    fused = getattr(inner, "fused_optimizer", None)
+    if fused is not None:  # sharded: FBGEMM's optimizer state (e.g. row-wise momentum1), sharded like the table
+        param = fused.params.get(key)
+        states = fused.state.get(param, {}).values() if param is not None else []
+    else:  # unsharded: optimizers applied in backward keep plain state per parameter
+        w = inner.embedding_bags[physical].weight
+        states = [t for o in getattr(w, "_in_backward_optimizers", []) for t in o.state.get(w, {}).values()]
+    for t in states:
+        if isinstance(t, torch.Tensor) and len(t.size()) >= 1 and t.size(0) % num_rows == 0:
+            # row-wise state of a column-wise (or grid) sharded table: one block of num_rows rows per column shard
+            blocks = torch.arange(t.size(0) // num_rows, device=rows.device).unsqueeze(1) * num_rows
+            zero_rows_(t, (rows.to(torch.int64).unsqueeze(0) + blocks).reshape(-1))

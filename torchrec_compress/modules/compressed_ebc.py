@@ -22,7 +22,6 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import torch
 import torch.distributed as dist
 from torch import nn
-from torchrec.distributed.types import ShardedModule
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
@@ -30,6 +29,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, Keyed
 from .. import schemes as _schemes  # noqa: F401  (fills the registry)
 from ..config import SchemeConfig, scheme_class_for
 from ..schemes.base import TableAccess, TableScheme, Uncompressed, bag_index, uniform_init
+from ..distributed.state import agree_stride, copy_full_into_, full_tensor, inner_process_group, zero_rows_and_state_
 from .memory import MemoryReport, TableMemory
 
 
@@ -122,7 +122,7 @@ class CompressedEmbeddingBagCollection(nn.Module):
         _check_unique([c.name for c in pooled_cfgs + per_id_cfgs], "physical table")
         _check_unique([f for c in pooled_cfgs + per_id_cfgs for f in c.feature_names], "physical feature")
 
-        self._pooled_cfgs = pooled_cfgs
+        self._pooled_cfgs, self._per_id_cfgs = pooled_cfgs, per_id_cfgs
         self.pooled: Optional[EmbeddingBagCollection] = (
             EmbeddingBagCollection(pooled_cfgs, is_weighted=is_weighted, device=device) if pooled_cfgs else None
         )
@@ -226,6 +226,8 @@ class CompressedEmbeddingBagCollection(nn.Module):
         self, jts: Dict[str, JaggedTensor], batch: int, pooled_out: Dict[str, torch.Tensor], per_id_out: Dict[str, torch.Tensor]
     ) -> KeyedTensor:
         """Inner lookups (``[B, d_p]`` pooled, ``[S, d_p]`` per id) -> logical ``KeyedTensor``."""
+        for impl in self._schemes.values():  # once per forward, where the lookups are combined (pipelined too)
+            impl.before_combine(self.training)
         outs: List[torch.Tensor] = []
         for f in self._embedding_names:
             t = self._feature_table[f]
@@ -273,36 +275,19 @@ class CompressedEmbeddingBagCollection(nn.Module):
     def _sync_group(self) -> Optional[dist.ProcessGroup]:
         """The process group of the sharded inner tables (None when unsharded): what schemes
         that learn from the data sum their statistics over."""
-        if isinstance(self.pooled, ShardedModule):
-            return getattr(getattr(self.pooled, "_env", None), "process_group", None) or dist.group.WORLD
-        return None
+        return inner_process_group(self.pooled if self.pooled is not None else self.per_id)
 
     @torch.no_grad()
     def _zero_rows(self, physical: str, rows: torch.Tensor) -> None:
-        """Zero ``rows`` of a pooled physical table and their fused optimizer state (a reused
-        row must not inherit its previous owner's Adagrad sum), in whatever shards this rank holds."""
-        from ..distributed.state import zero_rows_  # the distributed package imports this module
-
+        """Zero ``rows`` of a physical table and their optimizer state (a reused row must not
+        inherit its previous owner's Adagrad sum), in whatever shards this rank holds."""
         if not rows.numel():
             return
-        key = f"embedding_bags.{physical}.weight"
-        zero_rows_(self.pooled.state_dict()[key], rows)
-        fused = getattr(self.pooled, "fused_optimizer", None)
-        if fused is not None:  # sharded: FBGEMM's optimizer state (e.g. row-wise momentum1), sharded like the table
-            param = fused.params.get(key)
-            states = fused.state.get(param, {}).values() if param is not None else []
-        else:  # unsharded: optimizers applied in backward keep plain state per parameter
-            w = self.pooled.embedding_bags[physical].weight
-            states = [t for o in getattr(w, "_in_backward_optimizers", []) for t in o.state.get(w, {}).values()]
-        n = self._pooled_rows(physical)
-        for t in states:
-            if isinstance(t, torch.Tensor) and len(t.size()) >= 1 and t.size(0) % n == 0:
-                # row-wise state of a column-wise (or grid) sharded table: one block of n rows per column shard
-                blocks = torch.arange(t.size(0) // n, device=rows.device).unsqueeze(1) * n
-                zero_rows_(t, (rows.to(torch.int64).unsqueeze(0) + blocks).reshape(-1))
+        inner = self.pooled if any(c.name == physical for c in self._pooled_cfgs) else self.per_id
+        zero_rows_and_state_(inner, physical, rows, self._rows(physical))
 
-    def _pooled_rows(self, physical: str) -> int:
-        return next(c.num_embeddings for c in self._pooled_cfgs if c.name == physical)
+    def _rows(self, physical: str) -> int:
+        return next(c.num_embeddings for c in [*self._pooled_cfgs, *self._per_id_cfgs] if c.name == physical)
 
     def _per_id_kjt(self, feats: List[Tuple[str, List[Tuple[str, torch.Tensor]]]]) -> Optional[KeyedJaggedTensor]:
         """Every id a bag of one: ``[N_f]`` ids per virtual feature, stride S = max_f N_f
@@ -317,12 +302,8 @@ class CompressedEmbeddingBagCollection(nn.Module):
                 keys.append(k)
                 vals.append(ids)
                 counts.append(ids.numel())
-        stride = max(1, max(counts))
         device = vals[0].device
-        if isinstance(self.per_id, ShardedModule):
-            # Sharded by DMP: row-wise output distribution (reduce-scatter) needs one stride
-            # on every rank, so agree on the largest.
-            stride = _max_over_ranks(stride, getattr(getattr(self.per_id, "_env", None), "process_group", None), device)
+        stride = agree_stride(max(1, max(counts)), self.per_id, device)
         lengths = torch.cat([_ones_then_zeros(n, stride, device) for n in counts])
         return KeyedJaggedTensor(keys=keys, values=torch.cat(vals), lengths=lengths, stride=stride)
 
@@ -442,7 +423,7 @@ class SchemeState(nn.Module):
         for name, tensor in impl.initial_parameters().items():
             self.register_parameter(name, nn.Parameter(tensor.to(device) if device is not None else tensor))
         # True once the state holds real values: DMP's zero fill of meta buffers makes it False
-        self.register_buffer("ready", torch.ones((), dtype=torch.bool, device=device))
+        self.register_buffer("ready", torch.ones((), dtype=torch.int8, device=device))
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -451,7 +432,7 @@ class SchemeState(nn.Module):
         impl = self._impl[0]
         for name, tensor in [*impl.initial_parameters().items(), *impl.initial_buffers().items()]:
             getattr(self, name).copy_(tensor)
-        self.ready.fill_(True)
+        self.ready.fill_(1)
 
     @torch.no_grad()
     def materialize(self) -> None:
@@ -474,14 +455,10 @@ class _Tables:
         self.group = module._sync_group()
 
     def read(self, suffix: str) -> torch.Tensor:
-        from ..distributed.state import full_tensor  # the distributed package imports this module
-
         return full_tensor(self._m._inner_weight(self._name + suffix), self.group)
 
     @torch.no_grad()
     def write(self, suffix: str, full: torch.Tensor) -> None:
-        from ..distributed.state import copy_full_into_
-
         target = self._m._inner_weight(self._name + suffix)
         copy_full_into_(target, full.to(target.dtype) if not hasattr(target, "local_shards") else full)
 
@@ -497,14 +474,6 @@ def unfitted_message(table: str, impl: TableScheme) -> str:
 
 def _observe(impl: TableScheme, jt: JaggedTensor, group: Optional[dist.ProcessGroup], grad: torch.Tensor) -> None:
     impl.observe(grad, jt, group)
-
-
-def _max_over_ranks(value: int, group: Optional[dist.ProcessGroup], device: torch.device) -> int:
-    if not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return int(t.item())
 
 
 def _ones_then_zeros(n: int, stride: int, device: torch.device) -> torch.Tensor:

@@ -150,6 +150,10 @@ class TableScheme:
     def combine(self, parts: List[torch.Tensor], values: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def before_combine(self, training: bool) -> None:
+        """Called once per forward before the first :meth:`combine` (under
+        ``TrainPipelineSparseDist`` the transform of the next batch may already have run)."""
+
     # --- schemes that change their storage while training (FIITED) -------------------
     def step(self, training: bool) -> bool:
         """Called once per forward before the transform; True: run :meth:`event` now."""

@@ -80,7 +80,7 @@ class MPE(SchemeConfig):
     candidates: Tuple[int, ...] = CANDIDATES
     seed: int = 0
     fit_steps: int = 50  # fp32 training steps whose ids are counted, then grouped (0: groups from fit_)
-    search_steps: int = 100  # steps of the precision search; retraining (QAT) after them
+    search_steps: int = 50  # steps of the precision search; retraining (QAT) after them
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -207,9 +207,8 @@ class MPEScheme(Scheduled):
         return self.config.penalty * torch.relu(self.expected_bits() - self.row_target)
 
     # --- the procedure ---------------------------------------------------------------------
-    def step(self, training: bool) -> bool:
-        self._penalize = training
-        return super().step(training)
+    def before_combine(self, training: bool) -> None:
+        self._penalize = training  # the search penalty's gradient, once per training forward
 
     @torch.no_grad()
     def event(self, tables: TableAccess) -> Dict[str, torch.Tensor]:
