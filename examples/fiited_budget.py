@@ -52,14 +52,14 @@ def _runs(args: argparse.Namespace, data: Dict, cards: List[int], names: List[st
                                       args.position_decay))
                 res.append(train(cfg, progress=False))
         last = [r["epochs"][-1] for r in res]
-        kept = [sum(r["epochs"][-1].get("eval_kept_chunks", {}).values()) for r in res]
+        kept = [_kept(r["epochs"][-1].get("eval_schemes")) for r in res]
         total_chunks = sum(v * args.chunks for v in cards if v >= args.min_rows)
         rows.append({
             "ratio": ratio, "achieved": res[0]["ratio"], "embedding_bytes": res[0]["embedding_bytes"],
             "auc": statistics.mean(e["eval_auc"] for e in last), "auc_std": statistics.pstdev(e["eval_auc"] for e in last),
             "logloss": statistics.mean(e["eval_logloss"] for e in last),
             "pruned_fraction": (1 - statistics.mean(kept) / total_chunks) if ratio > 1 else 0.0,
-            "kept_over_training": [(e["step"], e.get("kept_chunks")) for e in res[0]["evals"]], "seeds": len(res),
+            "kept_over_training": [(e["step"], _kept(e.get("schemes"))) for e in res[0]["evals"]], "seeds": len(res),
         })
         print(f"ratio {ratio:g}: AUC {rows[-1]['auc']:.4f} +- {rows[-1]['auc_std']:.4f}, pruned {rows[-1]['pruned_fraction']:.3f}", flush=True)
     base = rows[0]["auc"]
@@ -67,6 +67,11 @@ def _runs(args: argparse.Namespace, data: Dict, cards: List[int], names: List[st
                      f"{r['auc']:.4f} +- {r['auc_std']:.4f}", f"{r['auc'] - base:+.4f}", f"{r['logloss']:.4f}", f"{r['pruned_fraction']:.3f}"] for r in rows],
                    headers=["FIITED", "achieved", "emb bytes", "AUC (mean +- std)", "dAUC", "logloss", "pruned fraction"]))
     return rows
+
+
+def _kept(status) -> int:
+    """Chunks kept by the FIITED tables, from a run's per-table scheme status."""
+    return sum(s.get("kept_chunks", 0) for s in (status or {}).values())
 
 
 def _memory(args: argparse.Namespace) -> Dict:
@@ -79,7 +84,7 @@ def _memory(args: argparse.Namespace) -> Dict:
                 f"{ratio}, f.KAGGLE, ['cat_%d' % i for i in range(26)], 100000, 0, '{tempfile.mkdtemp()}', 2, 10, 32, 1));"
                 "r=train(cfg, progress=False); print(json.dumps({'rss_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,"
                 "'embedding_bytes': r['embedding_bytes'], 'uncompressed_bytes': r['uncompressed_bytes'], 'auc': r['epochs'][-1]['eval_auc'],"
-                "'kept': r['epochs'][-1].get('eval_kept_chunks')}))")
+                "'kept': f._kept(r['epochs'][-1].get('eval_schemes'))}))")
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         p = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": root})
         if p.returncode:

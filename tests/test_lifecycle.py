@@ -160,8 +160,10 @@ def test_resume_mid_phase_equals_an_uninterrupted_run(tmp_path):
 
 
 # ---------------------------------------------------------------- every scheme through the CLI, on Frappe
-HASHING_FAMILY = {"Hashing", "MEmCom", "MemRec"}
-TOLERANCE = 0.01  # below the scheme's `bench quality` mean: one seed of `train` against 3 seeds of the bench
+# Below the scheme's `bench quality` mean (1 process, 3 seeds, 2 epochs, docs/benchmarks/frappe_4x_2epochs.json):
+# one seed of `train` (a slightly smaller dense arch) against 3 seeds of the bench, whose spread is up to 0.007;
+# on 2 ranks the global batch doubles and the steps halve (QR loses 0.009 more there, the uncompressed model none).
+TOLERANCE = {1: 0.01, 2: 0.02}
 
 
 def _bench_auc(name: str) -> float:
@@ -182,11 +184,11 @@ def _frappe_config(tmp_path, shared_data, name: str) -> str:
 
 
 def _check_run(res, name):
-    auc = res["epochs"][-1]["eval_auc"]
-    floor = _bench_auc(name) - TOLERANCE
-    assert auc >= floor, f"{name}: eval AUC {auc:.4f} < bench quality {floor + TOLERANCE:.4f} - {TOLERANCE}"
-    if name not in HASHING_FAMILY:
-        assert auc >= 0.92, f"{name}: eval AUC {auc:.4f}"
+    auc, tol = res["epochs"][-1]["eval_auc"], TOLERANCE[res["world_size"]]
+    bench = _bench_auc(name)
+    assert auc >= bench - tol, f"{name}: eval AUC {auc:.4f} < bench quality {bench:.4f} - {tol}"
+    for table, status in res["epochs"][-1].get("eval_schemes", {}).items():  # every procedure finished
+        assert status.get("stage", "fitted") in ("fitted", "clustered", "retraining"), (table, status)
     return auc
 
 

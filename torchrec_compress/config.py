@@ -104,3 +104,8 @@ def _check_positive_int(owner: str, field: str, value: Optional[int]) -> None:
 def _check_steps(owner: str, field: str, value: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ValueError(f"{owner}: {field} must be an int >= 0 (training steps), got {value!r}")
+
+
+def unregister_scheme(config_type: Type[SchemeConfig]) -> None:
+    """Remove a registration (a scheme registered inside a test or a notebook)."""
+    _REGISTRY.pop(config_type, None)
