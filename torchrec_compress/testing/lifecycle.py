@@ -58,8 +58,7 @@ def export_trained_run(config: str, out: str, overrides: List[str]) -> Dict[str,
     from .runs import final_checkpoint_tensors
 
     cfg = load_config(config, [f"out={out}", *overrides])
-    model, _ = _model(cfg, 1)
-    model = model.to_empty(device=torch.device("cpu"))
+    model, _ = _model(cfg, 1, table_device=torch.device("cpu"))
     flat = final_checkpoint_tensors(out)
     model.load_state_dict({k[len("model."):]: v for k, v in flat.items() if k.startswith("model.")})
     inference = export(model, default="fp32")

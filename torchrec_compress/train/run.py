@@ -62,9 +62,11 @@ def _batches(cfg: RunConfig, split: str, epoch: int, rank: int, world: int) -> I
         yield from CriteoTSV(paths, d.cardinalities, d.batch_size, rank=rank, world_size=world)
 
 
-def _model(cfg: RunConfig, world: int = 1) -> Tuple[torch.nn.Module, Optional[CompressionPlan]]:
-    """DLRM / DLRM_DCN with tables on meta, compressed by the configured schemes or, for
-    ``schemes: auto``, by the planner (whose plan also holds the sharding plan)."""
+def _model(cfg: RunConfig, world: int = 1, table_device: torch.device = torch.device("meta")
+           ) -> Tuple[torch.nn.Module, Optional[CompressionPlan]]:
+    """DLRM / DLRM_DCN with tables on ``table_device`` (meta: for DMP), compressed by the
+    configured schemes or, for ``schemes: auto``, by the planner (whose plan also holds the
+    sharding plan)."""
     names, cards, n_dense = _features(cfg)
     m = cfg.model
     tables = logical_tables(names, cards, m.embedding_dim)
@@ -72,7 +74,7 @@ def _model(cfg: RunConfig, world: int = 1) -> Tuple[torch.nn.Module, Optional[Co
     if unknown:
         raise ValueError(f"schemes: unknown tables {unknown}; tables are {[t.name for t in tables]}")
     model = build_dlrm(tables, n_dense, m.dense_arch, m.over_arch, None if cfg.auto else cfg.schemes, kind=m.kind,
-                       dcn_num_layers=m.dcn_num_layers, dcn_low_rank_dim=m.dcn_low_rank_dim, seed=cfg.train.seed)
+                       table_device=table_device, dcn_num_layers=m.dcn_num_layers, dcn_low_rank_dim=m.dcn_low_rank_dim, seed=cfg.train.seed)
     if cfg.auto:
         pooling = {f"t_{f}": float(h) for f, h in zip(names, cfg.data.multi_hot)} if cfg.data.multi_hot else None
         plan = plan_compression_(model, world, parse_bytes(cfg.plan.memory_per_rank), pooling_factors=pooling,
