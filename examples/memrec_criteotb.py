@@ -14,12 +14,11 @@ import json
 import resource
 
 import torch
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
-from torchrec.models.dlrm import DLRM_DCN
 
-from torchrec_compress import CompressedEmbeddingBagCollection, MemRec, compress_
+from torchrec_compress import CompressedEmbeddingBagCollection, MemRec
 from torchrec_compress.data.mlperf import DLRMV2_CARDINALITIES, DLRMV2_DIM
 from torchrec_compress.data.synthetic import SyntheticCriteo, cat_names
+from torchrec_compress.models import build_dlrm, logical_tables
 from torchrec_compress.train import local_process_group, shard_for_training, train_steps
 
 
@@ -40,14 +39,9 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    tables = [EmbeddingBagConfig(name=f"t_{f}", embedding_dim=DLRMV2_DIM, num_embeddings=v, feature_names=[f])
-              for f, v in zip(cat_names(26), DLRMV2_CARDINALITIES)]
-    model = DLRM_DCN(
-        embedding_bag_collection=EmbeddingBagCollection(tables, device=torch.device("meta")),
-        dense_in_features=13, dense_arch_layer_sizes=[512, 256, 128], over_arch_layer_sizes=[1024, 1024, 512, 256, 1],
-        dcn_num_layers=3, dcn_low_rank_dim=512, dense_device=torch.device("cpu"),
-    )
-    compress_(model, memrec_plan(tables))
+    tables = logical_tables(cat_names(26), DLRMV2_CARDINALITIES, DLRMV2_DIM)
+    model = build_dlrm(tables, 13, [512, 256], [1024, 1024, 512, 256, 1], memrec_plan(tables), kind="dlrm_dcn",
+                       dcn_num_layers=3, dcn_low_rank_dim=512)
     cebc = model.sparse_arch.embedding_bag_collection
     assert isinstance(cebc, CompressedEmbeddingBagCollection)
     report = cebc.memory_report()

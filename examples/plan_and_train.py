@@ -15,9 +15,8 @@ import resource
 import time
 
 import torch
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+from torchrec import EmbeddingBagCollection
 from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.models.dlrm import DLRM_DCN
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
@@ -25,6 +24,7 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from torchrec_compress import sharders
 from torchrec_compress.data.mlperf import DLRMV2_CARDINALITIES, DLRMV2_DIM
 from torchrec_compress.data.synthetic import SyntheticCriteo, cat_names
+from torchrec_compress.models import build_dlrm, logical_tables
 from torchrec_compress.distributed.planner import parse_bytes, plan_compression_
 from torchrec_compress.train import local_process_group, train_steps
 
@@ -36,12 +36,9 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=1024)
     a = p.parse_args(argv)
-    tables = [EmbeddingBagConfig(name=f"t_{f}", embedding_dim=DLRMV2_DIM, num_embeddings=v, feature_names=[f])
-              for f, v in zip(cat_names(26), DLRMV2_CARDINALITIES)]
+    tables = logical_tables(cat_names(26), DLRMV2_CARDINALITIES, DLRMV2_DIM)
     torch.manual_seed(0)
-    model = DLRM_DCN(embedding_bag_collection=EmbeddingBagCollection(tables, device=torch.device("meta")), dense_in_features=13,
-                     dense_arch_layer_sizes=[512, 256, 128], over_arch_layer_sizes=[1024, 1024, 512, 256, 1],
-                     dcn_num_layers=3, dcn_low_rank_dim=512, dense_device=torch.device("cpu"))
+    model = build_dlrm(tables, 13, [512, 256], [1024, 1024, 512, 256, 1], kind="dlrm_dcn", dcn_num_layers=3, dcn_low_rank_dim=512)
     plan = plan_compression_(model, a.world_size, parse_bytes(a.memory_per_rank))
     print(plan)
     data = list(SyntheticCriteo(DLRMV2_CARDINALITIES, a.batch_size, a.steps, seed=0, split="train"))

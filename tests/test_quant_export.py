@@ -63,7 +63,9 @@ def test_export_matches_dequantized_reference(dtype):
     elif dtype == "fp32":  # bit-identical, but MPE's groups keep the precisions they chose (not fp32)
         got, want = q(kjt).to_dict(), m(kjt).to_dict()
         for f in want:
-            if f != "mpe":
+            if f == "md":  # a matmul after the lookup: the same up to its summation order
+                torch.testing.assert_close(got[f], want[f], rtol=1e-6, atol=1e-7)
+            elif f != "mpe":
                 assert torch.equal(got[f], want[f]), f
 
 

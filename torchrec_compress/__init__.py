@@ -26,6 +26,7 @@ _WHERE = {
     "MEmCom": ".schemes",
     "MPE": ".schemes",
     "MemRec": ".schemes",
+    "MixedDim": ".schemes",
     "QR": ".schemes",
     "Saec": ".schemes",
     "sharders": ".distributed.sharders",

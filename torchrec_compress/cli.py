@@ -214,8 +214,10 @@ def _plan(args: argparse.Namespace) -> None:
     if args.preset == "dlrmv2":
         from .data.mlperf import DLRMV2_CARDINALITIES, DLRMV2_DIM, DLRMV2_MULTI_HOT
 
-        tables = [EmbeddingBagConfig(name=f"t_cat_{i}", embedding_dim=DLRMV2_DIM, num_embeddings=v, feature_names=[f"cat_{i}"])
-                  for i, v in enumerate(DLRMV2_CARDINALITIES)]
+        from .data.synthetic import cat_names
+        from .models import logical_tables
+
+        tables = logical_tables(cat_names(len(DLRMV2_CARDINALITIES)), DLRMV2_CARDINALITIES, DLRMV2_DIM)
         pooling = {f"t_cat_{i}": float(h) for i, h in enumerate(DLRMV2_MULTI_HOT)}
     else:
         import yaml

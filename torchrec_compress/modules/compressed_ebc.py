@@ -135,7 +135,6 @@ class CompressedEmbeddingBagCollection(nn.Module):
             impl = self._schemes[t.name]
             if impl.initial_buffers() or impl.initial_parameters():
                 self.maps[t.name] = SchemeState(impl, device)
-                impl.bind(self.maps[t.name])
         # follows .to(); lets forward() check the input device without touching sharded tables
         self.register_buffer("_device_probe", torch.empty(0, device=device), persistent=False)
         self._materialized = False  # scheme state checked after DMP's materialization (materialize())
@@ -418,6 +417,7 @@ class SchemeState(nn.Module):
     def __init__(self, impl: TableScheme, device: Optional[torch.device]) -> None:
         super().__init__()
         self._impl = [impl]  # a list: not a submodule
+        impl.buffers = self  # the scheme reads and writes its state here
         for name, tensor in impl.initial_buffers().items():
             self.register_buffer(name, tensor.to(device) if device is not None else tensor)
         for name, tensor in impl.initial_parameters().items():
@@ -445,6 +445,11 @@ def scheme_parameters(model: nn.Module) -> List[nn.Parameter]:
     """The schemes' own small trainable tensors (e.g. MPE's precision logits) in ``model``
     (sharded or not): what training gives its own learning rate."""
     return [p for m in model.modules() if isinstance(m, SchemeState) for p in m.parameters()]
+
+
+def scheme_lr_scales(model: nn.Module) -> Dict[int, float]:
+    """``id(parameter)`` -> its scheme's ``parameter_lr_scale`` (x the dense learning rate)."""
+    return {id(p): m._impl[0].parameter_lr_scale for m in model.modules() if isinstance(m, SchemeState) for p in m.parameters()}
 
 
 class _Tables:

@@ -5,9 +5,10 @@ from .freq_threshold import FreqThreshold
 from .hashing import Hashing
 from .memcom import MEmCom
 from .memrec import MemRec
+from .mixed_dim import MixedDim
 from .mixed_precision import MixedPrecision
 from .mpe import MPE
 from .qr import QR
 from .saec import Saec
 
-__all__ = ["FIITED", "FreqThreshold", "Hashing", "MEmCom", "MemRec", "MixedPrecision", "MPE", "PhysicalTable", "QR", "Saec", "TableScheme", "Uncompressed"]
+__all__ = ["FIITED", "FreqThreshold", "Hashing", "MEmCom", "MemRec", "MixedDim", "MixedPrecision", "MPE", "PhysicalTable", "QR", "Saec", "TableScheme", "Uncompressed"]

@@ -119,6 +119,7 @@ class TableScheme:
     sees_ids: bool = False  # True: see(values, group) gets every training batch's ids before the lookup
     data_driven: bool = False  # True: its procedure learns from the data (counts, warm-up, search); see fitted()
     training_buffers: Tuple[str, ...] = ()  # buffers only training needs (e.g. id counts): not in the deployed bytes
+    parameter_lr_scale: float = 1.0  # learning rate of initial_parameters(), in units of the dense one
 
     def __init__(self, table: EmbeddingBagConfig, config: Optional[SchemeConfig]) -> None:
         self.table = table
@@ -193,17 +194,14 @@ class TableScheme:
     # --- state outside the tables (id maps) -------------------------------------------
     def initial_buffers(self) -> Dict[str, torch.Tensor]:
         """Maps the scheme keeps (name -> tensor of its final shape). The module registers
-        them as buffers (so they follow ``.to()``, ``state_dict`` and DMP) and binds them
-        back with :meth:`bind`; transforms read them as ``self.buffers.<name>``."""
+        them as buffers of the scheme's state module (``SchemeState``: they follow ``.to()``,
+        ``state_dict`` and DMP); transforms read them as ``self.buffers.<name>``."""
         return {}
 
     def initial_parameters(self) -> Dict[str, torch.Tensor]:
         """Small trainable tensors the scheme keeps beside its tables (e.g. MPE's precision
         logits); replicated and trained data-parallel under DMP. Read as ``self.buffers.<name>``."""
         return {}
-
-    def bind(self, holder: torch.nn.Module) -> None:
-        self.buffers = holder
 
     def memory_parts(self) -> Dict[str, int]:
         """Stored bytes by part (physical tables and maps) for ``memory_report``."""
@@ -215,8 +213,9 @@ class TableScheme:
 
     # --- memory accounting -----------------------------------------------------------
     def extra_bytes(self) -> int:
-        """Bytes kept outside the physical tables (maps, per-id state)."""
-        return sum(t.numel() * t.element_size() for n, t in self.initial_buffers().items() if n not in self.training_buffers)
+        """Bytes kept outside the physical tables (maps, per-id state, small parameters)."""
+        kept = [t for n, t in self.initial_buffers().items() if n not in self.training_buffers]
+        return sum(t.numel() * t.element_size() for t in kept + list(self.initial_parameters().values()))
 
     def training_bytes(self) -> int:
         """Bytes held only while training (id counts, warm-up tables): not deployed."""

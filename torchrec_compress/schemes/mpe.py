@@ -106,6 +106,7 @@ class MPEScheme(Scheduled):
     training_buffers = ("counts", "steps")
     FITTED = RETRAIN
     STAGES = ("counting", "searching", "retraining")
+    parameter_lr_scale = 10.0  # the logits' and clips' gradient is a small share of the loss's
     _penalize = False  # set by each training step: the search penalty's gradient is still to be added
 
     def __init__(self, table, config: MPE) -> None:

@@ -18,7 +18,7 @@ from ..modules import CompressedEmbeddingBagCollection
 from .data import random_bags
 
 
-def preset_tables(rows: int = 2000, dim: int = 16, ratio: float = 4.0) -> tuple[List[EmbeddingBagConfig], Dict[str, SchemeConfig]]:
+def preset_tables(rows: int = 2000, dim: int = 16, ratio: float = 2.0) -> tuple[List[EmbeddingBagConfig], Dict[str, SchemeConfig]]:
     """One table per benchmark preset of the registry (``t_<preset>``), compressed by it."""
     tables, schemes = [], {}
     for name, make in presets().items():

@@ -17,7 +17,7 @@ from ..distributed.state import load_full_state_dict_
 from ..distributed.sharders import sharders
 from ..modules import CompressedEmbeddingBagCollection
 from ..modules.compressed_ebc import scheme_parameters
-from ..schemes import FIITED, MPE, QR, FreqThreshold, Hashing, MEmCom, MemRec, Saec
+from ..schemes import FIITED, MPE, QR, FreqThreshold, Hashing, MEmCom, MemRec, MixedDim, Saec
 from .data import random_bags
 from .reference import physical_weights, rowwise_adagrad_step
 
@@ -37,6 +37,7 @@ def parity_tables() -> List[EmbeddingBagConfig]:
         EmbeddingBagConfig(name="t_saec", embedding_dim=8, num_embeddings=300, feature_names=["saec"]),
         EmbeddingBagConfig(name="t_mpe", embedding_dim=16, num_embeddings=400, feature_names=["mpe"]),
         EmbeddingBagConfig(name="t_fiited", embedding_dim=16, num_embeddings=60, feature_names=["fiited"], pooling=PoolingType.MEAN),
+        EmbeddingBagConfig(name="t_md", embedding_dim=16, num_embeddings=500, feature_names=["md"], pooling=PoolingType.MEAN),
     ]
 
 
@@ -56,6 +57,7 @@ def parity_schemes() -> Dict[str, object]:
         "t_saec": Saec(clusters=12, warm_steps=2),
         "t_mpe": MPE(ratio=4, groups=4, fit_steps=1, search_steps=1),
         "t_fiited": FIITED(pool=50, chunks=2, interval=2, min_chunks=1),  # prune/grow events before steps 1 and 2
+        "t_md": MixedDim(dim=8),  # its d' x d projection is a DDP-replicated parameter
     }
 
 

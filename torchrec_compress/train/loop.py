@@ -29,7 +29,7 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from tqdm import tqdm
 
 from ..distributed.plans import uniform_plan
-from ..modules.compressed_ebc import scheme_parameters
+from ..modules.compressed_ebc import scheme_lr_scales
 from ..distributed.sharders import sharders
 from .metrics import binary_metrics
 
@@ -84,15 +84,15 @@ def shard_for_training(
     lr_dense: float,
     sharding_type: str = "table_wise",
     device: torch.device = torch.device("cpu"),
-    scheme_lr_scale: float = 10.0,
+    scheme_lr_scale: Optional[float] = None,
     plan: Optional[ShardingPlan] = None,
     sparse_optimizer: str = "rowwise_adagrad",
 ) -> Tuple[DistributedModelParallel, torch.optim.Optimizer]:
     """A fused ``sparse_optimizer`` (FBGEMM, inside backward) on the tables of every EBC
     inside ``embeddings``, DMP over the current process group (``plan``, default: every table
-    ``sharding_type``), Adagrad on everything else (dense layers, schemes' small
-    parameters such as MPE's logits, at ``scheme_lr_scale`` x ``lr_dense``: their gradient
-    is a small share of the loss's). Returns ``(dmp, dense_optimizer)``."""
+    ``sharding_type``), Adagrad on everything else (dense layers; schemes' small parameters
+    such as MPE's logits at ``scheme_lr_scale`` x ``lr_dense``, default each scheme's own
+    ``parameter_lr_scale``). Returns ``(dmp, dense_optimizer)``."""
     if sparse_optimizer not in SPARSE_OPTIMIZERS:
         raise ValueError(f"sparse_optimizer {sparse_optimizer!r}; use one of {sorted(SPARSE_OPTIMIZERS)}")
     tables = [p for m in embeddings.modules() if type(m) is EmbeddingBagCollection for p in m.parameters()]
@@ -104,10 +104,12 @@ def shard_for_training(
             model, device=device, plan=plan or uniform_plan(model, sharding_type, world, device_type=device.type), sharders=sharders()
         )
     dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
-    mine = {id(p) for p in scheme_parameters(dmp)}
-    schemes = [p for p in dense.values() if id(p) in mine]
-    others = [p for p in dense.values() if id(p) not in mine]
-    groups = [{"params": others}] + ([{"params": schemes, "lr": lr_dense * scheme_lr_scale}] if schemes else [])
+    scales = scheme_lr_scales(dmp)
+    groups = [{"params": [p for p in dense.values() if id(p) not in scales]}]
+    for scale in sorted(set(scales.values())):
+        ps = [p for p in dense.values() if scales.get(id(p)) == scale]
+        if ps:
+            groups.append({"params": ps, "lr": lr_dense * (scale if scheme_lr_scale is None else scheme_lr_scale)})
     return dmp, torch.optim.Adagrad(groups, lr=lr_dense)
 
 

@@ -204,11 +204,14 @@ def _train(cfg: RunConfig, show: bool, resume: bool) -> Dict[str, object]:
         p.epoch, p.global_batches, p.ne, p.window = p.epoch + 1, 0, torch.zeros(4, dtype=torch.float64), []
         if tc.checkpoint:
             save_checkpoint(cfg, dmp, opt, p)
+    if report is not None:  # what the schemes deploy now (e.g. MPE's chosen precisions), not at the start
+        report = cebc.memory_report()
     results = {
         "world_size": world, "epochs": p.epochs, "evals": p.evals, "steps": p.steps, "stopped": p.stopped or None,
         "losses": p.losses, "schemes": {k: repr(v) for k, v in schemes.items() if v is not None},
         "embedding_bytes": report.total.compressed_bytes if report else full_bytes, "uncompressed_bytes": full_bytes,
-        "ratio": report.total.ratio if report else 1.0, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "ratio": report.total.ratio if report else 1.0, "training_bytes": report.total.training_bytes if report else 0,
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     if rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
