@@ -4,6 +4,7 @@ import torch
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
 
 from torchrec_compress import QR, CompressedEmbeddingBagCollection, Hashing, MEmCom
+from torchrec_compress.testing.data import random_bags
 
 
 def _m(weighted=False):
@@ -96,3 +97,28 @@ def test_weights_not_float32(dtype):
     with pytest.raises(ValueError, match=rf"KJT weights must be float32, got {dtype}"):
         _m(weighted=True)(_kjt(weights=torch.ones(4, dtype=dtype)))
     _m()(_kjt(weights=torch.ones(4, dtype=dtype)))  # an unweighted collection ignores weights
+
+
+def _profile(fn):
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    names = [e.name for e in prof.events()]
+    return names.count("aten::_local_scalar_dense"), sum(1 for n in names if n.startswith("aten::"))
+
+
+@pytest.mark.parametrize("scheme", ["none", "hashing"])
+def test_validation_reads_the_host_once_whatever_the_number_of_features(scheme):
+    """Issue 18's GPU-shaped forward for the checks: one host read (a sync on a GPU) and the
+    same ops for 13 and 26 features; the per-feature path runs only to explain an error."""
+    from torchrec_compress import Hashing
+
+    counts = {}
+    for n in (13, 26):
+        tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=8, num_embeddings=100, feature_names=[f"f{i}"]) for i in range(n)]
+        m = CompressedEmbeddingBagCollection(tables, {} if scheme == "none" else {t.name: Hashing(ratio=4) for t in tables})
+        kjt = random_bags(tables, 8, seed=0).kjt()
+        counts[n] = _profile(lambda: m._check_input(kjt))
+    assert counts[13][0] == counts[26][0] == 1
+    assert counts[13][1] == counts[26][1]

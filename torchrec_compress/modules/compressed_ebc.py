@@ -176,8 +176,6 @@ class CompressedEmbeddingBagCollection(nn.Module):
         if self._validate:
             self._check_input(features)
         jts = features.to_dict()
-        if self._validate:
-            self._check_ids(jts)
         batch = features.stride()
         self.materialize()
         for t in self._tables:  # the schemes' own procedures (counting, clustering, search, re-planning)
@@ -331,11 +329,6 @@ class CompressedEmbeddingBagCollection(nn.Module):
                 raise ValueError(
                     f"KJT has {lengths.numel()} lengths for {len(keys)} features x batch size {kjt.stride()}"
                 )
-        if lengths.numel() and int(lengths.min()) < 0:
-            raise ValueError(f"KJT has negative lengths: {lengths.min().item()}")
-        total = int(lengths.sum()) if lengths.numel() else 0
-        if total != values.numel():
-            raise ValueError(f"KJT lengths sum to {total} but there are {values.numel()} values")
         if self._is_weighted and weights is None:
             raise ValueError("this collection is weighted (is_weighted=True) but the KJT has no weights")
         if weights is not None and weights.numel() != values.numel():
@@ -343,9 +336,45 @@ class CompressedEmbeddingBagCollection(nn.Module):
         if self._is_weighted and weights.dtype != torch.float32:
             # the embedding-bag kernels take fp32 per-sample weights only (a RuntimeError inside them)
             raise ValueError(f"KJT weights must be float32, got {weights.dtype}")
+        self._check_values(kjt)
 
-    def _check_ids(self, jts: Dict[str, JaggedTensor]) -> None:
-        for f, jt in jts.items():
+    def _check_values(self, kjt: KeyedJaggedTensor) -> None:
+        """Lengths (none negative, summing to the number of values) and ids (0 <= id <
+        num_embeddings unless the scheme hashes any id) of every feature at once: a fixed
+        number of ops whatever the number of features, and one host read. Only when it
+        finds something does the per-feature path run, to name table, feature and value."""
+        values, lengths = kjt.values(), kjt.lengths()
+        keys = list(kjt.keys())
+        if kjt.variable_stride_per_key() or not lengths.numel():
+            return self._explain(kjt)
+        n_keys = len(keys)
+        per_key = lengths.view(n_keys, -1).clamp(min=0).sum(dim=1)  # [F] values of each feature
+        feature = torch.searchsorted(per_key.cumsum(0), torch.arange(values.numel(), device=values.device), right=True)
+        v = values.long()
+        limit = self._limits(keys, values.device)[feature.clamp(max=n_keys - 1)]  # [N] each value's num_embeddings
+        bad = torch.stack([(lengths < 0).any(), lengths.sum() != values.numel(), ((v < 0) | (v >= limit)).any()])
+        if bool(bad.any()):
+            self._explain(kjt)
+
+    def _limits(self, keys: List[str], device: torch.device) -> torch.Tensor:
+        """``[F]`` the smallest invalid id of each feature, in KJT key order (int64 max: any id is valid)."""
+        cache = self.__dict__.setdefault("_limits_cache", {})
+        key = (tuple(keys), device)
+        if key not in cache:
+            big = torch.iinfo(torch.int64).max
+            cache[key] = torch.tensor([big if self._schemes[self._feature_table[f].name].accepts_any_id
+                                       else self._feature_table[f].num_embeddings for f in keys], dtype=torch.int64, device=device)
+        return cache[key]
+
+    def _explain(self, kjt: KeyedJaggedTensor) -> None:
+        """The per-feature checks, raising the ValueError that names what is wrong."""
+        values, lengths = kjt.values(), kjt.lengths()
+        if lengths.numel() and int(lengths.min()) < 0:
+            raise ValueError(f"KJT has negative lengths: {lengths.min().item()}")
+        total = int(lengths.sum()) if lengths.numel() else 0
+        if total != values.numel():
+            raise ValueError(f"KJT lengths sum to {total} but there are {values.numel()} values")
+        for f, jt in kjt.to_dict().items():
             v = jt.values()
             if v.numel() == 0:
                 continue
