@@ -80,7 +80,7 @@ def test_registry_rejects_duplicates_and_unknown():
     class NotRegistered(SchemeConfig):
         pass
 
-    with pytest.raises(ValueError, match="no scheme registered for config .*NotRegistered.*known schemes: FIITED, FreqThreshold, Hashing, MEmCom, MPE, MemRec, MixedPrecision, QR, Saec"):
+    with pytest.raises(ValueError, match="no scheme registered for config .*NotRegistered.*known schemes: FIITED, FreqThreshold, Hashing, MEmCom, MPE, MemRec, MixedDim, MixedPrecision, QR, Saec"):
         scheme_class_for(NotRegistered(ratio=2))
     with pytest.raises(ValueError, match="already registered"):
         register_scheme(Hashing)(HashingScheme)
