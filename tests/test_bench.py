@@ -6,11 +6,15 @@ from torchrec_compress.cli import main
 
 def test_bench_quality_cli(tmp_path, capsys):
     out = tmp_path / "q.json"
-    main(["bench", "quality", "--data", "synthetic", "--schemes", "qr,int8,fiited", "--ratios", "4,100000", "--seeds", "0,1",
+    main(["bench", "quality", "--data", "synthetic", "--schemes", "qr,int8,fp16,md,fiited", "--ratios", "4,100000", "--seeds", "0,1",
           "--epochs", "1", "--batches", "4", "--out", str(out)])
     res = json.loads(out.read_text())
     rows = {(r["scheme"], r["ratio"]): r for r in res["rows"]}
-    assert set(rows) == {("none", 1.0), ("int8", 0.0), ("qr", 4.0), ("qr", 100000.0), ("fiited", 4.0), ("fiited", 100000.0)}
+    assert set(rows) == {("none", 1.0), ("int8", 0.0), ("fp16", 0.0), ("qr", 4.0), ("qr", 100000.0), ("md", 4.0), ("md", 100000.0),
+                         ("fiited", 4.0), ("fiited", 100000.0)}
+    assert rows[("fp16", 0.0)]["achieved_ratio"] == 2.0 and 0.5 < rows[("fp16", 0.0)]["auc"] < 1  # trained in fp16
+    # at dim 16, d' = 4 plus its 4 x 16 projection is just under 4x (md trains at 3.5x in test_lifecycle)
+    assert rows[("md", 4.0)]["auc"] is None and "plus its 4 x 16 projection" in rows[("md", 4.0)]["skipped"]
     assert rows[("none", 1.0)]["d_auc"] == 0 and len(rows[("none", 1.0)]["runs"]) == 2
     assert abs(rows[("qr", 4.0)]["achieved_ratio"] - 4) < 0.1 and 0.5 < rows[("qr", 4.0)]["auc"] < 1
     assert rows[("int8", 0.0)]["achieved_ratio"] == 2.0  # dim 16: 16 B + 4 B fp16 scale/bias, 16-byte aligned = 32 B of 64

@@ -77,7 +77,7 @@ def _parser(argv: Optional[List[str]] = None) -> argparse.ArgumentParser:
     bq.add_argument("--data", choices=["synthetic", "frappe", "criteo"], default="synthetic")
     bq.add_argument("--root", default="../shared/data/frappe", help="frappe: the libFM folder")
     bq.add_argument("--path", default="../shared/data/criteo_kaggle_sample/criteo_train_10k.tsv.gz", help="criteo: a TSV file")
-    bq.add_argument("--schemes", default="all", help=f"comma-separated, from: {names}, int8, int4")
+    bq.add_argument("--schemes", default="all", help=f"comma-separated, from: {names}, fp16, int8, int4")
     bq.add_argument("--ratios", default="4,10,100", help="target compression ratios of the large tables")
     bq.add_argument("--seeds", default="0,1,2")
     bq.add_argument("--epochs", type=_positive_int, default=5)

@@ -22,6 +22,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 import torch
 from tabulate import tabulate
 from torchrec import EmbeddingBagConfig
+from torchrec.modules.embedding_configs import DataType
 from torchrec.datasets.utils import Batch
 from tqdm import tqdm
 
@@ -34,11 +35,14 @@ from ..train.loop import local_process_group, predictions, shard_for_training, t
 from ..train.metrics import binary_metrics
 
 QUANT = ("int8", "int4")  # FBGEMM row-wise quantization of the uncompressed tables
+STORAGE = ("fp16",)  # the large tables trained and stored as TorchRec DataType.FP16 (an equal-bytes baseline, 2x)
+FIXED = QUANT + STORAGE  # formats whose ratio is fixed by the format
 
 
 def all_schemes() -> List[str]:
-    """Every benchmark name: the registry's presets (``TableScheme.presets``) and the post-training formats."""
-    return list(presets()) + list(QUANT)
+    """Every benchmark name: the registry's presets (``TableScheme.presets``), fp16 storage and
+    the post-training formats."""
+    return list(presets()) + list(FIXED)
 
 
 @dataclasses.dataclass
@@ -85,8 +89,12 @@ def criteo_tsv_data(path: str, cardinalities: Sequence[int], batch_size: int = 5
     return QualityData("criteo", cat_names(26), list(cardinalities), 13, lambda e, s: batches[:cut], lambda: batches[cut:])
 
 
-def _model(data: QualityData, dim: int, schemes: Optional[Dict[str, SchemeConfig]], seed: int):
-    model = build_dlrm(data.tables(dim), data.dense_in, [32], [64, 32, 1], schemes, seed=seed)
+def _tables(data: QualityData, dim: int, fp16: Sequence[str] = ()) -> List[EmbeddingBagConfig]:
+    return [dataclasses.replace(t, data_type=DataType.FP16) if t.name in fp16 else t for t in data.tables(dim)]
+
+
+def _model(data: QualityData, dim: int, schemes: Optional[Dict[str, SchemeConfig]], seed: int, fp16: Sequence[str] = ()):
+    model = build_dlrm(_tables(data, dim, fp16), data.dense_in, [32], [64, 32, 1], schemes, seed=seed)
     dmp, opt = shard_for_training(model, model.sparse_arch, lr_sparse=0.05, lr_dense=0.01)
     return model, dmp, opt
 
@@ -109,7 +117,8 @@ def run_one(data: QualityData, scheme: str, ratio: float, seed: int, epochs: int
     if schemes:  # fail fast (unreachable ratio) before any training
         CompressedEmbeddingBagCollection(data.tables(dim), schemes, device=torch.device("meta"))
     t0 = time.perf_counter()
-    model, dmp, opt = _model(data, dim, schemes, seed)
+    fp16 = big if scheme == "fp16" else []
+    model, dmp, opt = _model(data, dim, schemes, seed, fp16)
     steps = 0
     for e in range(epochs):
         losses, _, _ = train_steps(dmp, opt, data.train(e, seed), progress=False)
@@ -123,7 +132,7 @@ def run_one(data: QualityData, scheme: str, ratio: float, seed: int, epochs: int
     else:
         ebc = model.sparse_arch.embedding_bag_collection
         if not isinstance(ebc, CompressedEmbeddingBagCollection):
-            ebc = CompressedEmbeddingBagCollection(data.tables(dim), {}, device=torch.device("meta"))
+            ebc = CompressedEmbeddingBagCollection(_tables(data, dim, fp16), {}, device=torch.device("meta"))
         rep = ebc.memory_report()
         metrics = binary_metrics(*predictions(dmp, data.test()))
     stored = sum(rep.tables[t].compressed_bytes for t in big)
@@ -138,7 +147,7 @@ def bench_quality(data: QualityData, schemes: Sequence[str], ratios: Sequence[fl
     unknown = sorted(set(schemes) - set(all_schemes()))
     if unknown:
         raise ValueError(f"bench quality: unknown schemes {unknown}; use any of {all_schemes()}")
-    jobs = [("none", 1.0)] + [(s, 0.0) for s in schemes if s in QUANT] + [(s, float(r)) for s in schemes if s not in QUANT for r in ratios]
+    jobs = [("none", 1.0)] + [(s, 0.0) for s in schemes if s in FIXED] + [(s, float(r)) for s in schemes if s not in FIXED for r in ratios]
     rows: List[Dict[str, object]] = []
     with local_process_group(), tqdm(total=len(jobs) * len(seeds), desc="bench quality", disable=not progress) as bar:
         for scheme, ratio in jobs:
