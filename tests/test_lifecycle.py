@@ -226,3 +226,22 @@ def test_every_scheme_trains_on_frappe_two_ranks(shared_data, tmp_path, name):
     res = results(out)
     assert res["world_size"] == 2
     _check_run(res, name)
+
+
+def test_procedure_counters_stay_in_host_memory_on_any_device():
+    """The counters a procedure reads every step (step, stage; FIITED's sizes) are host tensors
+    whatever device the module moves to, so reading them never waits for a GPU; the rest moves."""
+    from torchrec_compress import FIITED
+
+    tables = [EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=300, feature_names=["f"]),
+              EmbeddingBagConfig(name="u", embedding_dim=8, num_embeddings=300, feature_names=["g"])]
+    m = CompressedEmbeddingBagCollection(tables, {"t": Saec(clusters=6, warm_steps=3), "u": FIITED(ratio=2, chunks=2)})
+    m.scheme_states()["t"].steps.fill_(2)
+    m.to(torch.device("meta"))
+    saec, fiited = m.scheme_states()["t"], m.scheme_states()["u"]
+    assert saec.steps.device.type == saec.stage.device.type == "cpu" and int(saec.steps) == 2
+    assert all(getattr(fiited, n).device.type == "cpu" for n in ("n_kept", "n_seen", "steps", "events"))
+    assert saec.cluster_of.device.type == fiited.keys.device.type == "meta"
+    m2 = CompressedEmbeddingBagCollection(tables, {"t": Saec(clusters=6, warm_steps=3), "u": FIITED(ratio=2, chunks=2)},
+                                          device=torch.device("meta"))
+    assert m2.scheme_states()["t"].steps.device.type == "cpu" and m2.scheme_states()["t"].cluster_of.is_meta

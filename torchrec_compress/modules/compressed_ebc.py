@@ -447,12 +447,21 @@ class SchemeState(nn.Module):
         super().__init__()
         self._impl = [impl]  # a list: not a submodule
         impl.buffers = self  # the scheme reads and writes its state here
+        host = set(impl.host_buffers)
         for name, tensor in impl.initial_buffers().items():
-            self.register_buffer(name, tensor.to(device) if device is not None else tensor)
+            # the procedure's 0-dim counters stay in host memory (read every step: no device sync)
+            self.register_buffer(name, tensor if name in host or device is None else tensor.to(device))
         for name, tensor in impl.initial_parameters().items():
             self.register_parameter(name, nn.Parameter(tensor.to(device) if device is not None else tensor))
         # True once the state holds real values: DMP's zero fill of meta buffers makes it False
         self.register_buffer("ready", torch.ones((), dtype=torch.int8, device=device))
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+        """``.to()``, ``.cuda()``, ``to_empty()``, DMP's placement: everything but the host counters."""
+        host = {n: self._buffers[n] for n in self._impl[0].host_buffers if n in self._buffers}
+        out = super()._apply(fn, recurse)
+        self._buffers.update(host)
+        return out
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -119,6 +119,7 @@ class TableScheme:
     sees_ids: bool = False  # True: see(values, group) gets every training batch's ids before the lookup
     data_driven: bool = False  # True: its procedure learns from the data (counts, warm-up, search); see fitted()
     training_buffers: Tuple[str, ...] = ()  # buffers only training needs (e.g. id counts): not in the deployed bytes
+    host_buffers: Tuple[str, ...] = ()  # 0-dim counters read on the host each step: kept in host memory on any device
     parameter_lr_scale: float = 1.0  # learning rate of initial_parameters(), in units of the dense one
 
     def __init__(self, table: EmbeddingBagConfig, config: Optional[SchemeConfig]) -> None:

@@ -124,6 +124,7 @@ class FIITED(SchemeConfig):
 
 @register_scheme(FIITED)
 class FIITEDScheme(TableScheme):
+    host_buffers = ("n_kept", "n_seen", "steps", "events")
     presets = {
         "fiited": lambda r, d: FIITED(ratio=r, chunks=d // 4),  # the paper's utility, chunks of 4 dims
         # + priors against churn (not in the paper): every id's first chunk before anyone's second, at most 2

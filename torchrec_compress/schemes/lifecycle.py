@@ -25,6 +25,7 @@ class Scheduled(TableScheme):
 
     data_driven = True
     training_buffers = ("counts", "steps", "stage")
+    host_buffers = ("steps", "stage")
     FITTED = 1
 
     def __init__(self, table, config) -> None:

@@ -94,7 +94,7 @@ class SaecScheme(Scheduled):
         if not self.config.warm_steps:
             return super().route(jt)
         values = jt.values()
-        clustered = (self.buffers.stage >= self.FITTED).expand(values.shape)
+        clustered = (self.buffers.stage >= self.FITTED).to(values.device).expand(values.shape)  # host stage: a copy, no sync
         return ragged_parts(jt, torch.stack(self.transform(values), dim=1), [~clustered, clustered])
 
     def combine(self, parts: List[torch.Tensor], values: torch.Tensor) -> torch.Tensor:
