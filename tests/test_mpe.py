@@ -165,3 +165,12 @@ def test_mpe_procedure_runs_itself_on_synthetic_dlrm():
         assert torch.equal(impl.counted(), counts)  # exactly the first 20 steps' ids
         assert rep.tables[t].ratio >= 8
     assert auc > 0.55
+
+
+def test_memory_before_the_choice_is_the_budget_the_choice_keeps_within():
+    m = CompressedEmbeddingBagCollection(copy.deepcopy(_tables()), {"t": MPE(ratio=8, groups=8)}, device=torch.device("meta"))
+    assert m.memory_report().tables["t"].ratio == pytest.approx(8.0, rel=1e-3)  # the demo and planner size by it
+    fitted = _model(ratio=8)
+    before = fitted.memory_report().tables["t"].compressed_bytes
+    fitted.scheme("t").choose_()
+    assert fitted.memory_report().tables["t"].compressed_bytes <= before

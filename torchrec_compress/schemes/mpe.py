@@ -302,13 +302,16 @@ class MPEScheme(Scheduled):
 
     def memory_parts(self) -> Dict[str, int]:
         """Bytes the deployed (exported) table takes at the chosen precisions, plus the maps.
-        Before the choice (and on meta) the bits are the initial ones; the fp32 table trained
-        meanwhile is training memory (``training_bytes``)."""
-        n = self.group_sizes()
-        bits = self.buffers.bits.long().cpu() if not self.buffers.bits.is_meta else self.initial_buffers()["bits"].long()
-        d = self.table.embedding_dim
-        parts = {f"{self.table.name} {b}-bit rows": int(n[bits == b].sum()) * row_bytes(b, d) for b in self.candidates if b}
-        parts[f"{self.table.name} (maps)"] = self.table.num_embeddings * MAP_BYTES
+        Before the choice (and on meta) the rows' share of the budget, which the choice keeps
+        within; the fp32 table trained meanwhile is training memory (``training_bytes``)."""
+        d, v = self.table.embedding_dim, self.table.num_embeddings
+        parts: Dict[str, int] = {}
+        if self.buffers.stage.is_meta or int(self.buffers.stage) != RETRAIN:
+            parts[f"{self.table.name} rows (budget until the precisions are chosen)"] = int(v * d * self.row_target / 8)
+        else:
+            n, bits = self.group_sizes(), self.buffers.bits.long().cpu()
+            parts.update({f"{self.table.name} {b}-bit rows": int(n[bits == b].sum()) * row_bytes(b, d) for b in self.candidates if b})
+        parts[f"{self.table.name} (maps)"] = v * MAP_BYTES
         return parts
 
     # --- the plain-torch reference of the paper's equation (the tests compare against it) ----
