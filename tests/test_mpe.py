@@ -14,7 +14,7 @@ from torchrec_compress.data.synthetic import SyntheticCriteo
 from torchrec_compress.quant import export, quantized_memory_report
 from torchrec_compress.schemes.mpe import fake_quant
 from torchrec_compress.testing.data import random_bags
-from torchrec_compress.testing.reference import fbgemm_stored, physical_weights, reference_forward, scheme_maps
+from torchrec_compress.testing.reference import fbgemm_stored, physical_weights, reference_forward, reference_leaves
 from torchrec_compress.train import evaluate, local_process_group, shard_for_training, train_steps
 
 
@@ -63,9 +63,7 @@ def test_forward_backward_match_reference(stage):
         m.scheme("t").choose_()
     bags = random_bags(_tables(), 6, seed=11)
     out = m(bags.kjt()).values()
-    w = {n: p.detach().clone().requires_grad_(True) for n, p in physical_weights(m).items()}
-    maps = {t: {k: (v.detach().clone().requires_grad_(True) if v.is_floating_point() else v) for k, v in d.items()}
-            for t, d in scheme_maps(m).items()}
+    w, maps = reference_leaves(m)
     ref = reference_forward(_tables(), {"t": MPE(ratio=6, groups=8)}, w, bags, maps)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     g = torch.randn_like(ref)

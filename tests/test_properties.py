@@ -51,7 +51,7 @@ from torchrec_compress.config import SchemeConfig, scheme_class_for
 from torchrec_compress.schemes.mpe import CANDIDATES, MAP_BYTES, fake_quant
 from torchrec_compress.stats import FrequencyStats
 from torchrec_compress.testing.data import Bags, random_bags
-from torchrec_compress.testing.reference import fbgemm_stored, physical_weights, reference_forward, scheme_maps
+from torchrec_compress.testing.reference import fbgemm_stored, physical_weights, reference_forward, reference_leaves
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*has not finished its procedure")  # unfitted cases are drawn on purpose
 FAMILIES = ["none", "hashing", "qr_mult", "qr_add", "qr_concat", "memcom", "memrec_scalar", "memrec_full",
@@ -284,9 +284,7 @@ def test_forward_and_gradients_match_reference(family, data):
     assert out.keys() == names and out.length_per_key() == [t.embedding_dim for t in case.tables for _ in t.feature_names]
     assert out.values().shape == (case.bags.batch, sum(out.length_per_key()))
 
-    ref_w = {n: p.detach().clone().requires_grad_(True) for n, p in physical_weights(m).items()}
-    maps = {t: {k: (v.detach().clone().requires_grad_(True) if v.is_floating_point() else v) for k, v in d.items()}
-            for t, d in scheme_maps(m).items()}
+    ref_w, maps = reference_leaves(m)
     ref = reference_forward(case.tables, case.schemes, ref_w, case.bags, maps)
     torch.testing.assert_close(out.values(), ref, rtol=1e-5, atol=1e-5)
 

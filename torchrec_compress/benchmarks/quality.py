@@ -112,7 +112,8 @@ def run_one(data: QualityData, scheme: str, ratio: float, seed: int, epochs: int
     as under ``torchrec-compress train``. Raises ValueError when the scheme cannot reach
     ``ratio`` on these tables."""
     big = [f"t_{f}" for f, v in zip(data.features, data.cardinalities) if v >= min_rows]
-    cfg = presets()[scheme](ratio, dim) if scheme in presets() else None
+    make = presets().get(scheme)
+    cfg = make(ratio, dim) if make is not None else None
     schemes = {t: cfg for t in big} if cfg is not None else None
     if schemes:  # fail fast (unreachable ratio) before any training
         CompressedEmbeddingBagCollection(data.tables(dim), schemes, device=torch.device("meta"))

@@ -500,13 +500,8 @@ class _Tables:
     def read(self, suffix: str) -> torch.Tensor:
         return full_tensor(self._m._inner_weight(self._name + suffix), self.group)
 
-    @torch.no_grad()
     def write(self, suffix: str, full: torch.Tensor) -> None:
-        target = self._m._inner_weight(self._name + suffix)
-        copy_full_into_(target, full.to(target.dtype) if not hasattr(target, "local_shards") else full)
-
-    def zero_rows(self, suffix: str, rows: torch.Tensor) -> None:
-        self._m._zero_rows(self._name + suffix, rows)
+        copy_full_into_(self._m._inner_weight(self._name + suffix), full)  # copy_ casts and moves
 
 
 def unfitted_message(table: str, impl: TableScheme) -> str:

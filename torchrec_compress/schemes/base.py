@@ -100,9 +100,6 @@ class TableAccess(Protocol):
     def write(self, suffix: str, full: torch.Tensor) -> None:
         """Overwrite the table with ``full [rows, dim]`` (each rank writes the shards it holds)."""
 
-    def zero_rows(self, suffix: str, rows: torch.Tensor) -> None:
-        """Zero ``rows`` and their fused optimizer state."""
-
 
 class TableScheme:
     """Base class; subclasses are registered with ``@register_scheme(Config)``.

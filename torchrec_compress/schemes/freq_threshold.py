@@ -48,6 +48,7 @@ class FreqThreshold(SchemeConfig):
 @register_scheme(FreqThreshold)
 class FreqThresholdScheme(Scheduled):
     presets = {"freq_threshold": lambda r, d: FreqThreshold(ratio=r)}
+
     def __init__(self, table, config: FreqThreshold) -> None:
         super().__init__(table, config)
         v, d = table.num_embeddings, table.embedding_dim

@@ -68,7 +68,7 @@ class Scheduled(TableScheme):
         n = int(b.steps)
         b.steps.add_(1)
         self._step = n
-        self._counting = n < self.count_steps and int(b.stage) == 0
+        self._counting = n < self.count_steps and self.stage == 0
         return n in self.events()
 
     @property

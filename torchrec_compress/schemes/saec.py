@@ -15,9 +15,8 @@ import dataclasses
 import warnings
 from typing import Dict, List, Optional, Tuple
 
-from torchrec.sparse.jagged_tensor import JaggedTensor
-
 import torch
+from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from ..config import SchemeConfig, _check_positive_int, _check_steps, register_scheme
 from ..ops import universal_hash

@@ -14,7 +14,7 @@ from ..config import SchemeConfig
 from ..modules import CompressedEmbeddingBagCollection
 from ..modules.compress import fit_
 from .data import random_bags
-from .reference import physical_weights, reference_forward, scheme_maps
+from .reference import physical_weights, reference_forward, reference_leaves
 
 
 def contract_tables(dim: int = 16) -> List[EmbeddingBagConfig]:
@@ -41,9 +41,7 @@ def check_against_reference(config: SchemeConfig, seed: int = 0, fit: bool = Tru
         bags = random_bags(tables, 6, seed=seed + 1, max_len=5)
         out = m(bags.kjt())
     assert out.keys() == ["a", "b", "c"] and out.length_per_key() == [dim] * 3
-    ref_w = {n: p.detach().clone().requires_grad_(True) for n, p in physical_weights(m).items()}
-    maps = {t: {k: (v.detach().clone().requires_grad_(True) if v.is_floating_point() else v) for k, v in d.items()}
-            for t, d in scheme_maps(m).items()}
+    ref_w, maps = reference_leaves(m)
     ref = reference_forward(tables, schemes, ref_w, bags, maps)
     torch.testing.assert_close(out.values(), ref, rtol=1e-4, atol=1e-5)
     g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed))

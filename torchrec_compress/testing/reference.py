@@ -5,7 +5,7 @@ Python loops and the hash is recomputed with Python integers.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torchrec import EmbeddingBagConfig, PoolingType
@@ -77,6 +77,15 @@ def rowwise_adagrad_step(
     for k, (p, g) in enumerate(zip(param.chunk(column_blocks, dim=1), grad.chunk(column_blocks, dim=1))):
         state[touched, k] += g[touched].pow(2).mean(dim=1)
         p[touched] -= lr * g[touched] / (state[touched, k].sqrt().unsqueeze(1) + eps)
+
+
+def reference_leaves(module: torch.nn.Module) -> Tuple[Dict[str, torch.Tensor], Dict[str, Dict[str, torch.Tensor]]]:
+    """Detached copies of a module's physical weights and scheme state for the reference to run
+    on: floating tensors are fresh leaves that require grad, so its gradients can be compared."""
+    weights = {n: p.detach().clone().requires_grad_(True) for n, p in physical_weights(module).items()}
+    maps = {t: {k: (v.detach().clone().requires_grad_(True) if v.is_floating_point() else v) for k, v in d.items()}
+            for t, d in scheme_maps(module).items()}
+    return weights, maps
 
 
 def scheme_maps(module: torch.nn.Module) -> Dict[str, Dict[str, torch.Tensor]]:

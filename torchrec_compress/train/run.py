@@ -141,8 +141,9 @@ def _train(cfg: RunConfig, show: bool, resume: bool) -> Dict[str, object]:
         ev = binary_metrics(*predictions(dmp, _batches(cfg, "eval", p.epoch, rank, world)))
         dmp.train()
         ml.event("EVAL_ACCURACY", ev["auc"], epoch_num=p.epoch, step=p.steps)
-        if _status(dmp):
-            ev["schemes"] = _status(dmp)
+        status = _status(dmp)
+        if status:
+            ev["schemes"] = status
         ml.end("EVAL_STOP", epoch_num=p.epoch)
         for k in ("auc", "ne", "logloss"):
             log.scalar(f"eval/{k}", ev[k], p.steps)
