@@ -30,6 +30,7 @@ from ..config import SchemeConfig, presets
 from ..distributed.state import single_rank_full_state_dict
 from ..models import build_dlrm, logical_tables
 from ..modules.compressed_ebc import CompressedEmbeddingBagCollection
+from ..modules.mch import ManagedCollisionTables, mch_bytes, zch_size_for
 from ..quant.export import export, quantized_memory_report
 from ..train.loop import local_process_group, predictions, shard_for_training, train_steps
 from ..train.metrics import binary_metrics
@@ -37,12 +38,15 @@ from ..train.metrics import binary_metrics
 QUANT = ("int8", "int4")  # FBGEMM row-wise quantization of the uncompressed tables
 STORAGE = ("fp16",)  # the large tables trained and stored as TorchRec DataType.FP16 (an equal-bytes baseline, 2x)
 FIXED = QUANT + STORAGE  # formats whose ratio is fixed by the format
+TORCHREC = ("mch",)  # TorchRec's managed-collision tables (LFU), sized to each ratio: an equal-bytes baseline
+
+
 
 
 def all_schemes() -> List[str]:
-    """Every benchmark name: the registry's presets (``TableScheme.presets``), fp16 storage and
-    the post-training formats."""
-    return list(presets()) + list(FIXED)
+    """Every benchmark name: the registry's presets (``TableScheme.presets``), TorchRec's MCH,
+    fp16 storage and the post-training formats."""
+    return list(presets()) + list(TORCHREC) + list(FIXED)
 
 
 @dataclasses.dataclass
@@ -93,8 +97,11 @@ def _tables(data: QualityData, dim: int, fp16: Sequence[str] = ()) -> List[Embed
     return [dataclasses.replace(t, data_type=DataType.FP16) if t.name in fp16 else t for t in data.tables(dim)]
 
 
-def _model(data: QualityData, dim: int, schemes: Optional[Dict[str, SchemeConfig]], seed: int, fp16: Sequence[str] = ()):
+def _model(data: QualityData, dim: int, schemes: Optional[Dict[str, SchemeConfig]], seed: int, fp16: Sequence[str] = (),
+           zch: Optional[Dict[str, int]] = None):
     model = build_dlrm(_tables(data, dim, fp16), data.dense_in, [32], [64, 32, 1], schemes, seed=seed)
+    if zch:  # TorchRec's MCH in place of the large tables
+        model.sparse_arch.embedding_bag_collection = ManagedCollisionTables(data.tables(dim), zch, device=torch.device("meta"))
     dmp, opt = shard_for_training(model, model.sparse_arch, lr_sparse=0.05, lr_dense=0.01)
     return model, dmp, opt
 
@@ -117,9 +124,15 @@ def run_one(data: QualityData, scheme: str, ratio: float, seed: int, epochs: int
     schemes = {t: cfg for t in big} if cfg is not None else None
     if schemes:  # fail fast (unreachable ratio) before any training
         CompressedEmbeddingBagCollection(data.tables(dim), schemes, device=torch.device("meta"))
+    zch, ids = None, {}
+    if scheme == "mch":
+        first = next(iter(data.train(0, seed))).sparse_features
+        ids = {f"t_{f}": first[f].values().numel() for f in data.features}
+        zch = {t.name: zch_size_for(t, ratio, ids[t.name]) for t in data.tables(dim) if t.name in big}
+        cfg = {"zch_size": zch, "eviction": "LFU", "eviction_interval": 1}
     t0 = time.perf_counter()
     fp16 = big if scheme == "fp16" else []
-    model, dmp, opt = _model(data, dim, schemes, seed, fp16)
+    model, dmp, opt = _model(data, dim, schemes, seed, fp16, zch)
     steps = 0
     for e in range(epochs):
         losses, _, _ = train_steps(dmp, opt, data.train(e, seed), progress=False)
@@ -132,11 +145,11 @@ def run_one(data: QualityData, scheme: str, ratio: float, seed: int, epochs: int
         metrics = binary_metrics(*predictions(inference, data.test()))
     else:
         ebc = model.sparse_arch.embedding_bag_collection
-        if not isinstance(ebc, CompressedEmbeddingBagCollection):
+        if not isinstance(ebc, CompressedEmbeddingBagCollection):  # uncompressed, fp16 or MCH: sized as the plain tables
             ebc = CompressedEmbeddingBagCollection(_tables(data, dim, fp16), {}, device=torch.device("meta"))
         rep = ebc.memory_report()
         metrics = binary_metrics(*predictions(dmp, data.test()))
-    stored = sum(rep.tables[t].compressed_bytes for t in big)
+    stored = sum(mch_bytes(zch[t], dim, ids[t]) if zch else rep.tables[t].compressed_bytes for t in big)
     full = sum(rep.tables[t].uncompressed_bytes for t in big)
     return {**metrics, "bytes": stored, "uncompressed_bytes": full, "achieved_ratio": full / stored, "train_s": seconds,
             "steps": steps, "config": repr(cfg) if cfg is not None else None}
