@@ -13,8 +13,11 @@ def test_bench_quality_cli(tmp_path, capsys):
     assert set(rows) == {("none", 1.0), ("int8", 0.0), ("fp16", 0.0), ("qr", 4.0), ("qr", 100000.0), ("md", 4.0), ("md", 100000.0),
                          ("fiited", 4.0), ("fiited", 100000.0)}
     assert rows[("fp16", 0.0)]["achieved_ratio"] == 2.0 and 0.5 < rows[("fp16", 0.0)]["auc"] < 1  # trained in fp16
-    # at dim 16, d' = 4 plus its 4 x 16 projection is just under 4x (md trains at 3.5x in test_lifecycle)
-    assert rows[("md", 4.0)]["auc"] is None and "plus its 4 x 16 projection" in rows[("md", 4.0)]["skipped"]
+    # at dim 16, d' = 4 plus its 4 x 16 projection is just under 4x: the md preset's 5% slack admits it (the
+    # baseline holds 1-4% more bytes); at 100000x not even d' = 4 fits
+    assert 0.95 * 4 < rows[("md", 4.0)]["achieved_ratio"] < 4 and 0.5 < rows[("md", 4.0)]["auc"] < 1
+    assert rows[("md", 100000.0)]["auc"] is None and "plus its 4 x 16 projection" in rows[("md", 100000.0)]["skipped"]
+    assert rows[("none", 1.0)]["val_auc"] > 0.5 and "validation" in res["split"]
     assert rows[("none", 1.0)]["d_auc"] == 0 and len(rows[("none", 1.0)]["runs"]) == 2
     assert abs(rows[("qr", 4.0)]["achieved_ratio"] - 4) < 0.1 and 0.5 < rows[("qr", 4.0)]["auc"] < 1
     assert rows[("int8", 0.0)]["achieved_ratio"] == 2.0  # dim 16: 16 B + 4 B fp16 scale/bias, 16-byte aligned = 32 B of 64

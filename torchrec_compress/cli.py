@@ -74,10 +74,10 @@ def _parser(argv: Optional[List[str]] = None) -> argparse.ArgumentParser:
     bsub = b.add_subparsers(dest="bench", required=True)
     bq = bsub.add_parser("quality", help="AUC vs memory of every scheme and ratio against uncompressed (3 seeds)",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    bq.add_argument("--data", choices=["synthetic", "frappe", "criteo"], default="synthetic")
+    bq.add_argument("--data", choices=["synthetic", "frappe", "criteo", "avazu", "movielens"], default="synthetic")
     bq.add_argument("--root", default="../shared/data/frappe", help="frappe: the libFM folder")
-    bq.add_argument("--path", default="../shared/data/criteo_kaggle_sample/criteo_train_10k.tsv.gz", help="criteo: a TSV file")
-    bq.add_argument("--schemes", default="all", help=f"comma-separated, from: {names}, fp16, int8, int4")
+    bq.add_argument("--path", default=None, help="criteo: a TSV file, avazu / movielens: a CSV file (default: the one in ../shared/data)")
+    bq.add_argument("--schemes", default="all", help=f"comma-separated, from: {names}; equal-bytes baselines md, mch, fp16, int8, int4")
     bq.add_argument("--ratios", default="4,10,100", help="target compression ratios of the large tables")
     bq.add_argument("--seeds", default="0,1,2")
     bq.add_argument("--epochs", type=_positive_int, default=5)
@@ -171,6 +171,13 @@ def main(argv: Optional[List[str]] = None) -> None:
                 json.dump(res, f, indent=1)
 
 
+DEFAULT_PATHS = {  # the real sets in ../shared/data (read there, never copied)
+    "criteo": "../shared/data/criteo_kaggle_sample/criteo_train_10k.tsv.gz",
+    "avazu": "../shared/data/avazu_sample/avazu_train_10k.csv.gz",
+    "movielens": "../shared/data/movielenslatest_x1/movielenslatest_x1_test_200k.csv.gz",
+}
+
+
 def _bench_quality(args: argparse.Namespace) -> None:
     import json
     import os
@@ -183,13 +190,21 @@ def _bench_quality(args: argparse.Namespace) -> None:
     except ValueError:
         raise SystemExit(f"torchrec-compress bench quality: --ratios / --seeds must be comma-separated numbers, got {args.ratios!r} / {args.seeds!r}")
     schemes = q.all_schemes() if args.schemes == "all" else [s for s in args.schemes.split(",") if s]
-    if args.data == "frappe":
-        data = q.frappe_data(args.root)
-    elif args.data == "criteo":
-        from .data.synthetic import CRITEO_KAGGLE_CARDINALITIES
+    path = args.path or DEFAULT_PATHS.get(args.data)
+    try:
+        if args.data == "frappe":
+            data = q.frappe_data(args.root)
+        elif args.data == "criteo":
+            from .data.synthetic import CRITEO_KAGGLE_CARDINALITIES
 
-        data = q.criteo_tsv_data(args.path, [min(v, 100_000) for v in CRITEO_KAGGLE_CARDINALITIES])
-    else:
+            data = q.criteo_tsv_data(path, [min(v, 100_000) for v in CRITEO_KAGGLE_CARDINALITIES])
+        elif args.data == "avazu":
+            data = q.avazu_data(path)
+        elif args.data == "movielens":
+            data = q.movielens_data(path)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"torchrec-compress bench quality: {e}")
+    if args.data == "synthetic":
         data = q.synthetic_data([1000, 500, 20000, 20000, 300, 24, 5000, 600, 3, 20000, 5000, 20000, 3000], batches=args.batches)
     try:
         res = q.bench_quality(data, schemes, ratios, seeds, epochs=args.epochs, dim=args.dim, min_rows=args.min_rows)

@@ -17,7 +17,7 @@ import dataclasses
 import math
 import statistics
 import time
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 from tabulate import tabulate
@@ -35,10 +35,14 @@ from ..quant.export import export, quantized_memory_report
 from ..train.loop import local_process_group, predictions, shard_for_training, train_steps
 from ..train.metrics import binary_metrics
 
+if TYPE_CHECKING:
+    from ..data.avazu import CtrData
+
 QUANT = ("int8", "int4")  # FBGEMM row-wise quantization of the uncompressed tables
 STORAGE = ("fp16",)  # the large tables trained and stored as TorchRec DataType.FP16 (an equal-bytes baseline, 2x)
 FIXED = QUANT + STORAGE  # formats whose ratio is fixed by the format
 TORCHREC = ("mch",)  # TorchRec's managed-collision tables (LFU), sized to each ratio: an equal-bytes baseline
+BASELINES = ("md",) + TORCHREC + FIXED  # the equal-bytes alternatives a scheme has to beat
 
 
 
@@ -58,19 +62,45 @@ class QualityData:
     cardinalities: List[int]
     dense_in: int
     train: Callable[[int, int], Iterable[Batch]]  # (epoch, seed) -> training batches
-    test: Callable[[], Iterable[Batch]]
+    validation: Callable[[], Iterable[Batch]]  # for every choice (presets, epochs): model selection
+    test: Callable[[], Iterable[Batch]]  # held out: reported, never tuned on
+    split: str = ""  # how the rows were split, for the results
 
     def tables(self, dim: int) -> List[EmbeddingBagConfig]:
         return logical_tables(self.features, self.cardinalities, dim)
 
 
 def frappe_data(root: str, batch_size: int = 512) -> QualityData:
-    """Frappe: train on the validation split (57,722 rows), test on the test split (28,860)."""
-    from ..data.frappe import FRAPPE_CARDINALITIES, FRAPPE_FIELDS, load_frappe
+    """Frappe: the validation file split 90/10 (seeded) into train and validation, the test file held out."""
+    from ..data.frappe import FRAPPE_CARDINALITIES, FRAPPE_FIELDS, load_frappe_splits
 
-    train, test = load_frappe(root)
+    train, val, test = load_frappe_splits(root)
     return QualityData("frappe", FRAPPE_FIELDS, FRAPPE_CARDINALITIES, 1,
-                       lambda e, s: train.batches(batch_size, shuffle_seed=s * 100 + e), lambda: test.batches(4096))
+                       lambda e, s: train.batches(batch_size, shuffle_seed=s * 100 + e), lambda: val.batches(4096),
+                       lambda: test.batches(4096), split=f"train {train.labels.numel()} / validation {val.labels.numel()} "
+                                                            f"(frappe.validation.libfm, seeded 90/10) / test {test.labels.numel()} (frappe.test.libfm)")
+
+
+def ctr_data(d: "CtrData", batch_size: int = 512) -> QualityData:
+    """A categorical-only CTR set read into memory (Avazu, MovielensLatest): its fixed splits."""
+    train, val, test = d.splits
+    return QualityData(d.name, list(d.features), list(d.cardinalities), d.dense_in,
+                       lambda e, s: train.batches(batch_size, shuffle_seed=s * 100 + e), lambda: val.batches(4096),
+                       lambda: test.batches(4096), split=f"seeded 80/10/10: train {len(train)} / validation {len(val)} / test {len(test)} rows")
+
+
+def avazu_data(path: str, batch_size: int = 512) -> QualityData:
+    """The Avazu sample (one hour, 9,999 rows), train-only vocabularies (ids seen once share the OOV row)."""
+    from ..data.avazu import load_avazu
+
+    return ctr_data(load_avazu(path), batch_size)
+
+
+def movielens_data(path: str, batch_size: int = 2048) -> QualityData:
+    """MovielensLatest_x1's test split (200,686 rows), re-split 80/10/10, train-only vocabularies."""
+    from ..data.movielens import load_movielens
+
+    return ctr_data(load_movielens(path), batch_size)
 
 
 def synthetic_data(cardinalities: Sequence[int], batches: int = 200, batch_size: int = 512, test_batches: int = 20) -> QualityData:
@@ -80,17 +110,24 @@ def synthetic_data(cardinalities: Sequence[int], batches: int = 200, batch_size:
     cards = list(cardinalities)
     return QualityData("synthetic", cat_names(len(cards)), cards, 13,
                        lambda e, s: SyntheticCriteo(cards, batch_size, batches, seed=0, split="train", start=e * batches),
-                       lambda: SyntheticCriteo(cards, batch_size, test_batches, seed=0, split="test"))
+                       lambda: SyntheticCriteo(cards, batch_size, test_batches, seed=0, split="eval"),
+                       lambda: SyntheticCriteo(cards, batch_size, test_batches, seed=0, split="test"),
+                       split=f"fresh train samples every epoch; validation and test: {test_batches} x {batch_size} samples of disjoint streams")
 
 
-def criteo_tsv_data(path: str, cardinalities: Sequence[int], batch_size: int = 512, test_share: float = 0.2) -> QualityData:
-    """A Criteo TSV file (e.g. the 10k-row Kaggle sample): the last ``test_share`` of its batches is the test set."""
+def criteo_tsv_data(path: str, cardinalities: Sequence[int], batch_size: int = 500, held_out: float = 0.1) -> QualityData:
+    """A Criteo TSV file (e.g. the 10k-row Kaggle sample, rows in time order): the first 80%
+    of its batches train, the next ``held_out`` validate, the last ``held_out`` test."""
     from ..data.criteo import CriteoTSV
     from ..data.synthetic import cat_names
 
     batches = list(CriteoTSV([path], list(cardinalities), batch_size))
-    cut = max(1, int(len(batches) * (1 - test_share)))
-    return QualityData("criteo", cat_names(26), list(cardinalities), 13, lambda e, s: batches[:cut], lambda: batches[cut:])
+    n = max(1, int(round(len(batches) * held_out)))
+    if len(batches) < 3 * n:
+        raise ValueError(f"{path}: {len(batches)} batches of {batch_size} are too few for train / validation / test splits")
+    train, val, test = batches[:-2 * n], batches[-2 * n:-n], batches[-n:]
+    return QualityData("criteo", cat_names(26), list(cardinalities), 13, lambda e, s: train, lambda: val, lambda: test,
+                       split=f"rows in file order: train {len(train)} / validation {n} / test {n} batches of {batch_size}")
 
 
 def _tables(data: QualityData, dim: int, fp16: Sequence[str] = ()) -> List[EmbeddingBagConfig]:
@@ -142,13 +179,15 @@ def run_one(data: QualityData, scheme: str, ratio: float, seed: int, epochs: int
         unsharded = _unsharded(data, dim, schemes, single_rank_full_state_dict(dmp))
         inference = export(unsharded, dtypes={t: scheme for t in big}, default="fp32")
         rep = quantized_memory_report(inference)
-        metrics = binary_metrics(*predictions(inference, data.test()))
+        evaluated = inference
     else:
         ebc = model.sparse_arch.embedding_bag_collection
         if not isinstance(ebc, CompressedEmbeddingBagCollection):  # uncompressed, fp16 or MCH: sized as the plain tables
             ebc = CompressedEmbeddingBagCollection(_tables(data, dim, fp16), {}, device=torch.device("meta"))
         rep = ebc.memory_report()
-        metrics = binary_metrics(*predictions(dmp, data.test()))
+        evaluated = dmp
+    metrics = binary_metrics(*predictions(evaluated, data.test()))
+    metrics.update({f"val_{k}": v for k, v in binary_metrics(*predictions(evaluated, data.validation())).items() if k != "samples"})
     stored = sum(mch_bytes(zch[t], dim, ids[t]) if zch else rep.tables[t].compressed_bytes for t in big)
     full = sum(rep.tables[t].uncompressed_bytes for t in big)
     return {**metrics, "bytes": stored, "uncompressed_bytes": full, "achieved_ratio": full / stored, "train_s": seconds,
@@ -179,7 +218,7 @@ def bench_quality(data: QualityData, schemes: Sequence[str], ratios: Sequence[fl
     base = rows[0]["auc"]
     for r in rows:
         r["d_auc"] = None if r["auc"] is None else r["auc"] - base
-    return {"data": data.name, "epochs": epochs, "dim": dim, "min_rows": min_rows, "seeds": list(seeds), "rows": rows,
+    return {"data": data.name, "split": data.split, "epochs": epochs, "dim": dim, "min_rows": min_rows, "seeds": list(seeds), "rows": rows,
             "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
@@ -187,7 +226,7 @@ def _summary(scheme: str, ratio: float, runs: List[Dict[str, object]], skipped: 
     if not runs:
         return {"scheme": scheme, "ratio": ratio, "auc": None, "skipped": skipped}
     out: Dict[str, object] = {"scheme": scheme, "ratio": ratio, "runs": runs}
-    for k in ("auc", "logloss", "ne", "achieved_ratio", "bytes", "train_s"):
+    for k in ("auc", "logloss", "ne", "val_auc", "val_logloss", "achieved_ratio", "bytes", "train_s"):
         vals = [float(r[k]) for r in runs]
         out[k] = statistics.mean(vals)
         out[f"{k}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
@@ -199,13 +238,19 @@ def format_quality(res: Dict[str, object], fmt: str = "simple") -> str:
     table = []
     for r in res["rows"]:
         if r["auc"] is None:
-            table.append([r["scheme"], f"{r['ratio']:g}x", "-", "-", "-", "-", "-", f"skipped: {r['skipped'][:70]}"])
+            table.append([name(r), f"{r['ratio']:g}x", "-", "-", "-", "-", "-", "-", f"skipped: {r['skipped'][:70]}"])
             continue
         target = "" if r["scheme"] == "none" else f"{r['ratio']:g}x" if r["ratio"] else "fixed"
-        table.append([r["scheme"], target, f"{r['achieved_ratio']:.2f}x", f"{r['bytes'] / 2**20:.3f} MiB",
-                      f"{r['auc']:.4f} +- {r['auc_std']:.4f}", f"{r['d_auc']:+.4f}", f"{r['logloss']:.4f}", f"{r['train_s']:.1f}"])
+        table.append([name(r), target, f"{r['achieved_ratio']:.2f}x", f"{r['bytes'] / 2**20:.3f} MiB",
+                      f"{r['auc']:.4f} +- {r['auc_std']:.4f}", f"{r['d_auc']:+.4f}", f"{r['logloss']:.4f}",
+                      f"{r['val_auc']:.4f}" if "val_auc" in r else "-", f"{r['train_s']:.1f}"])
     return tabulate(table, headers=["scheme", "target", "achieved", "bytes (compressed tables)", "test AUC (mean +- std)", "dAUC",
-                                    "logloss", "train s"], tablefmt=fmt)
+                                    "test logloss", "val AUC", "train s"], tablefmt=fmt)
+
+
+def name(row: Dict[str, object]) -> str:
+    """A row's scheme, with equal-bytes baselines marked."""
+    return f"{row['scheme']} (baseline)" if row["scheme"] in BASELINES else str(row["scheme"])
 
 
 def plot_frontier(res: Dict[str, object], path: str) -> Optional[str]:

@@ -44,6 +44,16 @@ class FrappeSplit:
             )
 
 
+    def split(self, share: float, seed: int = 0) -> Tuple["FrappeSplit", "FrappeSplit"]:
+        """``(rest, held_out)``: a fixed seeded permutation's last ``share`` of the rows is held out."""
+        if not 0 < share < 1:
+            raise ValueError(f"split share must be in (0, 1), got {share}")
+        n = self.ids.shape[0]
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        cut = n - max(1, int(round(n * share)))
+        return FrappeSplit(self.ids[order[:cut]], self.labels[order[:cut]]), FrappeSplit(self.ids[order[cut:]], self.labels[order[cut:]])
+
+
 def read_libfm(path: str) -> FrappeSplit:
     """Parse one Frappe libFM file (gzip or plain). Raises ``ValueError`` naming the line on a malformed row."""
     offsets = torch.tensor([0] + FRAPPE_CARDINALITIES).cumsum(0)[:-1]
@@ -73,3 +83,11 @@ def load_frappe(root: str) -> Tuple[FrappeSplit, FrappeSplit]:
     if missing:
         raise FileNotFoundError(f"Frappe files {missing} not found under {root}")
     return tuple(read_libfm(os.path.join(root, FRAPPE_FILES[s])) for s in ("train", "test"))  # type: ignore[return-value]
+
+
+def load_frappe_splits(root: str, validation_share: float = 0.1, seed: int = 0) -> Tuple[FrappeSplit, FrappeSplit, FrappeSplit]:
+    """(train, validation, test): the validation file (57,722 rows) split 90/10 by a fixed
+    seeded permutation into train (51,950) and validation (5,772), for model selection; the
+    test file (28,860) is the held-out test split, never used for choices."""
+    train, test = load_frappe(root)
+    return (*train.split(validation_share, seed), test)
