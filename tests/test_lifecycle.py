@@ -26,7 +26,7 @@ from torchrec_compress.testing.runs import assert_same_tensors, final_checkpoint
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYNTH = os.path.join(ROOT, "examples", "synthetic.yaml")
 FRAPPE = os.path.join(ROOT, "examples", "frappe.yaml")
-BENCH = [os.path.join(ROOT, "docs", "benchmarks", f) for f in ("frappe_4x_2epochs.json", "frappe_md_2epochs.json")]
+BENCH = [os.path.join(ROOT, "docs", "benchmarks", "frappe_2epochs.json")]
 
 
 def _zipf_kjt(v: int, n: int, seed: int) -> KeyedJaggedTensor:
@@ -166,17 +166,8 @@ def test_resume_mid_phase_equals_an_uninterrupted_run(tmp_path):
 TOLERANCE = {1: 0.01, 2: 0.02}
 
 
-def _ratio(name: str) -> float:
-    """4x, as in examples/frappe.yaml, where the scheme reaches it on Frappe's user table (957 x 16);
-    MixedDim does not (d' = 4 plus its 4 x 16 projection is 3.94x): 3.5x for it."""
-    from torchrec import EmbeddingBagConfig as T
-
-    try:
-        CompressedEmbeddingBagCollection([T(name="t", embedding_dim=16, num_embeddings=957, feature_names=["f"])],
-                                         {"t": scheme_types()[name](ratio=4.0)}, device=torch.device("meta"))
-        return 4.0
-    except ValueError:
-        return 3.5
+# 4x, as in examples/frappe.yaml; MixedDim with its bench preset's slack (d' = 4 plus its 4 x 16 projection is 3.94x)
+EXTRA = {"MixedDim": {"slack": 0.05}}
 
 
 def _bench_auc(name: str) -> float:
@@ -184,20 +175,20 @@ def _bench_auc(name: str) -> float:
     results), under its first preset (the registry's)."""
     preset = next(iter(registered_schemes()[scheme_types()[name]].presets))
     rows = [r for path in BENCH for r in json.load(open(path))["rows"]]
-    return next(r["auc"] for r in rows if r["scheme"] == preset and r["ratio"] == _ratio(name))
+    return next(r["auc"] for r in rows if r["scheme"] == preset and r["ratio"] == 4.0)
 
 
 def _frappe_config(tmp_path, shared_data, name: str) -> str:
     cfg = yaml.safe_load(open(FRAPPE))
     cfg["data"]["root"] = os.path.join(shared_data, "frappe")
-    cfg["schemes"] = {t: {**s, "type": name, "ratio": _ratio(name)} for t, s in cfg["schemes"].items()}  # only the type changes
+    cfg["schemes"] = {t: {**s, "type": name, "ratio": 4.0, **EXTRA.get(name, {})} for t, s in cfg["schemes"].items()}  # only the type changes
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return str(path)
 
 
 def _check_run(res, name):
-    auc, tol = res["epochs"][-1]["eval_auc"], TOLERANCE[res["world_size"]]
+    auc, tol = res["test"]["auc"], TOLERANCE[res["world_size"]]
     bench = _bench_auc(name)
     assert auc >= bench - tol, f"{name}: eval AUC {auc:.4f} < bench quality {bench:.4f} - {tol}"
     for table, status in res["epochs"][-1].get("eval_schemes", {}).items():  # every procedure finished

@@ -286,4 +286,33 @@ def test_frappe_example_two_ranks_torchx(shared_data, tmp_path):
                     "train.epochs=1", f"out={out}"], check=True, cwd=ROOT, capture_output=True, env=env)
     res = json.loads((out / "results.json").read_text())
     assert res["world_size"] == 2 and res["epochs"][0]["eval_auc"] > 0.85
-    assert res["epochs"][0]["eval_samples"] > 28_000  # the whole test split, gathered from both ranks
+    assert res["epochs"][0]["eval_samples"] == 5_772  # the whole validation split, gathered from both ranks
+    assert res["test"]["samples"] == 28_860 and res["test"]["auc"] > 0.85  # the held-out test file, once
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("example, rows", [("avazu", (999, 1001)), ("movielens", (20_068, 20_070))])
+def test_csv_examples_train_evaluate_and_test(shared_data, tmp_path, example, rows):
+    """avazu_csv / movielens_csv: one file, split 80/10/10; eval = validation, test held out."""
+    cfg = yaml.safe_load(open(os.path.join(ROOT, "examples", f"{example}.yaml")))
+    path = cfg["data"]["train_paths"][0].replace("../shared/data", shared_data)
+    out = tmp_path / example
+    main(["train", "--config", os.path.join(ROOT, "examples", f"{example}.yaml"), f"data.train_paths=[{path}]",
+          "train.epochs=1", "train.checkpoint=false", f"out={out}"])
+    res = json.loads((out / "results.json").read_text())
+    assert (res["epochs"][0]["eval_samples"], res["test"]["samples"]) == rows
+    assert res["test"]["auc"] > (0.62 if example == "avazu" else 0.85) and res["ratio"] > 1.5
+
+
+@pytest.mark.data
+def test_csv_example_two_ranks(shared_data, tmp_path):
+    from torchrec_compress.testing.runs import torchrun_train
+
+    path = os.path.join(shared_data, "avazu_sample", "avazu_train_10k.csv.gz")
+    out = tmp_path / "avazu2"
+    r = torchrun_train(os.path.join(ROOT, "examples", "avazu.yaml"), [f"data.train_paths=[{path}]", "train.epochs=1",
+                                                                       "train.checkpoint=false", f"out={out}"], ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["world_size"] == 2 and res["epochs"][0]["eval_samples"] == 999 and res["test"]["samples"] == 1001
+    assert res["test"]["auc"] > 0.6

@@ -7,7 +7,8 @@ from typing import Any, Dict, List, Mapping, Optional
 import yaml
 
 from ..config import SchemeConfig, scheme_types
-DATA_KINDS = ("synthetic", "frappe", "criteo_tsv", "criteo_npy", "criteo_multihot")
+DATA_KINDS = ("synthetic", "frappe", "criteo_tsv", "criteo_npy", "criteo_multihot", "avazu_csv", "movielens_csv")
+CSV_KINDS = ("avazu_csv", "movielens_csv")  # one CSV file, split 80/10/10 (train / eval / test) by a fixed seeded permutation
 MODEL_KINDS = ("dlrm", "dlrm_dcn")
 SPARSE_OPTIMIZER_NAMES = ("rowwise_adagrad", "adagrad", "sgd")
 
@@ -17,7 +18,7 @@ class DataConfig:
     kind: str = "synthetic"
     batch_size: int = 1024
     root: Optional[str] = None  # frappe: folder with the libFM files; criteo_npy / criteo_multihot: the day files
-    train_paths: List[str] = dataclasses.field(default_factory=list)  # criteo_tsv
+    train_paths: List[str] = dataclasses.field(default_factory=list)  # criteo_tsv; avazu_csv / movielens_csv: the one file
     eval_paths: List[str] = dataclasses.field(default_factory=list)
     train_days: List[int] = dataclasses.field(default_factory=lambda: list(range(23)))  # criteo_npy / criteo_multihot
     eval_days: List[int] = dataclasses.field(default_factory=lambda: [23])  # first half of the first one (MLPerf's validation)
@@ -156,6 +157,8 @@ def parse_config(raw: Mapping[str, Any]) -> RunConfig:
             raise ValueError("data.multi_hot: criteo_multihot needs the 26 multi-hot sizes (MLPerf DLRMv2: 3, 2, 1, 2, 6, ...)")
     if data.kind == "frappe" and not data.root:
         raise ValueError("data.root: the Frappe folder is required for data.kind=frappe (e.g. ../shared/data/frappe)")
+    if data.kind in CSV_KINDS and len(data.train_paths) != 1:
+        raise ValueError(f"data.train_paths: {data.kind} reads one CSV file (split 80/10/10 into train, eval and test), got {data.train_paths!r}")
     if data.kind == "criteo_tsv" and (not data.train_paths or len(data.cardinalities) != 26):
         raise ValueError("data: criteo_tsv needs train_paths and 26 cardinalities (table sizes ids are taken modulo)")
     schemes = raw.get("schemes") or {}

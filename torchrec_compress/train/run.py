@@ -2,41 +2,64 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import os
 import time
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torchrec.datasets.utils import Batch
 
 from ..data.criteo import CriteoTSV
-from ..data.frappe import FRAPPE_CARDINALITIES, FRAPPE_FIELDS, load_frappe
+from ..data.frappe import FRAPPE_CARDINALITIES, FRAPPE_FIELDS, load_frappe_splits
 from ..data.npy import CriteoNpy, MultiHotCriteoNpy
 from ..data.synthetic import CRITEO_KAGGLE_CARDINALITIES, SyntheticCriteo, cat_names
 from ..distributed.planner import CompressionPlan, parse_bytes, plan_compression_
 from ..models import build_dlrm, logical_tables
 from ..modules.compressed_ebc import CompressedEmbeddingBagCollection
 from .checkpoint import Progress, load_checkpoint, save_checkpoint
-from .config import RunConfig, lr_scale
+from .config import CSV_KINDS, RunConfig, lr_scale
 from .faults import maybe_kill
 from .loop import local_process_group, predictions, shard_for_training, train_steps
 from .metrics import auc, binary_metrics, ne_from_states, ne_states
 from .report import MLPerfLog, ScalarLog, plot_curves
 
+if TYPE_CHECKING:
+    from ..data.avazu import CtrData
+
+
+
+@functools.lru_cache(maxsize=2)
+def _csv(kind: str, path: str) -> "CtrData":
+    """An Avazu / MovielensLatest CSV, read once per process: its vocabularies size the tables."""
+    from ..data.avazu import load_avazu
+    from ..data.movielens import load_movielens
+
+    return (load_avazu if kind == "avazu_csv" else load_movielens)(path)
 
 
 def _features(cfg: RunConfig) -> Tuple[List[str], List[int], int]:
     """(feature names, table sizes, dense inputs) of the configured data."""
     if cfg.data.kind == "frappe":
         return FRAPPE_FIELDS, FRAPPE_CARDINALITIES, 1
+    if cfg.data.kind in CSV_KINDS:
+        d = _csv(cfg.data.kind, cfg.data.train_paths[0])
+        return list(d.features), list(d.cardinalities), d.dense_in
     cards = cfg.data.cardinalities or CRITEO_KAGGLE_CARDINALITIES
     return cat_names(len(cards)), list(cards), 13
 
 
+def has_test_split(cfg: RunConfig) -> bool:
+    """Whether the data has a held-out test split besides the evaluation (validation) one."""
+    return cfg.data.kind in ("synthetic", "frappe") + CSV_KINDS
+
+
 def _batches(cfg: RunConfig, split: str, epoch: int, rank: int, world: int) -> Iterator[Batch]:
+    """``split``: ``train``, ``eval`` (validation: periodic evaluation, model selection) or
+    ``test`` (held out, evaluated once at the end; see :func:`has_test_split`)."""
     d = cfg.data
     cards = d.cardinalities or CRITEO_KAGGLE_CARDINALITIES
     if d.kind == "synthetic":
@@ -45,9 +68,10 @@ def _batches(cfg: RunConfig, split: str, epoch: int, rank: int, world: int) -> I
         # model (train.seed), fresh training samples every epoch, the same evaluation samples
         yield from SyntheticCriteo(cards, d.batch_size, n, seed=cfg.train.seed, split=split, rank=rank, world_size=world,
                                    multi_hot=d.multi_hot or None, start=epoch * n if split == "train" else 0)
-    elif d.kind == "frappe":
-        tr, te = load_frappe(d.root)
-        data = tr.batches(d.batch_size, shuffle_seed=cfg.train.seed * 100 + epoch) if split == "train" else te.batches(d.batch_size)
+    elif d.kind in ("frappe",) + CSV_KINDS:
+        tr, va, te = load_frappe_splits(d.root) if d.kind == "frappe" else _csv(d.kind, d.train_paths[0]).splits
+        data = tr.batches(d.batch_size, shuffle_seed=cfg.train.seed * 100 + epoch) if split == "train" else \
+            (va if split == "eval" else te).batches(d.batch_size)
         for i, b in enumerate(data):
             if i % world == rank:
                 yield b
@@ -207,8 +231,13 @@ def _train(cfg: RunConfig, show: bool, resume: bool) -> Dict[str, object]:
             save_checkpoint(cfg, dmp, opt, p)
     if report is not None:  # what the schemes deploy now (e.g. MPE's chosen precisions), not at the start
         report = cebc.memory_report()
+    test = None
+    if has_test_split(cfg) and p.stopped != "max_steps":  # held out: once, at the end, never for choices
+        test = binary_metrics(*predictions(dmp, _batches(cfg, "test", p.epoch, rank, world)))
+        if show:
+            print(f"test: AUC {test['auc']:.4f}, NE {test['ne']:.4f}, logloss {test['logloss']:.4f}", flush=True)
     results = {
-        "world_size": world, "epochs": p.epochs, "evals": p.evals, "steps": p.steps, "stopped": p.stopped or None,
+        "world_size": world, "epochs": p.epochs, "evals": p.evals, "test": test, "steps": p.steps, "stopped": p.stopped or None,
         "losses": p.losses, "schemes": {k: repr(v) for k, v in schemes.items() if v is not None},
         "embedding_bytes": report.total.compressed_bytes if report else full_bytes, "uncompressed_bytes": full_bytes,
         "ratio": report.total.ratio if report else 1.0, "training_bytes": report.total.training_bytes if report else 0,
