@@ -8,8 +8,8 @@ import zlib
 import pytest
 import torch
 
-from torchrec_compress.data.avazu import (AVAZU_COLUMNS, AVAZU_FEATURES, CtrData, CtrSplit, build_vocabulary, load_avazu,
-                                          read_avazu_csv, split_indices)
+from torchrec_compress.data.avazu import AVAZU_COLUMNS, AVAZU_FEATURES, load_avazu, read_avazu_csv
+from torchrec_compress.data.tabular import CtrData, CtrSplit, build_vocabulary, split_indices
 
 AVAZU = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "avazu_sample", "avazu_train_10k.csv.gz"))
 HEADER = ",".join(AVAZU_COLUMNS)

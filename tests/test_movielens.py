@@ -9,7 +9,7 @@ import zlib
 import pytest
 import torch
 
-from torchrec_compress.data.avazu import CtrData
+from torchrec_compress.data.tabular import CtrData
 from torchrec_compress.data.movielens import MOVIELENS_COLUMNS, MOVIELENS_FEATURES, load_movielens, read_movielens_csv
 
 MOVIELENS = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "movielenslatest_x1",

@@ -36,7 +36,7 @@ from ..train.loop import local_process_group, predictions, shard_for_training, t
 from ..train.metrics import binary_metrics
 
 if TYPE_CHECKING:
-    from ..data.avazu import CtrData
+    from ..data.tabular import CtrData
 
 QUANT = ("int8", "int4")  # FBGEMM row-wise quantization of the uncompressed tables
 STORAGE = ("fp16",)  # the large tables trained and stored as TorchRec DataType.FP16 (an equal-bytes baseline, 2x)

@@ -2,13 +2,13 @@
 
 File layout: ``label,user_id,item_id,tag_id`` (header optional, recognised by its first
 field being ``label``); the three ids are integers from one shared index space. Each field
-is re-indexed on its own, from the TRAINING split only (:func:`~torchrec_compress.data.avazu.build_vocabulary`):
+is re-indexed on its own, from the TRAINING split only (:func:`~torchrec_compress.data.tabular.build_vocabulary`):
 values seen at least ``min_count`` times in train get ids ``1..V`` by frequency rank (ties:
 by raw value), id ``0`` is the out-of-vocabulary row (train values rarer than
 ``min_count``, validation / test values never seen in train); tables have ``V + 1`` rows.
 ``mode="hash"`` instead takes ``crc32(str(raw)) mod num_embeddings``. No dense features:
 batches carry one constant dense feature (``1.0``). Ids are kept in a
-:class:`~torchrec_compress.data.avazu.CtrData` like Avazu's.
+:class:`~torchrec_compress.data.tabular.CtrData` like Avazu's.
 
 Robustness as the Avazu / Criteo readers: empty lines, rows without 4 columns, labels other
 than 0/1, non-integer ids and repeated header lines are counted and skipped in the summary;
@@ -22,7 +22,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .avazu import DEFAULT_FRACTIONS, CsvReadSummary, CtrData, make_ctr_data, read_csv_rows
+from .tabular import DEFAULT_FRACTIONS, CsvReadSummary, CtrData, make_ctr_data, read_csv_rows
 
 MOVIELENS_COLUMNS: List[str] = ["label", "user_id", "item_id", "tag_id"]
 MOVIELENS_FEATURES: List[str] = MOVIELENS_COLUMNS[1:]

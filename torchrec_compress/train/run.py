@@ -28,7 +28,7 @@ from .metrics import auc, binary_metrics, ne_from_states, ne_states
 from .report import MLPerfLog, ScalarLog, plot_curves
 
 if TYPE_CHECKING:
-    from ..data.avazu import CtrData
+    from ..data.tabular import CtrData
 
 
 
