@@ -48,11 +48,12 @@ def _parser(argv: Optional[List[str]] = None) -> argparse.ArgumentParser:
     d.add_argument("--steps", type=_positive_int, default=300, help="training steps per run")
     d.add_argument("--batch-size", type=_positive_int, default=4096)
     d.add_argument("--dim", type=_positive_int, default=32, help="embedding dim (multiple of 4)")
-    d.add_argument("--ratio", type=_ratio, default=16.0, help="target compression ratio of every scheme")
+    d.add_argument("--ratio", type=_ratio, default=8.0, help="target compression ratio of every scheme (md needs d/ratio >= 4)")
     d.add_argument("--eval-batches", type=_positive_int, default=10, help="held-out batches for AUC / log loss")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--schemes", default="none,hashing,qr,memcom", help=f"comma-separated; 'none' is the uncompressed baseline; any of: {names}")
-    d.add_argument("--max-rows", type=_positive_int, default=None, help="cap every table's rows (quick smoke runs)")
+    d.add_argument("--schemes", default="all", help=f"comma-separated; 'none' is the uncompressed model, 'all' every scheme and "
+                                                     f"baseline; any of: {names}, mch")
+    d.add_argument("--max-rows", type=_positive_int, default=1_000_000, help="cap every table's rows (Criteo Kaggle sizes)")
     d.add_argument("--out", default="runs/demo.json", help="results JSON")
     tr = sub.add_parser("train", help="train DLRM / DLRM_DCN from a YAML config (one process, torchrun or torchx)")
     tr.add_argument("--config", required=True, help="YAML run config, e.g. examples/frappe.yaml")
@@ -113,11 +114,12 @@ def main(argv: Optional[List[str]] = None) -> None:
         from .data.synthetic import CRITEO_KAGGLE_CARDINALITIES
         from .demo import run_demo  # torchrec imports are slow; keep --help fast
 
-        cards = CRITEO_KAGGLE_CARDINALITIES if args.max_rows is None else [min(v, args.max_rows) for v in CRITEO_KAGGLE_CARDINALITIES]
+        cards = [min(v, args.max_rows) for v in CRITEO_KAGGLE_CARDINALITIES]
         if args.dim % 4:
             raise SystemExit(f"torchrec-compress demo: --dim {args.dim}: FBGEMM needs a multiple of 4")
         run_demo(steps=args.steps, batch_size=args.batch_size, dim=args.dim, ratio=args.ratio,
-                 eval_batches=args.eval_batches, seed=args.seed, schemes=[s for s in args.schemes.split(",") if s],
+                 eval_batches=args.eval_batches, seed=args.seed,
+                 schemes=None if args.schemes == "all" else [s for s in args.schemes.split(",") if s],
                  out=args.out, cardinalities=cards)
 
 

@@ -1,10 +1,13 @@
-"""Demo: DLRM on synthetic Criteo-like data, uncompressed vs each scheme at the same ratio.
+"""Demo: DLRM on the realistic synthetic generator, uncompressed vs every registered scheme
+and the equal-bytes baselines ``md`` (mixed dimension) and ``mch`` (TorchRec's managed
+collisions) at the same ratio.
 
-Every run trains ``torchrec.models.dlrm.DLRM`` at the full Criteo Kaggle cardinalities
-(33.8M rows; 4.3 GB of fp32 embeddings at dim 32) under ``DistributedModelParallel`` in
-one gloo process: the tables are built on ``meta`` and materialized by DMP, and a fused
-row-wise Adagrad updates them inside backward, so no dense [rows, dim] gradient is ever
-formed. All runs see the same seed, the same batches and the same dense initialisation.
+Every run trains ``torchrec.models.dlrm.DLRM`` at Criteo Kaggle cardinalities (capped at
+``--max-rows``, 1M by default so that every scheme fits in the 5-minute demo) under
+``DistributedModelParallel`` in one gloo process: the tables are built on ``meta`` and
+materialized by DMP, and a fused row-wise Adagrad updates them inside backward. All runs
+see the same seed, the same batches and the same dense initialisation; every scheme runs
+its own procedure (counting, warm-up, search) inside the steps.
 """
 from __future__ import annotations
 
@@ -22,12 +25,19 @@ from torchrec.datasets.utils import Batch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from .config import SchemeConfig, presets
-from .data.synthetic import CRITEO_KAGGLE_CARDINALITIES, NUM_DENSE, SyntheticCriteo, cat_names
+from .data.realistic import RealisticSynthetic
+from .data.synthetic import CRITEO_KAGGLE_CARDINALITIES, NUM_DENSE, cat_names
 from .models import build_dlrm, logical_tables
 from .modules.compressed_ebc import CompressedEmbeddingBagCollection, replace_configs
+from .modules.mch import ManagedCollisionTables, mch_bytes, zch_size_for
 from .train.loop import evaluate, local_process_group, shard_for_training, train_steps
 
-DEFAULT_SCHEMES = ("none", "hashing", "qr", "memcom")  # "none" = uncompressed; any registry preset may be named
+BASELINES = ("mch",)  # besides the registry's presets (md among them): TorchRec's managed-collision tables
+
+
+def default_schemes() -> List[str]:
+    """"none" (uncompressed), every registry preset (the baseline md among them), then mch."""
+    return ["none", *presets(), *BASELINES]
 META = torch.device("meta")
 CPU = torch.device("cpu")
 
@@ -63,7 +73,7 @@ def qualifying_schemes(tables: Sequence[EmbeddingBagConfig], scheme: str, ratio:
     ~(2 ratio)^2 rows, MEmCom below ~ratio x dim) and reaches at least 95% of the ratio
     (Hashing always builds, but a 10-row table cannot be compressed 16x: it keeps >= 1 row).
     """
-    if scheme == "none":
+    if scheme == "none" or scheme in BASELINES:
         return {}
     make = presets()[scheme]
     out: Dict[str, SchemeConfig] = {}
@@ -78,10 +88,27 @@ def qualifying_schemes(tables: Sequence[EmbeddingBagConfig], scheme: str, ratio:
     return out
 
 
-def build_model(tables: Sequence[EmbeddingBagConfig], schemes: Dict[str, SchemeConfig], dim: int, seed: int) -> torch.nn.Module:
+def mch_sizes(tables: Sequence[EmbeddingBagConfig], ratio: float, ids_per_step: int) -> Dict[str, int]:
+    """zch_size per table that MCH can shrink ~``ratio``-fold with its id buffers counted."""
+    out = {}
+    for t in tables:
+        try:
+            zch = zch_size_for(t, ratio, ids_per_step)
+        except ValueError:
+            continue
+        if t.num_embeddings * t.embedding_dim * 4 / mch_bytes(zch, t.embedding_dim, ids_per_step) >= 0.95 * ratio:
+            out[t.name] = zch
+    return out
+
+
+def build_model(tables: Sequence[EmbeddingBagConfig], schemes: Dict[str, SchemeConfig], dim: int, seed: int,
+                zch: Optional[Dict[str, int]] = None) -> torch.nn.Module:
     """DLRM with its embeddings on ``meta`` (DMP materializes them) and dense layers on CPU;
-    the same dense initialisation (``seed``) for every scheme."""
-    return build_dlrm(replace_configs(list(tables)), NUM_DENSE, [64], [64, 32, 1], schemes, seed=seed)
+    the same dense initialisation (``seed``) for every scheme; ``zch``: TorchRec's MCH tables."""
+    model = build_dlrm(replace_configs(list(tables)), NUM_DENSE, [64], [64, 32, 1], schemes, seed=seed)
+    if zch:
+        model.sparse_arch.embedding_bag_collection = ManagedCollisionTables(replace_configs(list(tables)), zch, device=META)
+    return model
 
 
 def train_and_eval(
@@ -95,14 +122,17 @@ def train_and_eval(
     lr_sparse: float,
     lr_dense: float,
     progress: bool = True,
+    zch: Optional[Dict[str, int]] = None,
 ) -> RunResult:
     """Train one DLRM under single-process DMP on ``train``, evaluate on ``held_out``."""
     t0 = time.perf_counter()
-    model = build_model(tables, schemes, dim, seed)
+    model = build_model(tables, schemes, dim, seed, zch)
     ebc = model.sparse_arch.embedding_bag_collection
-    if not isinstance(ebc, CompressedEmbeddingBagCollection):  # uncompressed: same accounting, no scheme
+    if not isinstance(ebc, CompressedEmbeddingBagCollection):  # uncompressed or MCH: the plain tables' accounting
         ebc = CompressedEmbeddingBagCollection(replace_configs(list(ebc.embedding_bag_configs())), {}, device=META)
     report = ebc.memory_report()
+    ids = train[0].labels.numel()
+    stored = {t: (mch_bytes(zch[t], dim, ids) if zch and t in zch else m.compressed_bytes) for t, m in report.tables.items()}
     dmp, dense_opt = shard_for_training(model, model.sparse_arch, lr_sparse, lr_dense)
     setup_s = time.perf_counter() - t0
     batch_size = train[0].labels.numel()
@@ -110,11 +140,11 @@ def train_and_eval(
     auc, logloss = evaluate(dmp, held_out)
     result = RunResult(
         scheme=name,
-        compressed_tables=sorted(schemes),
-        embedding_bytes=report.total.compressed_bytes,
+        compressed_tables=sorted(zch or schemes),
+        embedding_bytes=sum(stored.values()),
         uncompressed_bytes=report.total.uncompressed_bytes,
-        ratio=report.total.ratio,
-        table_ratios={t: m.ratio for t, m in report.tables.items()},
+        ratio=report.total.uncompressed_bytes / sum(stored.values()),
+        table_ratios={t: m.uncompressed_bytes / stored[t] for t, m in report.tables.items()},
         train_loss=sum(losses[-20:]) / len(losses[-20:]),
         eval_auc=auc,
         eval_logloss=logloss,
@@ -132,21 +162,23 @@ def run_demo(
     steps: int = 300,
     batch_size: int = 4096,
     dim: int = 32,
-    ratio: float = 16.0,
+    ratio: float = 8.0,
     eval_batches: int = 10,
     seed: int = 0,
-    schemes: Sequence[str] = ("none", "hashing", "qr", "memcom"),
+    schemes: Optional[Sequence[str]] = None,
     out: Optional[str] = "runs/demo.json",
-    cardinalities: Sequence[int] = CRITEO_KAGGLE_CARDINALITIES,
+    cardinalities: Sequence[int] = tuple(min(v, 1_000_000) for v in CRITEO_KAGGLE_CARDINALITIES),
     lr_sparse: float = 0.05,
     lr_dense: float = 0.05,
     progress: bool = True,
 ) -> Dict[str, object]:
-    """Train and evaluate DLRM once per scheme; print a table, write JSON to ``out``.
+    """Train and evaluate DLRM once per scheme (default: :func:`default_schemes`); print a
+    table, write JSON to ``out`` and the AUC-vs-bytes frontier beside it (``.png``).
 
     Returns ``{"config": ..., "results": [RunResult as dict, ...], "wall_s": ...}``.
     """
-    known = ["none", *presets()]
+    schemes = list(default_schemes() if schemes is None else schemes)
+    known = default_schemes()
     unknown = [s for s in schemes if s not in known]
     if unknown:
         raise ValueError(f"unknown schemes {unknown}; choose from {known}")
@@ -155,34 +187,63 @@ def run_demo(
     t0 = time.perf_counter()
     tables = make_tables(cardinalities, dim)
     # the same batches for every run, generated once (a 4096 batch is ~5 ms)
-    train = list(SyntheticCriteo(cardinalities, batch_size, steps, seed=seed, split="train"))
-    held_out = list(SyntheticCriteo(cardinalities, batch_size, eval_batches, seed=seed, split="eval"))
+    world = RealisticSynthetic(cardinalities, batch_size, steps, seed=seed, split="train")
+    train = list(world)
+    held_out = list(RealisticSynthetic(cardinalities, batch_size, eval_batches, seed=seed, split="eval"))
 
     results: List[RunResult] = []
     with local_process_group():  # DMP needs a process group; world size 1, local only
         for name in schemes:
             plan = qualifying_schemes(tables, name, ratio)
+            zch = mch_sizes(tables, ratio, batch_size) if name == "mch" else None
             if progress:
-                skipped = [t.name for t in tables if t.name not in plan]
+                skipped = [t.name for t in tables if t.name not in (zch or plan)]
                 print(f"{name}: uncompressed baseline, {len(tables)} tables" if name == "none" else
-                      f"{name}: compressing {len(plan)} tables at {ratio:g}x; left uncompressed (too small): {', '.join(skipped) or '-'}")
-            results.append(train_and_eval(name, tables, plan, train, held_out, dim, seed, lr_sparse, lr_dense, progress))
+                      f"{name}: compressing {len(zch or plan)} tables at {ratio:g}x; left uncompressed (too small): {', '.join(skipped) or '-'}")
+            results.append(train_and_eval(name, tables, plan, train, held_out, dim, seed, lr_sparse, lr_dense, progress, zch))
 
     wall_s = time.perf_counter() - t0
     summary: Dict[str, object] = {
         "config": dict(steps=steps, batch_size=batch_size, dim=dim, ratio=ratio, eval_batches=eval_batches, seed=seed,
                        schemes=list(schemes), cardinalities=list(cardinalities), lr_sparse=lr_sparse, lr_dense=lr_dense),
         "results": [asdict(r) for r in results],
+        "data": f"RealisticSynthetic(seed={seed}): Bayes-optimal AUC {world.bayes_auc():.4f}",
         "wall_s": wall_s,
     }
+    plot = None
     if out:
         os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
         with open(out, "w") as f:
             json.dump(summary, f, indent=1)
+        plot = plot_frontier(summary, os.path.splitext(out)[0] + ".png")
     if progress:
         print(format_table(results))
-        print(f"wall time {wall_s:.1f} s" + (f"; results in {out}" if out else ""))
+        print(summary["data"])
+        print(f"wall time {wall_s:.1f} s" + (f"; results in {out}" if out else "") + (f", frontier plot {plot}" if plot else ""))
     return summary
+
+
+def plot_frontier(summary: Dict[str, object], path: str) -> Optional[str]:
+    """Eval AUC against embedding bytes (log x), one point per run; baselines hollow."""
+    from .train.report import _pyplot
+
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, r in enumerate(summary["results"]):
+        baseline = r["scheme"] in ("none", "md", *BASELINES)
+        ax.scatter(r["embedding_bytes"], r["eval_auc"], s=50, color=f"C{i % 10}", facecolors="none" if baseline else f"C{i % 10}",
+                   label=r["scheme"] + (" (baseline)" if baseline and r["scheme"] != "none" else ""))
+    ax.set_xscale("log")
+    ax.set(xlabel="embedding bytes (log scale)", ylabel="eval AUC",
+           title=f"demo: {summary['config']['ratio']:g}x, {summary['config']['steps']} steps, {summary['data']}")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def format_table(results: Sequence[RunResult]) -> str:
