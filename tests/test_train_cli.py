@@ -214,7 +214,7 @@ def test_lr_schedule_shape_and_effect(tmp_path):
     ({"train": {"target_auc": 1.5}}, r"train.target_auc: must be in \[0, 1\)"),
     ({"train": {"sparse_optimizer": "adam"}}, r"train.sparse_optimizer: 'adam'; use one of"),
     ({"data": {"multi_hot": [1, 2]}}, r"data.multi_hot: one int >= 1 per table \(26\)"),
-    ({"data": {"kind": "frappe", "root": "x", "multi_hot": [1] * 26}}, r"data.multi_hot: only for data.kind synthetic or criteo_multihot"),
+    ({"data": {"kind": "frappe", "root": "x", "multi_hot": [1] * 26}}, r"data.multi_hot: only for data.kind synthetic, synthetic_first_order or criteo_multihot"),
     ({"data": {"kind": "criteo_multihot", "root": "x", "cardinalities": [5] * 26}}, r"criteo_multihot needs the 26 multi-hot sizes"),
     ({"data": {"kind": "criteo_npy", "root": "x"}}, r"criteo_npy needs root \(the day files\), 26 cardinalities"),
     ({"data": {"cardinalities": [10, 0]}}, r"data.cardinalities: every table size must be an int >= 1"),

@@ -75,7 +75,10 @@ def _parser(argv: Optional[List[str]] = None) -> argparse.ArgumentParser:
     bsub = b.add_subparsers(dest="bench", required=True)
     bq = bsub.add_parser("quality", help="AUC vs memory of every scheme and ratio against uncompressed (3 seeds)",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    bq.add_argument("--data", choices=["synthetic", "frappe", "criteo", "avazu", "movielens"], default="synthetic")
+    bq.add_argument("--data", choices=["synthetic", "synthetic_first_order", "frappe", "criteo", "avazu", "movielens"], default="synthetic",
+                    help="synthetic: the realistic generator (clustered latents, pairwise interactions, Bayes AUC 0.80)")
+    bq.add_argument("--cardinalities", default=None, help="synthetic: comma-separated table sizes (default: 13 tables of 3-20k rows)")
+    bq.add_argument("--batch-size", type=_positive_int, default=512, help="synthetic: training batch size")
     bq.add_argument("--root", default="../shared/data/frappe", help="frappe: the libFM folder")
     bq.add_argument("--path", default=None, help="criteo: a TSV file, avazu / movielens: a CSV file (default: the one in ../shared/data)")
     bq.add_argument("--schemes", default="all", help=f"comma-separated, from: {names}; equal-bytes baselines md, mch, fp16, int8, int4")
@@ -173,6 +176,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                 json.dump(res, f, indent=1)
 
 
+SYNTHETIC_BENCH_CARDINALITIES = [1000, 500, 20000, 20000, 300, 24, 5000, 600, 3, 20000, 5000, 20000, 3000]
 DEFAULT_PATHS = {  # the real sets in ../shared/data (read there, never copied)
     "criteo": "../shared/data/criteo_kaggle_sample/criteo_train_10k.tsv.gz",
     "avazu": "../shared/data/avazu_sample/avazu_train_10k.csv.gz",
@@ -206,8 +210,12 @@ def _bench_quality(args: argparse.Namespace) -> None:
             data = q.movielens_data(path)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"torchrec-compress bench quality: {e}")
-    if args.data == "synthetic":
-        data = q.synthetic_data([1000, 500, 20000, 20000, 300, 24, 5000, 600, 3, 20000, 5000, 20000, 3000], batches=args.batches)
+    if args.data.startswith("synthetic"):
+        try:
+            cards = [int(v) for v in args.cardinalities.split(",")] if args.cardinalities else SYNTHETIC_BENCH_CARDINALITIES
+        except ValueError:
+            raise SystemExit(f"torchrec-compress bench quality: --cardinalities must be comma-separated ints, got {args.cardinalities!r}")
+        data = q.synthetic_data(cards, batches=args.batches, batch_size=args.batch_size, first_order=args.data == "synthetic_first_order")
     try:
         res = q.bench_quality(data, schemes, ratios, seeds, epochs=args.epochs, dim=args.dim, min_rows=args.min_rows)
     except (ValueError, FileNotFoundError) as e:

@@ -104,15 +104,20 @@ def movielens_data(path: str, batch_size: int = 2048) -> QualityData:
     return ctr_data(load_movielens(path), batch_size)
 
 
-def synthetic_data(cardinalities: Sequence[int], batches: int = 200, batch_size: int = 512, test_batches: int = 20) -> QualityData:
-    """The synthetic Criteo-like generator: fresh samples every epoch, a fixed test split."""
+def synthetic_data(cardinalities: Sequence[int], batches: int = 200, batch_size: int = 512, test_batches: int = 20,
+                   first_order: bool = False) -> QualityData:
+    """The realistic synthetic generator (``RealisticSynthetic``; ``first_order``: the older
+    ``SyntheticCriteo``, kept for regression): fresh samples every epoch, fixed validation and
+    test streams."""
+    from ..data.realistic import RealisticSynthetic
     from ..data.synthetic import SyntheticCriteo, cat_names
 
     cards = list(cardinalities)
-    return QualityData("synthetic", cat_names(len(cards)), cards, 13,
-                       lambda e, s: SyntheticCriteo(cards, batch_size, batches, seed=0, split="train", start=e * batches),
-                       lambda: SyntheticCriteo(cards, batch_size, test_batches, seed=0, split="eval"),
-                       lambda: SyntheticCriteo(cards, batch_size, test_batches, seed=0, split="test"),
+    gen = SyntheticCriteo if first_order else RealisticSynthetic
+    return QualityData("synthetic_first_order" if first_order else "synthetic", cat_names(len(cards)), cards, 13,
+                       lambda e, s: gen(cards, batch_size, batches, seed=0, split="train", start=e * batches),
+                       lambda: gen(cards, batch_size, test_batches, seed=0, split="eval"),
+                       lambda: gen(cards, batch_size, test_batches, seed=0, split="test"),
                        split=f"fresh train samples every epoch; validation and test: {test_batches} x {batch_size} samples of disjoint streams")
 
 

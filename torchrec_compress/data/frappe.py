@@ -27,22 +27,40 @@ class FrappeSplit:
     ids: torch.Tensor
     labels: torch.Tensor
 
+    @property
+    def keys(self) -> List[str]:
+        """The KJT keys, in column order of ``ids``."""
+        return FRAPPE_FIELDS
+
+    def _batch(self, idx: torch.Tensor) -> Batch:
+        b = idx.numel()
+        return Batch(
+            dense_features=torch.ones(b, 1),
+            sparse_features=KeyedJaggedTensor(keys=list(self.keys), values=self.ids[idx].t().reshape(-1),
+                                              lengths=torch.ones(b * self.ids.shape[1], dtype=torch.int64), stride=b),
+            labels=self.labels[idx],
+        )
+
     def batches(self, batch_size: int, shuffle_seed: int = -1, drop_last: bool = False) -> Iterator[Batch]:
-        """``Batch`` objects: one constant dense feature (DLRM needs a dense input), 10 one-hot features."""
+        """``Batch`` objects: one constant dense feature (DLRM needs a dense input), one-hot
+        features (``keys``); ``shuffle_seed >= 0``: a seeded permutation of the rows, else file order."""
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be > 0, got {batch_size}")
         n = self.ids.shape[0]
         order = torch.randperm(n, generator=torch.Generator().manual_seed(shuffle_seed)) if shuffle_seed >= 0 else torch.arange(n)
         stop = n - n % batch_size if drop_last else n
         for s in range(0, stop, batch_size):
-            idx = order[s:s + batch_size]
-            b = idx.numel()
-            yield Batch(
-                dense_features=torch.ones(b, 1),
-                sparse_features=KeyedJaggedTensor(
-                    keys=FRAPPE_FIELDS, values=self.ids[idx].t().reshape(-1), lengths=torch.ones(b * len(FRAPPE_FIELDS), dtype=torch.int64), stride=b
-                ),
-                labels=self.labels[idx],
-            )
+            yield self._batch(order[s:s + batch_size])
 
+    def rank_batches(self, batch_size: int, rank: int, world: int) -> Iterator[Batch]:
+        """This rank's share of every row, in file order, as the same number of batches on
+        every rank (``k = ceil(N / (world x batch_size))``, sizes within one row of each other):
+        evaluation steps ranks in lockstep, so uneven batch counts would drop rows."""
+        n = self.ids.shape[0]
+        k = max(1, -(-n // (world * batch_size)))
+        chunks = torch.tensor_split(torch.arange(n), world * k)
+        for i in range(k):
+            yield self._batch(chunks[i * world + rank])
 
     def split(self, share: float, seed: int = 0) -> Tuple["FrappeSplit", "FrappeSplit"]:
         """``(rest, held_out)``: a fixed seeded permutation's last ``share`` of the rows is held out."""

@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Hashable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
-from torchrec.datasets.utils import Batch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from .criteo import ReadSummary
 from .frappe import FrappeSplit
@@ -53,25 +51,9 @@ class CtrSplit(FrappeSplit):
     def __len__(self) -> int:
         return int(self.ids.shape[0])
 
-    def batches(self, batch_size: int, shuffle_seed: int = -1, drop_last: bool = False) -> Iterator[Batch]:
-        """``Batch`` objects: dense ``[B, 1]`` of ones (DLRM needs a dense input), KJT with one id
-        per feature per row (keys ``features``), labels ``[B]``. ``shuffle_seed >= 0``: a
-        seeded permutation of the rows, else file order."""
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be > 0, got {batch_size}")
-        n, f = self.ids.shape
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(shuffle_seed)) if shuffle_seed >= 0 else torch.arange(n)
-        stop = n - n % batch_size if drop_last else n
-        for s in range(0, stop, batch_size):
-            idx = order[s:s + batch_size]
-            b = idx.numel()
-            yield Batch(
-                dense_features=torch.ones(b, 1),
-                sparse_features=KeyedJaggedTensor(
-                    keys=list(self.features), values=self.ids[idx].t().reshape(-1), lengths=torch.ones(b * f, dtype=torch.int64), stride=b
-                ),
-                labels=self.labels[idx],
-            )
+    @property
+    def keys(self) -> List[str]:
+        return list(self.features)
 
 
 @dataclass

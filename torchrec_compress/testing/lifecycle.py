@@ -49,7 +49,7 @@ def dmp_state_worker(rank: int, world: int, sharding_type: str) -> Dict[str, Dic
 def export_trained_run(config: str, out: str, overrides: List[str]) -> Dict[str, float]:
     """Load the final checkpoint of a ``torchrec-compress train`` run into an unsharded model,
     ``quant.export`` it (fp32 tables: the deployed layout of every scheme) and evaluate it on
-    the run's evaluation data. Returns its metrics and its embedding bytes."""
+    the run's held-out test split (as the run's ``results["test"]``). Returns its metrics and its embedding bytes."""
     from ..quant.export import export, quantized_memory_report
     from ..train.config import load_config
     from ..train.loop import predictions
@@ -62,6 +62,6 @@ def export_trained_run(config: str, out: str, overrides: List[str]) -> Dict[str,
     flat = final_checkpoint_tensors(out)
     model.load_state_dict({k[len("model."):]: v for k, v in flat.items() if k.startswith("model.")})
     inference = export(model, default="fp32")
-    metrics = binary_metrics(*predictions(inference, _batches(cfg, "eval", 0, 0, 1)))
+    metrics = binary_metrics(*predictions(inference, _batches(cfg, "test", 0, 0, 1)))
     return {**metrics, "bytes": quantized_memory_report(inference).total.compressed_bytes,
             "checkpoint": os.path.join(out, "checkpoints")}

@@ -7,7 +7,8 @@ from typing import Any, Dict, List, Mapping, Optional
 import yaml
 
 from ..config import SchemeConfig, scheme_types
-DATA_KINDS = ("synthetic", "frappe", "criteo_tsv", "criteo_npy", "criteo_multihot", "avazu_csv", "movielens_csv")
+DATA_KINDS = ("synthetic", "synthetic_first_order", "frappe", "criteo_tsv", "criteo_npy", "criteo_multihot", "avazu_csv", "movielens_csv")
+SYNTHETIC_KINDS = ("synthetic", "synthetic_first_order")  # RealisticSynthetic (default) / SyntheticCriteo (first-order, for regression)
 CSV_KINDS = ("avazu_csv", "movielens_csv")  # one CSV file, split 80/10/10 (train / eval / test) by a fixed seeded permutation
 MODEL_KINDS = ("dlrm", "dlrm_dcn")
 SPARSE_OPTIMIZER_NAMES = ("rowwise_adagrad", "adagrad", "sgd")
@@ -148,8 +149,8 @@ def parse_config(raw: Mapping[str, Any]) -> RunConfig:
     if data.multi_hot and (len(data.multi_hot) != len(data.cardinalities or [0] * 26)
                            or any(not isinstance(h, int) or isinstance(h, bool) or h < 1 for h in data.multi_hot)):
         raise ValueError(f"data.multi_hot: one int >= 1 per table ({len(data.cardinalities or [0] * 26)}), got {data.multi_hot!r}")
-    if data.multi_hot and data.kind not in ("synthetic", "criteo_multihot"):
-        raise ValueError(f"data.multi_hot: only for data.kind synthetic or criteo_multihot, not {data.kind!r}")
+    if data.multi_hot and data.kind not in SYNTHETIC_KINDS + ("criteo_multihot",):
+        raise ValueError(f"data.multi_hot: only for data.kind synthetic, synthetic_first_order or criteo_multihot, not {data.kind!r}")
     if data.kind in ("criteo_npy", "criteo_multihot"):
         if not data.root or len(data.cardinalities) != 26 or not data.train_days or not data.eval_days:
             raise ValueError(f"data: {data.kind} needs root (the day files), 26 cardinalities, train_days and eval_days")

@@ -16,12 +16,13 @@ from torchrec.datasets.utils import Batch
 from ..data.criteo import CriteoTSV
 from ..data.frappe import FRAPPE_CARDINALITIES, FRAPPE_FIELDS, load_frappe_splits
 from ..data.npy import CriteoNpy, MultiHotCriteoNpy
+from ..data.realistic import RealisticSynthetic
 from ..data.synthetic import CRITEO_KAGGLE_CARDINALITIES, SyntheticCriteo, cat_names
 from ..distributed.planner import CompressionPlan, parse_bytes, plan_compression_
 from ..models import build_dlrm, logical_tables
 from ..modules.compressed_ebc import CompressedEmbeddingBagCollection
 from .checkpoint import Progress, load_checkpoint, save_checkpoint
-from .config import CSV_KINDS, RunConfig, lr_scale
+from .config import CSV_KINDS, SYNTHETIC_KINDS, RunConfig, lr_scale
 from .faults import maybe_kill
 from .loop import local_process_group, predictions, shard_for_training, train_steps
 from .metrics import auc, binary_metrics, ne_from_states, ne_states
@@ -54,7 +55,7 @@ def _features(cfg: RunConfig) -> Tuple[List[str], List[int], int]:
 
 def has_test_split(cfg: RunConfig) -> bool:
     """Whether the data has a held-out test split besides the evaluation (validation) one."""
-    return cfg.data.kind in ("synthetic", "frappe") + CSV_KINDS
+    return cfg.data.kind in SYNTHETIC_KINDS + ("frappe",) + CSV_KINDS
 
 
 def _batches(cfg: RunConfig, split: str, epoch: int, rank: int, world: int) -> Iterator[Batch]:
@@ -62,17 +63,19 @@ def _batches(cfg: RunConfig, split: str, epoch: int, rank: int, world: int) -> I
     ``test`` (held out, evaluated once at the end; see :func:`has_test_split`)."""
     d = cfg.data
     cards = d.cardinalities or CRITEO_KAGGLE_CARDINALITIES
-    if d.kind == "synthetic":
+    if d.kind in SYNTHETIC_KINDS:
         n = max(1, (d.train_batches if split == "train" else d.eval_batches) // world)
         # n global batches, split over the ranks (global batch i goes to rank i mod world); one hidden
         # model (train.seed), fresh training samples every epoch, the same evaluation samples
-        yield from SyntheticCriteo(cards, d.batch_size, n, seed=cfg.train.seed, split=split, rank=rank, world_size=world,
+        generator = RealisticSynthetic if d.kind == "synthetic" else SyntheticCriteo
+        yield from generator(cards, d.batch_size, n, seed=cfg.train.seed, split=split, rank=rank, world_size=world,
                                    multi_hot=d.multi_hot or None, start=epoch * n if split == "train" else 0)
     elif d.kind in ("frappe",) + CSV_KINDS:
         tr, va, te = load_frappe_splits(d.root) if d.kind == "frappe" else _csv(d.kind, d.train_paths[0]).splits
-        data = tr.batches(d.batch_size, shuffle_seed=cfg.train.seed * 100 + epoch) if split == "train" else \
-            (va if split == "eval" else te).batches(d.batch_size)
-        for i, b in enumerate(data):
+        if split != "train":  # every row once, the same number of batches on every rank
+            yield from (va if split == "eval" else te).rank_batches(d.batch_size, rank, world)
+            return
+        for i, b in enumerate(tr.batches(d.batch_size, shuffle_seed=cfg.train.seed * 100 + epoch)):
             if i % world == rank:
                 yield b
     elif d.kind in ("criteo_npy", "criteo_multihot"):
