@@ -159,8 +159,8 @@ def train_and_eval(
 
 
 def run_demo(
-    steps: int = 300,
-    batch_size: int = 4096,
+    steps: int = 200,
+    batch_size: int = 2048,
     dim: int = 32,
     ratio: float = 8.0,
     eval_batches: int = 10,
