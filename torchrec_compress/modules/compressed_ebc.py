@@ -123,6 +123,7 @@ class CompressedEmbeddingBagCollection(nn.Module):
         _check_unique([f for c in pooled_cfgs + per_id_cfgs for f in c.feature_names], "physical feature")
 
         self._pooled_cfgs, self._per_id_cfgs = pooled_cfgs, per_id_cfgs
+        self._elementwise = [p.name(t.name) for t in tables for p in self._schemes[t.name].physical_tables() if p.elementwise_optimizer]
         self.pooled: Optional[EmbeddingBagCollection] = (
             EmbeddingBagCollection(pooled_cfgs, is_weighted=is_weighted, device=device) if pooled_cfgs else None
         )
@@ -483,6 +484,12 @@ def scheme_parameters(model: nn.Module) -> List[nn.Parameter]:
     """The schemes' own small trainable tensors (e.g. MPE's precision logits) in ``model``
     (sharded or not): what training gives its own learning rate."""
     return [p for m in model.modules() if isinstance(m, SchemeState) for p in m.parameters()]
+
+
+def elementwise_tables(model: nn.Module) -> List[str]:
+    """Physical tables of packed per-id scalars (``PhysicalTable.elementwise_optimizer``)
+    in every compressed module of ``model``: they need an element-wise optimizer state."""
+    return [n for m in model.modules() if isinstance(m, CompressedEmbeddingBagCollection) for n in m._elementwise]
 
 
 def scheme_lr_scales(model: nn.Module) -> Dict[int, float]:

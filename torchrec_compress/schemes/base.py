@@ -40,6 +40,9 @@ class PhysicalTable:
     role: str = "table"
     export_dtype: Optional[str] = None  # dtype quant.export gives this table unless told otherwise
     lookups: int = 1  # ids per logical id read from this table (e.g. Mem-Rec's K hashes)
+    # packed per-id scalars (several ids per physical row): under row-wise Adagrad the ids of a
+    # row would share one state; such tables train with element-wise Adagrad (FBGEMM EXACT_ADAGRAD)
+    elementwise_optimizer: bool = False
 
     def name(self, logical: str) -> str:
         return f"{logical}{self.suffix}"

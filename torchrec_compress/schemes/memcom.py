@@ -57,7 +57,7 @@ class MEmComScheme(TableScheme):
     def physical_tables(self) -> List[PhysicalTable]:
         return [
             PhysicalTable("__shared", self.rows, self.table.embedding_dim, uniform_init(self.table)),
-            PhysicalTable("__w", self.weight_rows, PACK, constant_init(1.0), role="per-id weights"),
+            PhysicalTable("__w", self.weight_rows, PACK, constant_init(1.0), role="per-id weights", elementwise_optimizer=True),
         ]
 
     def transform(self, values: torch.Tensor) -> List[torch.Tensor]:

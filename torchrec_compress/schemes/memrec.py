@@ -71,7 +71,8 @@ class MemRecScheme(TableScheme):
     def physical_tables(self) -> List[PhysicalTable]:
         return [
             PhysicalTable("__tok", self.rows, self.table.embedding_dim, uniform_init(self.table), lookups=self.config.hashes),
-            PhysicalTable("__alpha", ceil_div(self.weight_rows, self.pack), self.wdim, constant_init(1.0), role="hashed weights"),
+            PhysicalTable("__alpha", ceil_div(self.weight_rows, self.pack), self.wdim, constant_init(1.0), role="hashed weights",
+                          elementwise_optimizer=self.pack > 1),
         ]
 
     def _weight_slot(self, values: torch.Tensor) -> torch.Tensor:

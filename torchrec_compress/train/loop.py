@@ -29,7 +29,7 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from tqdm import tqdm
 
 from ..distributed.plans import uniform_plan
-from ..modules.compressed_ebc import scheme_lr_scales
+from ..modules.compressed_ebc import elementwise_tables, scheme_lr_scales
 from ..distributed.sharders import sharders
 from .metrics import binary_metrics
 
@@ -95,8 +95,14 @@ def shard_for_training(
     ``parameter_lr_scale``). Returns ``(dmp, dense_optimizer)``."""
     if sparse_optimizer not in SPARSE_OPTIMIZERS:
         raise ValueError(f"sparse_optimizer {sparse_optimizer!r}; use one of {sorted(SPARSE_OPTIMIZERS)}")
-    tables = [p for m in embeddings.modules() if type(m) is EmbeddingBagCollection for p in m.parameters()]
-    apply_optimizer_in_backward(SPARSE_OPTIMIZERS[sparse_optimizer], tables, {"lr": lr_sparse})
+    # packed per-id scalars (MEmCom's, Mem-Rec's weights) get element-wise Adagrad under
+    # row-wise Adagrad, so that every id has its own state rather than one per 4 ids
+    own_state = set(elementwise_tables(embeddings)) if sparse_optimizer == "rowwise_adagrad" else set()
+    tables = [(n.split(".")[-2] in own_state, p) for m in embeddings.modules() if type(m) is EmbeddingBagCollection
+              for n, p in m.named_parameters()]
+    apply_optimizer_in_backward(SPARSE_OPTIMIZERS[sparse_optimizer], [p for own, p in tables if not own], {"lr": lr_sparse})
+    if own_state:
+        apply_optimizer_in_backward(Adagrad, [p for own, p in tables if own], {"lr": lr_sparse})
     world = dist.get_world_size()
     with warnings.catch_warnings():  # torchrec's own DDP wrapper uses a deprecated argument
         warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
