@@ -1,10 +1,13 @@
-"""Mem-Rec (Jha et al. 2023): e(x) = alpha(x) * SUM_k T[h_k(x) mod D].
+"""Mem-Rec (Jha et al. 2023): e(x) = alpha(x) * SUM_k T[h_k(x) mod D],
+alpha(x) = SUM_j A[g_j(x) mod W].
 
 A token table T (D x d) read through K independent hashes of the id (a Bloom-filter
-signature: two ids rarely share all K rows) and a scalar weight alpha(x) from a much
-smaller weight table addressed by its own hash. Neither table depends on the vocabulary
-size v, so the ratio is unbounded (1000x+ on CriteoTB). The weights are packed 4 per
-physical row (FBGEMM dims are multiples of 4); the product makes this a per-id scheme.
+signature: two ids rarely share all K rows) and a weight alpha(x) Bloom-encoded the same
+way in a much smaller weight table A, through K' hashes of its own (``weight_hashes``; the
+paper encodes both; K' = 1 is a single hashed weight). Neither table depends on the
+vocabulary size v, so the ratio is unbounded (1000x+ on CriteoTB). Scalar weights are
+packed 4 per physical row (FBGEMM dims are multiples of 4) and start at 1 / K', so that
+alpha starts at 1; the product makes this a per-id scheme.
 """
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ WEIGHT_SHARE = 0.1  # share of the budget given to the weight table when sizes c
 
 @dataclasses.dataclass(frozen=True)
 class MemRec(SchemeConfig):
-    """``MemRec(ratio=1000)`` or ``MemRec(rows=D, weight_rows=W)``; ``hashes`` = K; ``seed`` picks the hashes.
+    """``MemRec(ratio=1000)`` or ``MemRec(rows=D, weight_rows=W)``; ``hashes`` = K, ``weight_hashes`` = K';
+    ``seed`` picks the hashes.
 
     ``weight_dim``: 1 (a scalar alpha(x), packed 4 per row) or ``"full"`` (a vector
     alpha(x) of the embedding dim, applied elementwise)."""
@@ -33,12 +37,14 @@ class MemRec(SchemeConfig):
     hashes: int = 2
     weight_dim: object = 1
     seed: int = 0
+    weight_hashes: int = 2
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_positive_int("MemRec", "rows", self.rows)
         _check_positive_int("MemRec", "weight_rows", self.weight_rows)
         _check_positive_int("MemRec", "hashes", self.hashes)
+        _check_positive_int("MemRec", "weight_hashes", self.weight_hashes)
         self._ratio_or("rows")
         if self.ratio is not None and self.weight_rows is not None:
             raise ValueError("MemRec: weight_rows= goes with rows=, not with ratio=")
@@ -71,31 +77,37 @@ class MemRecScheme(TableScheme):
     def physical_tables(self) -> List[PhysicalTable]:
         return [
             PhysicalTable("__tok", self.rows, self.table.embedding_dim, uniform_init(self.table), lookups=self.config.hashes),
-            PhysicalTable("__alpha", ceil_div(self.weight_rows, self.pack), self.wdim, constant_init(1.0), role="hashed weights",
-                          elementwise_optimizer=self.pack > 1),
+            PhysicalTable("__alpha", ceil_div(self.weight_rows, self.pack), self.wdim, constant_init(1.0 / self.config.weight_hashes),
+                          role="hashed weights", lookups=self.config.weight_hashes, elementwise_optimizer=self.pack > 1),
         ]
 
-    def _weight_slot(self, values: torch.Tensor) -> torch.Tensor:
-        return universal_hash(values, self.weight_rows, self.config.seed * 1000 + 999)
+    def _weight_slots(self, values: torch.Tensor) -> List[torch.Tensor]:
+        """K' x ``[N]`` weight slots g_j(x) in [0, W)."""
+        return [universal_hash(values, self.weight_rows, weight_seed(self.config.seed, j)) for j in range(self.config.weight_hashes)]
 
     def transform(self, values: torch.Tensor) -> List[torch.Tensor]:
-        """``[N]`` ids -> K x ``[N]`` token rows h_k(x), then ``[N]`` weight rows h_w(x) // pack."""
+        """``[N]`` ids -> K x ``[N]`` token rows h_k(x), then K' x ``[N]`` weight rows g_j(x) // pack."""
         toks = [universal_hash(values, self.rows, self.config.seed * 1000 + k) for k in range(self.config.hashes)]
-        return toks + [torch.div(self._weight_slot(values), self.pack, rounding_mode="floor")]
+        return toks + [torch.div(s, self.pack, rounding_mode="floor") for s in self._weight_slots(values)]
 
     def combine(self, parts: List[torch.Tensor], values: torch.Tensor) -> torch.Tensor:
-        """K x ``[N, d]`` token rows, ``[N, 4]`` packed scalars or ``[N, d]`` vectors -> ``[N, d]``."""
-        *toks, alpha = parts
+        """K x ``[N, d]`` token rows, K' x (``[N, 4]`` packed scalars or ``[N, d]`` vectors) -> ``[N, d]``."""
+        toks, alphas = parts[:self.config.hashes], parts[self.config.hashes:]
         if self.pack > 1:
-            alpha = alpha.gather(1, torch.remainder(self._weight_slot(values), self.pack).unsqueeze(1))
-        return alpha * torch.stack(toks).sum(dim=0)
+            alphas = [a.gather(1, torch.remainder(s, self.pack).unsqueeze(1)) for a, s in zip(alphas, self._weight_slots(values))]
+        return torch.stack(alphas).sum(dim=0) * torch.stack(toks).sum(dim=0)
 
     # --- the plain-torch reference of the paper's equation (the tests compare against it) ----
     @staticmethod
     def reference(table, config, w, x: int, state) -> torch.Tensor:
-        """alpha(x) * SUM_k T[h_k(x)]; W (weight slots) is a derived size, not stored in the table shape."""
+        """(SUM_j A[g_j(x)]) * SUM_k T[h_k(x)]; W (weight slots) is a derived size, not stored in the table shape."""
         n = table.name
         tok, alpha = w[f"{n}__tok"], w[f"{n}__alpha"]
-        slot = py_hash(x, MemRecScheme(table, config).weight_rows, config.seed * 1000 + 999)
-        a = alpha.reshape(-1)[slot] if config.weight_dim == 1 else alpha[slot]
+        slots = [py_hash(x, MemRecScheme(table, config).weight_rows, weight_seed(config.seed, j)) for j in range(config.weight_hashes)]
+        a = sum(alpha.reshape(-1)[s] if config.weight_dim == 1 else alpha[s] for s in slots)
         return a * sum(tok[py_hash(x, tok.shape[0], config.seed * 1000 + k)] for k in range(config.hashes))
+
+
+def weight_seed(seed: int, j: int) -> int:
+    """Seed of the j-th weight hash (apart from the token hashes' ``seed * 1000 + k``)."""
+    return seed * 1000 + 999 - j
