@@ -66,16 +66,18 @@ MIN_SKETCH_WIDTH = 64
 
 @dataclasses.dataclass(frozen=True)
 class FIITED(SchemeConfig):
-    """``FIITED(ratio=4, chunks=4, interval=100, decay=0.5, hysteresis=2.0, admit=1, reserve=0.2)`` or ``FIITED(pool=P, ...)``.
+    """``FIITED(ratio=4, chunks=4, interval=100, decay=0.5)`` or ``FIITED(pool=P, ...)``: the paper's rule by default
+    (keep the chunks of highest decayed utility, allocate on first access); ``hysteresis``, ``reserve``,
+    ``position_decay``, ``min_chunks`` and ``max_chunks`` are ours (priors against churn), opt-in.
 
     ``pool``: chunks the pool holds (the memory budget; with ``ratio`` it is derived so
     that pool + address structure + utility state = full size / ratio); ``chunks``: C,
     d / C must be a multiple of 4; ``interval``: training steps between prune/grow
     events; ``decay``: utility multiplier at each event (exponential decay);
-    ``hysteresis``: a kept chunk ranks with its utility times this, so a pruned one must
-    be clearly better to take its place (every swap restarts a chunk from zero);
+    ``hysteresis`` (ours; 1 = the paper): a kept chunk ranks with its utility times this, so a
+    pruned one must be clearly better to take its place (every swap restarts a chunk from zero);
     ``admit``: chunks a new id gets on first sight (0: none, ids wait for an event);
-    ``reserve``: share of the pool an event leaves free for admissions;
+    ``reserve`` (ours; 0 = the paper): share of the pool an event leaves free for admissions;
     ``position_decay``: chunk k ranks with its utility times ``position_decay ** k``
     (1: the paper; < 1 spreads the pool over more ids); ``min_chunks``: every candidate
     id's first ``min_chunks`` chunks rank before any later chunk of any id (0: the paper);
@@ -88,9 +90,9 @@ class FIITED(SchemeConfig):
     chunks: int = 4
     interval: int = 100
     decay: float = 0.5
-    hysteresis: float = 2.0
+    hysteresis: float = 1.0
     admit: int = 1
-    reserve: float = 0.2
+    reserve: float = 0.0
     position_decay: float = 1.0
     min_chunks: int = 0
     max_chunks: Optional[int] = None
@@ -126,10 +128,10 @@ class FIITED(SchemeConfig):
 class FIITEDScheme(TableScheme):
     host_buffers = ("n_kept", "n_seen", "steps", "events")
     presets = {
-        "fiited": lambda r, d: FIITED(ratio=r, chunks=d // 4),  # the paper's utility, chunks of 4 dims
-        # + priors against churn (not in the paper): every id's first chunk before anyone's second, at most 2
-        # chunks per id, later chunks discounted; a narrower sketch and a smaller reserve
-        "fiited_prior": lambda r, d: FIITED(ratio=r, chunks=d // 4, position_decay=0.2, min_chunks=1, max_chunks=2,
+        "fiited": lambda r, d: FIITED(ratio=r, chunks=d // 4),  # the paper's rule, chunks of 4 dims
+        # + our priors against churn (not in the paper): a kept chunk counts twice, every id's first chunk
+        # before anyone's second, at most 2 chunks per id, later chunks discounted, a narrower sketch, a reserve
+        "fiited_prior": lambda r, d: FIITED(ratio=r, chunks=d // 4, hysteresis=2.0, position_decay=0.2, min_chunks=1, max_chunks=2,
                                             sketch=0.125, reserve=0.05),
     }
     ragged = True  # each id reaches only the chunk positions it keeps
