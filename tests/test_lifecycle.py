@@ -160,7 +160,7 @@ def test_resume_mid_phase_equals_an_uninterrupted_run(tmp_path):
 
 
 # ---------------------------------------------------------------- every scheme through the CLI, on Frappe
-# Below the scheme's `bench quality` mean (1 process, 3 seeds, 2 epochs, docs/benchmarks/frappe_4x_2epochs.json):
+# Below the scheme's `bench quality` mean (1 process, 3 seeds, 2 epochs, docs/benchmarks/frappe_2epochs.json):
 # one seed of `train` (a slightly smaller dense arch) against 3 seeds of the bench, whose spread is up to 0.007;
 # on 2 ranks the global batch doubles and the steps halve (QR loses 0.009 more there, the uncompressed model none).
 TOLERANCE = {1: 0.01, 2: 0.02}
@@ -170,12 +170,12 @@ TOLERANCE = {1: 0.01, 2: 0.02}
 EXTRA = {"MixedDim": {"slack": 0.05}}
 
 
-def _bench_auc(name: str) -> float:
-    """The scheme's `bench quality` AUC on Frappe at its ratio, 2 epochs (committed benchmark
+def _bench_auc(name: str) -> tuple:
+    """(mean, std) of the scheme's `bench quality` test AUC on Frappe at 4x, 2 epochs (committed benchmark
     results), under its first preset (the registry's)."""
     preset = next(iter(registered_schemes()[scheme_types()[name]].presets))
     rows = [r for path in BENCH for r in json.load(open(path))["rows"]]
-    return next(r["auc"] for r in rows if r["scheme"] == preset and r["ratio"] == 4.0)
+    return next((r["auc"], r["auc_std"]) for r in rows if r["scheme"] == preset and r["ratio"] == 4.0)
 
 
 def _frappe_config(tmp_path, shared_data, name: str) -> str:
@@ -188,9 +188,10 @@ def _frappe_config(tmp_path, shared_data, name: str) -> str:
 
 
 def _check_run(res, name):
-    auc, tol = res["test"]["auc"], TOLERANCE[res["world_size"]]
-    bench = _bench_auc(name)
-    assert auc >= bench - tol, f"{name}: eval AUC {auc:.4f} < bench quality {bench:.4f} - {tol}"
+    bench, std = _bench_auc(name)
+    # a scheme whose seeds spread more than the tolerance (FIITED's paper rule: 0.06) is held to 2 std
+    auc, tol = res["test"]["auc"], max(TOLERANCE[res["world_size"]], 2 * std)
+    assert auc >= bench - tol, f"{name}: test AUC {auc:.4f} < bench quality {bench:.4f} - {tol:.4f}"
     for table, status in res["epochs"][-1].get("eval_schemes", {}).items():  # every procedure finished
         assert status.get("stage", "fitted") in ("fitted", "clustered", "retraining"), (table, status)
     return auc
