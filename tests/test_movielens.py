@@ -120,16 +120,8 @@ def test_real_file(real):
 
 @pytest.mark.data
 def test_dlrm_learns_movielens(real):
-    from torchrec_compress.models import build_dlrm, logical_tables
-    from torchrec_compress.train.loop import local_process_group, predictions, shard_for_training, train_steps
-    from torchrec_compress.train.metrics import binary_metrics
+    from torchrec_compress.testing.runs import train_ctr_dlrm
 
-    with local_process_group():
-        model = build_dlrm(logical_tables(real.features, real.cardinalities, 16), real.dense_in, [32], [64, 32, 1], seed=0)
-        dmp, opt = shard_for_training(model, model.sparse_arch, lr_sparse=0.05, lr_dense=0.01)
-        for epoch in range(2):
-            train_steps(dmp, opt, real.train.batches(2048, shuffle_seed=epoch), progress=False)
-        val = binary_metrics(*predictions(dmp, real.validation.batches(8192)))
-        test = binary_metrics(*predictions(dmp, real.test.batches(8192)))
+    val, test = train_ctr_dlrm(real, 2048, 8192)
     # measured: 1-2 epochs, seeds 0-2, split seeds 0-1: validation and test 0.908-0.918
     assert val["auc"] > 0.89 and test["auc"] > 0.89 and test["samples"] == 20070

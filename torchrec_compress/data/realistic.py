@@ -49,10 +49,9 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torchrec.datasets.utils import Batch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from ..ops import MERSENNE_P
-from .synthetic import CRITEO_KAGGLE_CARDINALITIES, NUM_DENSE, SPLITS, _coprime_multiplier, _mix, cat_names
+from .synthetic import CRITEO_KAGGLE_CARDINALITIES, NUM_DENSE, SPLITS, SyntheticCriteo, _coprime_multiplier, _mix, cat_names
 
 ZIPF_RANGE = (1.05, 1.4)
 SHARES = (0.1, 0.8, 0.1)  # logit variance of (first order, pairwise, dense)
@@ -342,22 +341,11 @@ class RealisticSynthetic:
         """This rank's ``index``-th batch (global batch ``index * world_size + rank``)."""
         x, ids, _, labels = self.sample(index)
         counts = torch.floor(torch.exp(self._dense_mu + self._dense_sigma * x))
-        b, nf = ids.shape
-        if not self._hot_k:
-            values, lengths = ids.t().reshape(-1), torch.ones(nf * b, dtype=torch.int64)  # feature-major
-        else:
-            values = torch.cat([self.bag(f, ids[:, f]).reshape(-1) for f in range(nf)])
-            lengths = torch.tensor(self.multi_hot, dtype=torch.int64).repeat_interleave(b)
-        kjt = KeyedJaggedTensor(keys=self.keys, values=values, lengths=lengths, stride=b)
-        return Batch(dense_features=torch.log1p(counts), sparse_features=kjt, labels=labels)
+        return Batch(dense_features=torch.log1p(counts), sparse_features=self.features(ids), labels=labels)
 
-    def bag(self, feature: int, ids: torch.Tensor) -> torch.Tensor:
-        """The multi-hot bags ``[B, multi_hot[feature]]`` of one-hot ``ids [B]``; column 0 is ``ids``."""
-        if feature not in self._hot_k:
-            return ids.unsqueeze(1)
-        k = self._hot_k[feature]  # [h - 1, 2]
-        x = torch.remainder(ids.unsqueeze(1) * k[:, 0] + k[:, 1], MERSENNE_P)
-        return torch.cat([ids.unsqueeze(1), torch.remainder(x, self.cardinalities[feature])], dim=1)
+    # the same KJT layout and multi-hot bags as SyntheticCriteo (they only read keys, multi_hot, _hot_k)
+    features = SyntheticCriteo.features
+    bag = SyntheticCriteo.bag
 
     def __len__(self) -> int:
         return self.num_batches

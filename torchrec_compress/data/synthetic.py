@@ -194,14 +194,17 @@ class SyntheticCriteo:
         z, ids = self._draw(g, self.batch_size)
         labels = torch.bernoulli(torch.sigmoid(self.logits(z, ids)), generator=g)
         counts = torch.floor(torch.exp(self._dense_mu + self._dense_sigma * z))  # non-negative "counts"
+        return Batch(dense_features=torch.log1p(counts), sparse_features=self.features(ids), labels=labels)
+
+    def features(self, ids: torch.Tensor) -> KeyedJaggedTensor:
+        """The KJT of one-hot ``ids [B, F]``: feature-major values, each expanded to its bag."""
         b, nf = ids.shape
         if not self._hot_k:
             values, lengths = ids.t().reshape(-1), torch.ones(nf * b, dtype=torch.int64)  # feature-major, as a KJT stores them
         else:
             values = torch.cat([self.bag(f, ids[:, f]).reshape(-1) for f in range(nf)])
             lengths = torch.tensor(self.multi_hot, dtype=torch.int64).repeat_interleave(b)
-        kjt = KeyedJaggedTensor(keys=self.keys, values=values, lengths=lengths, stride=b)
-        return Batch(dense_features=torch.log1p(counts), sparse_features=kjt, labels=labels)
+        return KeyedJaggedTensor(keys=self.keys, values=values, lengths=lengths, stride=b)
 
     def bag(self, feature: int, ids: torch.Tensor) -> torch.Tensor:
         """The multi-hot bags ``[B, multi_hot[feature]]`` of one-hot ``ids [B]``; column 0 is ``ids``."""

@@ -1,4 +1,5 @@
-"""Compare two `torchrec-compress train` runs: results and final checkpoints."""
+"""Helpers for tests that run training: compare two `torchrec-compress train` runs (results, final
+checkpoints), train a small DLRM on a CTR data set."""
 from __future__ import annotations
 
 import json
@@ -62,3 +63,18 @@ def assert_same_tensors(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) 
     assert a.keys() == b.keys() and len(a) > 10, sorted(set(a) ^ set(b))[:10]
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+def train_ctr_dlrm(data, batch_size: int, eval_batch_size: int, epochs: int = 2, seed: int = 0) -> tuple:
+    """A DLRM (dim 16) trained on ``data.train`` (a :class:`~torchrec_compress.data.tabular.CtrData`)
+    for ``epochs``; returns its ``(validation, test)`` metrics."""
+    from ..models import build_dlrm, logical_tables
+    from ..train.loop import local_process_group, predictions, shard_for_training, train_steps
+    from ..train.metrics import binary_metrics
+
+    with local_process_group():
+        model = build_dlrm(logical_tables(data.features, data.cardinalities, 16), data.dense_in, [32], [64, 32, 1], seed=seed)
+        dmp, opt = shard_for_training(model, model.sparse_arch, lr_sparse=0.05, lr_dense=0.01)
+        for epoch in range(epochs):
+            train_steps(dmp, opt, data.train.batches(batch_size, shuffle_seed=epoch), progress=False)
+        return tuple(binary_metrics(*predictions(dmp, split.batches(eval_batch_size))) for split in (data.validation, data.test))
