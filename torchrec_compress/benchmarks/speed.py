@@ -8,7 +8,10 @@ tables exported to FBGEMM's IntNBit tables at fp32 (stock: ``torchrec.inference.
 quantize_embeddings`` of the plain EBC; ours: ``quant.export``). Repetitions are
 interleaved (stock, scheme A, scheme B, stock, ...) and the median is reported, with the
 ratio scheme / stock. Embedding traffic (rows read x row bytes per second) is put next
-to this machine's memory copy bandwidth, the physical limit.
+to this machine's memory copy bandwidth, the physical limit. Per training step it also
+counts, from a ``torch.profiler`` trace of one step after warm-up, the host syncs
+(``aten::_local_scalar_dense``: every ``.item()`` / ``int(tensor)``, a stream stall on a GPU)
+and the aten / fbgemm ops (launches on a GPU): deterministic, unlike the timings.
 """
 from __future__ import annotations
 
@@ -56,6 +59,15 @@ class _Emb(torch.nn.Module):
 
 def _tables(cards: Sequence[int], dim: int) -> List[EmbeddingBagConfig]:
     return logical_tables(cat_names(len(cards)), cards, dim)
+
+
+def step_counts(step: Callable[[object], None], batch: object) -> Dict[str, int]:
+    """``{"syncs": host syncs, "ops": aten/fbgemm ops}`` of one call of ``step(batch)``."""
+    with torch.profiler.profile() as prof:
+        step(batch)
+    events = prof.key_averages()
+    return {"syncs": sum(e.count for e in events if e.key == "aten::_local_scalar_dense"),
+            "ops": sum(e.count for e in events if e.key.startswith(("aten::", "fbgemm::")))}
 
 
 def _timed(step: Callable[[object], None], batches: Sequence[object]) -> float:
@@ -107,6 +119,7 @@ def bench_speed(sizes: str = "kaggle", max_rows: Optional[int] = 2_000_000, dim:
             infer_fns[name] = lambda kjt, m=infer: m(kjt)
             runs[name] = {"stored_bytes": stored, "train_s": [], "infer_s": []}
             train_step(data[0])  # warm-up (first-call allocations)
+            runs[name].update({f"{k}_per_step": v for k, v in step_counts(train_step, data[1 % len(data)]).items()})
             with torch.no_grad():
                 infer(data[0])
         for _ in range(reps):  # interleaved repetitions
@@ -128,6 +141,7 @@ def bench_speed(sizes: str = "kaggle", max_rows: Optional[int] = 2_000_000, dim:
         if stock is not None and "skipped" not in r:
             r["train_vs_stock"] = r["train_samples_s"] / stock["train_samples_s"]
             r["infer_vs_stock"] = r["infer_samples_s"] / stock["infer_samples_s"]
+            r["ops_vs_stock"] = r["ops_per_step"] / stock["ops_per_step"]
     return {"sizes": sizes, "max_rows": max_rows, "dim": dim, "ratio": ratio, "batch": batch, "batches": batches, "reps": reps,
             "full_bytes": full_bytes, "stock_fits": full_bytes <= stock_limit_bytes, "copy_bandwidth_bytes_s": bw,
             "runs": runs, "torch_threads": torch.get_num_threads(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -137,15 +151,17 @@ def format_speed(res: Dict[str, object], fmt: str = "simple") -> str:
     rows = []
     for name, r in res["runs"].items():
         if "skipped" in r:
-            rows.append([name, "-", "-", "-", "-", "-", f"skipped: {r['skipped'][:60]}"])
+            rows.append([name, "-", "-", "-", "-", "-", "-", "-", f"skipped: {r['skipped'][:60]}"])
             continue
-        vs = {k: f"{r[k]:.2f}x" if k in r else "n/a" for k in ("train_vs_stock", "infer_vs_stock")}
+        vs = {k: f"{r[k]:.2f}x" if k in r else "n/a" for k in ("train_vs_stock", "infer_vs_stock", "ops_vs_stock")}
         rows.append([name, f"{res['full_bytes'] / r['stored_bytes']:.1f}x", f"{r['train_samples_s']:,.0f}",
-                     vs["train_vs_stock"], f"{r['infer_samples_s']:,.0f}", vs["infer_vs_stock"],
+                     vs["train_vs_stock"], r["syncs_per_step"], f"{r['ops_per_step']} ({vs['ops_vs_stock']})",
+                     f"{r['infer_samples_s']:,.0f}", vs["infer_vs_stock"],
                      f"{r['infer_emb_bytes_s'] / res['copy_bandwidth_bytes_s']:.1%}"])
     head = (f"{res['sizes']} sizes (max rows {res['max_rows']}), dim {res['dim']}, batch {res['batch']}, {res['reps']} interleaved reps; "
             f"copy bandwidth {res['copy_bandwidth_bytes_s'] / 1e9:.1f} GB/s")
     if not res["stock_fits"]:
         head += f"; stock TorchRec not run: {res['full_bytes'] / 2**30:.1f} GiB of fp32 tables do not fit"
-    return head + "\n\n" + tabulate(rows, headers=["variant", "ratio", "train samples/s", "vs stock", "infer samples/s", "vs stock",
+    return head + "\n\n" + tabulate(rows, headers=["variant", "ratio", "train samples/s", "vs stock", "host syncs/step",
+                                                   "ops/step (vs stock)", "infer samples/s", "vs stock",
                                                    "logical emb bytes/s / copy BW"], tablefmt=fmt)
