@@ -16,12 +16,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _module(pool=30, chunks=2, dim=16, rows=40, pooling=PoolingType.SUM, weighted=False, interval=1, decay=0.5, features=("a",), hysteresis=1.0,
-            admit=0, reserve=0.0, position_decay=1.0, min_chunks=0, max_chunks=None):
+            admit=0, reserve=0.0, position_decay=1.0, min_chunks=0, max_chunks=None, fresh_chunks="zero"):
     """A one-table module; admission on first sight is off unless asked for (the event tests
-    check the events alone; the admission tests below check it)."""
+    check the events alone; the admission tests below check it); fresh chunks start at zero
+    unless asked for (the default "init" draws is tested on its own below)."""
     t = EmbeddingBagConfig(name="t", embedding_dim=dim, num_embeddings=rows, feature_names=list(features), pooling=pooling)
     cfg = FIITED(pool=pool, chunks=chunks, interval=interval, decay=decay, hysteresis=hysteresis, admit=admit, reserve=reserve,
-                 position_decay=position_decay, min_chunks=min_chunks, max_chunks=max_chunks)
+                 position_decay=position_decay, min_chunks=min_chunks, max_chunks=max_chunks, fresh_chunks=fresh_chunks)
     m = CompressedEmbeddingBagCollection([t], {"t": cfg}, is_weighted=weighted)
     return m, t, m.scheme("t")
 
@@ -422,3 +423,21 @@ def test_dmp_materialized_map_finds_admitted_ids_from_the_first_step():
         assert int(impl.buffers.n_kept) == ids.unique().numel() and bool((slots >= 0).all())
         pool = next(v for k, v in single_rank_full_state_dict(dmp).items() if k.endswith("t_cat_0__pool.weight"))
     assert bool((pool[slots].abs().sum(dim=1) > 0).all())  # admitted at zero, trained in the same step
+
+
+def test_fresh_chunks_start_from_the_tables_init_by_default():
+    """The default: granted and freed pool rows restart from a fresh draw of the table's init
+    (the same on every rank: seeded by the event count), their optimizer state from zero."""
+    m, t, impl = _module(pool=4, chunks=2, dim=8, rows=10, interval=1, decay=0.25, fresh_chunks="init")
+    assert FIITED(ratio=4).fresh_chunks == "init"
+    w = physical_weights(m)["t__pool"]
+    lo, hi = t.get_weight_init_min(), t.get_weight_init_max()
+    assert (w != 0).all() and (w >= lo).all() and (w <= hi).all()  # the pool starts like the table
+    for _ in range(2):  # gradients give ids 1 and 2 utility; the event of step 2 grants them chunks
+        m(Bags(["a"], {"a": [[1], [2]]}).kjt()).values().sum().backward()
+    granted = sorted(_state(impl).values())
+    assert granted
+    want = impl.reset_values("t__pool", torch.tensor(granted), 4)
+    assert want is not None and (want >= lo).all() and (want <= hi).all()
+    torch.testing.assert_close(w[granted].detach(), want)  # exactly the seeded draw
+    assert impl.reset_values("t__pool", torch.tensor(granted), 4).equal(want)  # reproducible

@@ -32,6 +32,21 @@ def zero_rows_(target: object, rows: torch.Tensor) -> None:
         target[rows.to(target.device)] = 0
 
 
+@torch.no_grad()
+def fill_rows_(target: object, rows: torch.Tensor, values: torch.Tensor) -> None:
+    """Write ``values [len(rows), D]`` into ``rows`` (global row indices) of ``target``: a plain
+    tensor, or the local shards of a ShardedTensor (each shard its rows and its columns)."""
+    rows = rows.to(torch.int64)
+    if hasattr(target, "local_shards"):
+        for shard in target.local_shards():
+            (r0, c0), (n, m) = shard.metadata.shard_offsets, shard.tensor.shape
+            mine = (rows >= r0) & (rows < r0 + n)
+            dev = shard.tensor.device
+            shard.tensor[(rows[mine] - r0).to(dev)] = values[mine.to(values.device), c0:c0 + m].to(dev, shard.tensor.dtype)
+    else:
+        target[rows.to(target.device)] = values.to(target.device, target.dtype)
+
+
 def load_full_state_dict_(sharded: Mapping[str, object], full: Mapping[str, torch.Tensor]) -> None:
     """``copy_full_into_`` for every entry of ``sharded`` (e.g. ``dmp.state_dict()``) from ``full``."""
     for name, t in sharded.items():
@@ -94,12 +109,16 @@ def agree_stride(stride: int, inner: Optional[torch.nn.Module], device: torch.de
 
 
 @torch.no_grad()
-def zero_rows_and_state_(inner: torch.nn.Module, physical: str, rows: torch.Tensor, num_rows: int) -> None:
-    """Zero ``rows`` of ``inner``'s table ``physical`` (``num_rows`` rows) and their optimizer
-    state: FBGEMM's fused state when sharded (sharded like the table), the in-backward
-    optimizers' plain state when not."""
+def zero_rows_and_state_(inner: torch.nn.Module, physical: str, rows: torch.Tensor, num_rows: int,
+                         values: Optional[torch.Tensor] = None) -> None:
+    """Zero ``rows`` of ``inner``'s table ``physical`` (``num_rows`` rows), or set them to
+    ``values [len(rows), dim]``, and zero their optimizer state: FBGEMM's fused state when
+    sharded (sharded like the table), the in-backward optimizers' plain state when not."""
     key = f"embedding_bags.{physical}.weight"
-    zero_rows_(inner.state_dict()[key], rows)
+    if values is None:
+        zero_rows_(inner.state_dict()[key], rows)
+    else:
+        fill_rows_(inner.state_dict()[key], rows, values)
     fused = getattr(inner, "fused_optimizer", None)
     if fused is not None:  # sharded: FBGEMM's optimizer state (e.g. row-wise momentum1), sharded like the table
         param = fused.params.get(key)

@@ -183,7 +183,7 @@ class CompressedEmbeddingBagCollection(nn.Module):
             impl = self._schemes[t.name]
             if impl.step(self.training):
                 for name, rows in impl.event(self.tables(t.name)).items():
-                    self._zero_rows(name, rows)
+                    self._reset_rows(name, rows, impl)
             if impl.sees_ids and self.training:
                 impl.see(torch.cat([jts[f].values() for f in t.feature_names]), self._sync_group())
             if not self.training and impl.data_driven and t.name not in self._warned and not impl.fitted():
@@ -276,13 +276,15 @@ class CompressedEmbeddingBagCollection(nn.Module):
         return inner_process_group(self.pooled if self.pooled is not None else self.per_id)
 
     @torch.no_grad()
-    def _zero_rows(self, physical: str, rows: torch.Tensor) -> None:
-        """Zero ``rows`` of a physical table and their optimizer state (a reused row must not
-        inherit its previous owner's Adagrad sum), in whatever shards this rank holds."""
+    def _reset_rows(self, physical: str, rows: torch.Tensor, impl: TableScheme) -> None:
+        """Reset ``rows`` of a physical table to the scheme's ``reset_values`` (default zeros)
+        and zero their optimizer state (a reused row must not inherit its previous owner's
+        Adagrad sum), in whatever shards this rank holds."""
         if not rows.numel():
             return
-        inner = self.pooled if any(c.name == physical for c in self._pooled_cfgs) else self.per_id
-        zero_rows_and_state_(inner, physical, rows, self._rows(physical))
+        cfg = next(c for c in [*self._pooled_cfgs, *self._per_id_cfgs] if c.name == physical)
+        inner = self.pooled if cfg in self._pooled_cfgs else self.per_id
+        zero_rows_and_state_(inner, physical, rows, cfg.num_embeddings, impl.reset_values(physical, rows, cfg.embedding_dim))
 
     def _rows(self, physical: str) -> int:
         return next(c.num_embeddings for c in [*self._pooled_cfgs, *self._per_id_cfgs] if c.name == physical)

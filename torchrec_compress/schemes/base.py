@@ -163,8 +163,14 @@ class TableScheme:
 
     def event(self, tables: TableAccess) -> Dict[str, torch.Tensor]:
         """The scheme's procedure at this step (fit, cluster, choose, re-plan): identical on
-        every rank. Returns rows of physical tables (by name) to zero."""
+        every rank. Returns rows of physical tables (by name) to reset: their optimizer state
+        is zeroed and their weights set to :meth:`reset_values`."""
         return {}
+
+    def reset_values(self, physical: str, rows: torch.Tensor, dim: int) -> Optional[torch.Tensor]:
+        """``[len(rows), dim]`` weights for rows an event resets (the same on every rank);
+        None: zeros."""
+        return None
 
     # --- data-driven schemes (the lifecycle) ---------------------------------------------
     def fitted(self) -> bool:

@@ -111,14 +111,14 @@ def _parity_run(
     ref_w = physical_weights(ref)
     blocks = {n: (world if sharding_type == "column_wise" and w.shape[1] % (4 * world) == 0 else 1) for n, w in ref_w.items()}
     state = {n: torch.zeros(w.shape[0], blocks[n], device=device) for n, w in ref_w.items()}
-    zero_rows = ref._zero_rows
+    reset_rows = ref._reset_rows
 
-    def _zero_rows(physical: str, rows: torch.Tensor) -> None:  # rows FIITED frees or grants restart their
-        zero_rows(physical, rows)  # Adagrad sum too, as the fused optimizer's do under DMP; a data-parallel
+    def _reset_rows(physical: str, rows: torch.Tensor, impl) -> None:  # rows FIITED frees or grants restart their
+        reset_rows(physical, rows, impl)  # Adagrad sum too, as the fused optimizer's do under DMP; a data-parallel
         if sharding_type != "data_parallel":  # table's state lives in the dense optimizer, out of the module's reach
             state[physical][rows] = 0.0
 
-    ref._zero_rows = _zero_rows
+    ref._reset_rows = _reset_rows
     scale = 1.0 / world
     lo, hi = rank * batch // world, (rank + 1) * batch // world
     diffs: Dict[str, List[float]] = {"forward": [], "params": []}
