@@ -42,3 +42,20 @@ def test_bench_speed_cli(tmp_path, capsys):
     # lengths), FIITED's per-step bookkeeping many more (issue 18)
     assert 0 < stock["syncs_per_step"] <= 5 and fiited["syncs_per_step"] > stock["syncs_per_step"]
     assert stock["ops_vs_stock"] == 1.0 and fiited["ops_per_step"] > stock["ops_per_step"] > 10
+
+
+def test_gpu_bench_script_runs_on_cpu(tmp_path):
+    """examples/gpu_bench.py is the GPU benchmark; its --device cpu mode is the same code path minus CUDA."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "gpu_bench.py")
+    spec = importlib.util.spec_from_file_location("gpu_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "g.json"
+    assert mod.main(["--device", "cpu", "--max-rows", "20000", "--dim", "16", "--batch", "128", "--batches", "2", "--reps", "1",
+                     "--schemes", "hashing", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["device"] == "cpu" and set(res["runs"]) == {"stock", "hashing"}
+    assert res["runs"]["hashing"]["syncs_per_step"] >= res["runs"]["stock"]["syncs_per_step"] and "infer_s" in res["runs"]["stock"]

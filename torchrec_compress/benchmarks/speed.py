@@ -61,30 +61,52 @@ def _tables(cards: Sequence[int], dim: int) -> List[EmbeddingBagConfig]:
     return logical_tables(cat_names(len(cards)), cards, dim)
 
 
-def step_counts(step: Callable[[object], None], batch: object) -> Dict[str, int]:
-    """``{"syncs": host syncs, "ops": aten/fbgemm ops}`` of one call of ``step(batch)``."""
+def step_counts(step: Callable[[object], None], batch: object, device: torch.device = torch.device("cpu")) -> Dict[str, int]:
+    """``{"syncs": host syncs, "ops": aten/fbgemm ops}`` of one call of ``step(batch)``; on
+    CUDA also ``cuda_sync_warnings``: the synchronizing calls ``torch.cuda.set_sync_debug_mode``
+    reports."""
+    import warnings
+
     with torch.profiler.profile() as prof:
         step(batch)
     events = prof.key_averages()
-    return {"syncs": sum(e.count for e in events if e.key == "aten::_local_scalar_dense"),
-            "ops": sum(e.count for e in events if e.key.startswith(("aten::", "fbgemm::")))}
+    out = {"syncs": sum(e.count for e in events if e.key == "aten::_local_scalar_dense"),
+           "ops": sum(e.count for e in events if e.key.startswith(("aten::", "fbgemm::")))}
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                step(batch)
+                torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        out["cuda_sync_warnings"] = sum("synchroniz" in str(w.message) for w in caught)
+    return out
 
 
-def _timed(step: Callable[[object], None], batches: Sequence[object]) -> float:
+def _timed(step: Callable[[object], None], batches: Sequence[object], device: torch.device = torch.device("cpu")) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     for b in batches:
         step(b)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 
 def bench_speed(sizes: str = "kaggle", max_rows: Optional[int] = 2_000_000, dim: int = 64, ratio: float = 10.0, batch: int = 2048,
                 batches: int = 8, reps: int = 3, schemes: Sequence[str] = SPEED_DEFAULT, min_rows: int = 10_000,
-                stock_limit_bytes: int = 8 * 2**30) -> Dict[str, object]:
-    """Samples/s of a training step and of inference lookups per scheme and for stock TorchRec."""
+                stock_limit_bytes: int = 8 * 2**30, device: str = "cpu", inference: bool = True) -> Dict[str, object]:
+    """Samples/s of a training step (on ``device``, one process) and, with ``inference``, of
+    inference lookups (exported, on CPU) per scheme and for stock TorchRec."""
+    dev = torch.device(device)
     cards = [v if max_rows is None else min(v, max_rows) for v in SIZES[sizes]]
     tables = _tables(cards, dim)
     full_bytes = sum(t.num_embeddings * t.embedding_dim * 4 for t in tables)
-    data = [b.sparse_features for b in SyntheticCriteo(cards, batch, batches, seed=0)]
+    data = [b.sparse_features.to(dev) for b in SyntheticCriteo(cards, batch, batches, seed=0)]
     ids_per_batch = data[0].values().numel()
     runs: Dict[str, Dict[str, object]] = {}
     train_fns, infer_fns = {}, {}
@@ -102,8 +124,8 @@ def bench_speed(sizes: str = "kaggle", max_rows: Optional[int] = 2_000_000, dim:
                 runs[name] = {"skipped": str(e)}
                 continue
             model = _Emb(ebc)
-            dmp, opt = shard_for_training(model, model, lr_sparse=0.01, lr_dense=0.01)
-            g = torch.randn(batch, dim * len(tables))
+            dmp, opt = shard_for_training(model, model, lr_sparse=0.01, lr_dense=0.01, device=dev)
+            g = torch.randn(batch, dim * len(tables), device=dev)
 
             def train_step(kjt, dmp=dmp, opt=opt, g=g):  # type: ignore[no-untyped-def]
                 (dmp(kjt) * g).sum().backward()
@@ -112,37 +134,40 @@ def bench_speed(sizes: str = "kaggle", max_rows: Optional[int] = 2_000_000, dim:
 
             stored = ebc.memory_report().total.compressed_bytes if sch is not None else full_bytes
             train_fns[name] = train_step
-            # inference: an unsharded copy exported to FBGEMM's IntNBit tables at fp32
-            plain = (EmbeddingBagCollection(_tables(cards, dim)) if sch is None else CompressedEmbeddingBagCollection(_tables(cards, dim), sch))
-            infer = quantize_embeddings(_Emb(plain), dtype=torch.float32, inplace=False) if sch is None else export(_Emb(plain), default="fp32")
-            infer.eval()
-            infer_fns[name] = lambda kjt, m=infer: m(kjt)
             runs[name] = {"stored_bytes": stored, "train_s": [], "infer_s": []}
             train_step(data[0])  # warm-up (first-call allocations)
-            runs[name].update({f"{k}_per_step": v for k, v in step_counts(train_step, data[1 % len(data)]).items()})
-            with torch.no_grad():
-                infer(data[0])
+            runs[name].update({f"{k}_per_step": v for k, v in step_counts(train_step, data[1 % len(data)], dev).items()})
+            if inference:  # an unsharded copy exported to FBGEMM's IntNBit tables at fp32, on CPU
+                plain = (EmbeddingBagCollection(_tables(cards, dim)) if sch is None else CompressedEmbeddingBagCollection(_tables(cards, dim), sch))
+                infer = quantize_embeddings(_Emb(plain), dtype=torch.float32, inplace=False) if sch is None else export(_Emb(plain), default="fp32")
+                infer.eval()
+                infer_fns[name] = lambda kjt, m=infer: m(kjt.to(torch.device("cpu")))
+                with torch.no_grad():
+                    infer_fns[name](data[0])
         for _ in range(reps):  # interleaved repetitions
             for name in train_fns:
-                runs[name]["train_s"].append(_timed(train_fns[name], data))
-                with torch.no_grad():
-                    runs[name]["infer_s"].append(_timed(infer_fns[name], data))
+                runs[name]["train_s"].append(_timed(train_fns[name], data, dev))
+                if name in infer_fns:
+                    with torch.no_grad():
+                        runs[name]["infer_s"].append(_timed(infer_fns[name], data))
     bw = copy_bandwidth()
     n = batch * len(data)
     for name, r in runs.items():
         if "skipped" in r:
             continue
         r["train_samples_s"] = n / statistics.median(r["train_s"])
-        r["infer_samples_s"] = n / statistics.median(r["infer_s"])
-        # embedding rows read per logical lookup: one d-row (stock); the schemes read their own physical rows
-        r["infer_emb_bytes_s"] = ids_per_batch * len(data) * dim * 4 / statistics.median(r["infer_s"])
+        if r["infer_s"]:
+            r["infer_samples_s"] = n / statistics.median(r["infer_s"])
+            # embedding rows read per logical lookup: one d-row (stock); the schemes read their own physical rows
+            r["infer_emb_bytes_s"] = ids_per_batch * len(data) * dim * 4 / statistics.median(r["infer_s"])
     stock = runs.get("stock")
     for name, r in runs.items():
         if stock is not None and "skipped" not in r:
             r["train_vs_stock"] = r["train_samples_s"] / stock["train_samples_s"]
-            r["infer_vs_stock"] = r["infer_samples_s"] / stock["infer_samples_s"]
+            if "infer_samples_s" in r:
+                r["infer_vs_stock"] = r["infer_samples_s"] / stock["infer_samples_s"]
             r["ops_vs_stock"] = r["ops_per_step"] / stock["ops_per_step"]
-    return {"sizes": sizes, "max_rows": max_rows, "dim": dim, "ratio": ratio, "batch": batch, "batches": batches, "reps": reps,
+    return {"device": str(dev), "sizes": sizes, "max_rows": max_rows, "dim": dim, "ratio": ratio, "batch": batch, "batches": batches, "reps": reps,
             "full_bytes": full_bytes, "stock_fits": full_bytes <= stock_limit_bytes, "copy_bandwidth_bytes_s": bw,
             "runs": runs, "torch_threads": torch.get_num_threads(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
@@ -156,8 +181,8 @@ def format_speed(res: Dict[str, object], fmt: str = "simple") -> str:
         vs = {k: f"{r[k]:.2f}x" if k in r else "n/a" for k in ("train_vs_stock", "infer_vs_stock", "ops_vs_stock")}
         rows.append([name, f"{res['full_bytes'] / r['stored_bytes']:.1f}x", f"{r['train_samples_s']:,.0f}",
                      vs["train_vs_stock"], r["syncs_per_step"], f"{r['ops_per_step']} ({vs['ops_vs_stock']})",
-                     f"{r['infer_samples_s']:,.0f}", vs["infer_vs_stock"],
-                     f"{r['infer_emb_bytes_s'] / res['copy_bandwidth_bytes_s']:.1%}"])
+                     f"{r['infer_samples_s']:,.0f}" if "infer_samples_s" in r else "-", vs["infer_vs_stock"],
+                     f"{r['infer_emb_bytes_s'] / res['copy_bandwidth_bytes_s']:.1%}" if "infer_samples_s" in r else "-"])
     head = (f"{res['sizes']} sizes (max rows {res['max_rows']}), dim {res['dim']}, batch {res['batch']}, {res['reps']} interleaved reps; "
             f"copy bandwidth {res['copy_bandwidth_bytes_s'] / 1e9:.1f} GB/s")
     if not res["stock_fits"]:
