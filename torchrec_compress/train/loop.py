@@ -57,6 +57,11 @@ def local_process_group() -> Iterator[None]:
         yield
     finally:
         if own:
+            if dist.get_world_size() > 1:  # no rank tears gloo down while another is still in a collective (SIGABRT)
+                try:
+                    dist.barrier()
+                except RuntimeError:  # a peer is gone already (killed): nothing left to wait for
+                    pass
             dist.destroy_process_group()
 
 
