@@ -233,7 +233,8 @@ def plot_frontier(summary: Dict[str, object], path: str) -> Optional[str]:
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, r in enumerate(summary["results"]):
         baseline = r["scheme"] in ("none", "md", *BASELINES)
-        ax.scatter(r["embedding_bytes"], r["eval_auc"], s=50, color=f"C{i % 10}", facecolors="none" if baseline else f"C{i % 10}",
+        color = plt.cm.tab20(i % 20)  # 13+ variants: tab10 would repeat colours
+        ax.scatter(r["embedding_bytes"], r["eval_auc"], s=50, color=color, facecolors="none" if baseline else color,
                    label=r["scheme"] + (" (baseline)" if baseline and r["scheme"] != "none" else ""))
     ax.set_xscale("log")
     ax.set(xlabel="embedding bytes (log scale)", ylabel="eval AUC",

@@ -278,7 +278,9 @@ def plot_frontier(res: Dict[str, object], path: str) -> Optional[str]:
     ax.axhspan(base["auc"] - 0.002, base["auc"] + 0.002, color="0.9", label="uncompressed +- 0.002")
     for i, scheme in enumerate(dict.fromkeys(r["scheme"] for r in rows[1:])):
         pts = sorted((r["bytes"], r["auc"], r["auc_std"]) for r in rows if r["scheme"] == scheme)
-        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3, label=scheme, color=f"C{i % 10}")
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], capsize=3, color=plt.cm.tab20(i % 20),
+                    marker="s" if scheme in BASELINES else "o", ls="--" if scheme in BASELINES else "-",
+                    label=f"{scheme} (baseline)" if scheme in BASELINES else scheme)  # baselines dashed, square
     ax.set_xscale("log")
     lo = min(r["auc"] for r in rows)
     ax.set_ylim(max(lo - 0.01, 0.5), base["auc"] + 0.01 if not math.isnan(base["auc"]) else None)
