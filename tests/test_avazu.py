@@ -10,6 +10,7 @@ import torch
 
 from torchrec_compress.data.avazu import AVAZU_COLUMNS, AVAZU_FEATURES, load_avazu, read_avazu_csv
 from torchrec_compress.data.tabular import CtrData, CtrSplit, build_vocabulary, split_indices
+from torchrec_compress.testing.data import write_lines
 
 AVAZU = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "avazu_sample", "avazu_train_10k.csv.gz"))
 HEADER = ",".join(AVAZU_COLUMNS)
@@ -43,14 +44,8 @@ EXPECTED_SKIPS = {"rows with the wrong number of columns": 2, "bad click values"
                   "repeated header lines": 1}
 
 
-def write(path, lines, header=True, gz=True):
-    text = "\n".join(([HEADER] if header else []) + lines) + "\n"
-    if gz:
-        with gzip.open(path, "wt") as f:
-            f.write(text)
-    else:
-        path.write_text(text)
-    return str(path)
+def write(path, lines, header=True, gz=True) -> str:
+    return write_lines(path, lines, HEADER if header else None, gz)
 
 
 def mixed_lines():

@@ -1,7 +1,6 @@
 """MovielensLatest_x1 CSV reader: hand-made files (exact ids, labels, skip counts), the fixed
 split, and the real 200,686-row file (read from ../shared/data/movielenslatest_x1 at run
 time; skipped when absent)."""
-import gzip
 import os
 import random
 import zlib
@@ -11,6 +10,7 @@ import torch
 
 from torchrec_compress.data.tabular import CtrData
 from torchrec_compress.data.movielens import MOVIELENS_COLUMNS, MOVIELENS_FEATURES, load_movielens, read_movielens_csv
+from torchrec_compress.testing.data import write_lines
 
 MOVIELENS = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "movielenslatest_x1",
                                          "movielenslatest_x1_test_200k.csv.gz"))
@@ -24,13 +24,7 @@ EXPECTED_SKIPS = {"rows with the wrong number of columns": 2, "bad labels": 2, "
 
 
 def write(path, lines, header=True, gz=True) -> str:
-    text = "\n".join(([HEADER] if header else []) + lines) + "\n"
-    if gz:
-        with gzip.open(path, "wt") as f:
-            f.write(text)
-    else:
-        path.write_text(text)
-    return str(path)
+    return write_lines(path, lines, HEADER if header else None, gz)
 
 
 def mixed_lines():

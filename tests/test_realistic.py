@@ -3,7 +3,6 @@ pairwise interactions, calibrated to a positive rate of 0.25 and a Bayes-optimal
 import pytest
 import torch
 from torchmetrics.functional.classification import binary_auroc
-from torchrec.datasets.criteo import DEFAULT_CAT_NAMES
 
 from torchrec_compress.config import presets
 from torchrec_compress.data.realistic import RealisticSynthetic, expected_auc
@@ -47,28 +46,10 @@ def test_deterministic_and_streams_differ():
     assert len(starts) == 2 and all(_same(x, a.batch(i)) for x, i in zip(starts, (2, 3)))
 
 
-def test_ranks_partition_the_single_process_stream():
-    single = RealisticSynthetic(SMALL, batch_size=64, num_batches=6, seed=1)
-    r0 = RealisticSynthetic(SMALL, batch_size=64, num_batches=3, seed=1, rank=0, world_size=2)
-    r1 = RealisticSynthetic(SMALL, batch_size=64, num_batches=3, seed=1, rank=1, world_size=2)
-    for i in range(3):
-        assert _same(r0.batch(i), single.batch(2 * i)) and _same(r1.batch(i), single.batch(2 * i + 1))
-    assert not _same(r0.batch(0), r1.batch(0))
-
-
-def test_shapes_keys_and_dtypes():
+def test_samples_and_latents_match_the_batches():
+    """(The Batch layout, shared with SyntheticCriteo, is tested in test_synthetic.py.)"""
     ds = RealisticSynthetic(batch_size=300, num_batches=2)
-    assert len(ds) == 2 and len(list(ds)) == 2
     b = ds.batch(0)
-    assert b.dense_features.shape == (300, 13) and b.dense_features.dtype == torch.float32
-    assert (b.dense_features >= 0).all() and torch.isfinite(b.dense_features).all()
-    kjt = b.sparse_features
-    assert kjt.keys() == DEFAULT_CAT_NAMES and kjt.stride() == 300
-    assert kjt.values().dtype == torch.int64 and kjt.values().numel() == 26 * 300
-    assert torch.equal(kjt.lengths(), torch.ones(26 * 300, dtype=kjt.lengths().dtype))
-    assert b.labels.shape == (300,) and b.labels.dtype == torch.float32
-    assert set(b.labels.unique().tolist()) <= {0.0, 1.0}
-    assert torch.equal(kjt["cat_3"].values(), ids_of(b)[:, 3])  # feature-major, as SyntheticCriteo
     x, ids, logit, labels = ds.sample(0)
     assert x.shape == (300, 13) and ids.shape == (300, 26) and logit.shape == (300,) and torch.equal(labels, b.labels)
     assert torch.equal(ids, ids_of(b))

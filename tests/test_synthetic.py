@@ -7,6 +7,7 @@ from torchmetrics.functional.classification import binary_auroc
 from torchrec.datasets.criteo import DEFAULT_CAT_NAMES
 
 from torchrec_compress.data import CRITEO_KAGGLE_CARDINALITIES, SyntheticCriteo, ids_of
+from torchrec_compress.data.realistic import RealisticSynthetic
 
 
 def _same(a, b):
@@ -23,17 +24,20 @@ def test_deterministic_and_streams_differ():
     assert not _same(a.batch(0), SyntheticCriteo(batch_size=512, seed=7, split="eval").batch(0))
 
 
-def test_ranks_partition_the_single_process_stream():
-    single = SyntheticCriteo(batch_size=64, num_batches=6, seed=1)
-    r0 = SyntheticCriteo(batch_size=64, num_batches=3, seed=1, rank=0, world_size=2)
-    r1 = SyntheticCriteo(batch_size=64, num_batches=3, seed=1, rank=1, world_size=2)
+@pytest.mark.parametrize("gen", [SyntheticCriteo, RealisticSynthetic])
+def test_ranks_partition_the_single_process_stream(gen):
+    single = gen(batch_size=64, num_batches=6, seed=1)
+    r0 = gen(batch_size=64, num_batches=3, seed=1, rank=0, world_size=2)
+    r1 = gen(batch_size=64, num_batches=3, seed=1, rank=1, world_size=2)
     for i in range(3):
         assert _same(r0.batch(i), single.batch(2 * i)) and _same(r1.batch(i), single.batch(2 * i + 1))
     assert not _same(r0.batch(0), r1.batch(0))
 
 
-def test_shapes_keys_and_dtypes():
-    ds = SyntheticCriteo(batch_size=300, num_batches=2)
+@pytest.mark.parametrize("gen", [SyntheticCriteo, RealisticSynthetic])
+def test_shapes_keys_and_dtypes(gen):
+    """Both generators: the same Batch layout (RealisticSynthetic is a drop-in)."""
+    ds = gen(batch_size=300, num_batches=2)
     assert len(ds) == 2 and len(list(ds)) == 2
     b = ds.batch(0)
     assert b.dense_features.shape == (300, 13) and b.dense_features.dtype == torch.float32

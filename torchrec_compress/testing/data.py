@@ -60,3 +60,16 @@ def random_bags(
         ids[f] = [torch.randint(0, rows[f], (n,), generator=g).tolist() for n in lens]
         wts[f] = [torch.rand(n, generator=g).add(0.5).tolist() for n in lens]
     return Bags(keys, ids, wts if weighted else None)
+
+
+def write_lines(path, lines: Sequence[str], header: Optional[str] = None, gz: bool = True) -> str:
+    """Write ``lines`` (after ``header`` when given) as a text file, gzip-compressed when ``gz``; returns the path."""
+    import gzip
+
+    text = "\n".join(([header] if header is not None else []) + list(lines)) + "\n"
+    if gz:
+        with gzip.open(path, "wt") as f:
+            f.write(text)
+    else:
+        path.write_text(text)
+    return str(path)
