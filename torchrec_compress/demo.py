@@ -131,11 +131,10 @@ def train_and_eval(
     if not isinstance(ebc, CompressedEmbeddingBagCollection):  # uncompressed or MCH: the plain tables' accounting
         ebc = CompressedEmbeddingBagCollection(replace_configs(list(ebc.embedding_bag_configs())), {}, device=META)
     report = ebc.memory_report()
-    ids = train[0].labels.numel()
-    stored = {t: (mch_bytes(zch[t], dim, ids) if zch and t in zch else m.compressed_bytes) for t, m in report.tables.items()}
+    batch_size = train[0].labels.numel()  # one-hot: also each table's ids per step (MCH's history buffer)
+    stored = {t: (mch_bytes(zch[t], dim, batch_size) if zch and t in zch else m.compressed_bytes) for t, m in report.tables.items()}
     dmp, dense_opt = shard_for_training(model, model.sparse_arch, lr_sparse, lr_dense)
     setup_s = time.perf_counter() - t0
-    batch_size = train[0].labels.numel()
     losses, train_s, _ = train_steps(dmp, dense_opt, train, desc=name, total=len(train) * batch_size, progress=progress)
     auc, logloss = evaluate(dmp, held_out)
     result = RunResult(

@@ -45,8 +45,6 @@ TORCHREC = ("mch",)  # TorchRec's managed-collision tables (LFU), sized to each 
 BASELINES = ("md",) + TORCHREC + FIXED  # the equal-bytes alternatives a scheme has to beat
 
 
-
-
 def all_schemes() -> List[str]:
     """Every benchmark name: the registry's presets (``TableScheme.presets``), TorchRec's MCH,
     fp16 storage and the post-training formats."""

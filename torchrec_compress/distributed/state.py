@@ -19,32 +19,28 @@ def copy_full_into_(target: object, full: torch.Tensor) -> None:
 
 
 @torch.no_grad()
+def fill_rows_(target: object, rows: torch.Tensor, values: Optional[torch.Tensor] = None) -> None:
+    """Write ``values [len(rows), D]`` (None: zeros) into ``rows`` (global row indices) of
+    ``target``: a plain tensor, or the local shards of a ShardedTensor (each shard the rows it
+    holds, its own columns of ``values``)."""
+    rows = rows.to(torch.int64)
+    if not hasattr(target, "local_shards"):
+        target[rows.to(target.device)] = 0 if values is None else values.to(target.device, target.dtype)
+        return
+    for shard in target.local_shards():
+        r0, n = shard.metadata.shard_offsets[0], shard.tensor.shape[0]
+        mine = (rows >= r0) & (rows < r0 + n)
+        local, dev = (rows[mine] - r0).to(shard.tensor.device), shard.tensor.device
+        if values is None:
+            shard.tensor[local] = 0
+        else:
+            c0, m = shard.metadata.shard_offsets[1], shard.tensor.shape[1]
+            shard.tensor[local] = values[mine.to(values.device), c0:c0 + m].to(dev, shard.tensor.dtype)
+
+
 def zero_rows_(target: object, rows: torch.Tensor) -> None:
-    """Zero ``rows`` (global row indices) of ``target``: a plain tensor, or the local shards
-    of a ShardedTensor (each shard zeroes the rows it holds, all its columns)."""
-    rows = rows.to(torch.int64)
-    if hasattr(target, "local_shards"):
-        for shard in target.local_shards():
-            start, n = shard.metadata.shard_offsets[0], shard.tensor.shape[0]
-            local = rows[(rows >= start) & (rows < start + n)] - start
-            shard.tensor[local.to(shard.tensor.device)] = 0
-    else:
-        target[rows.to(target.device)] = 0
-
-
-@torch.no_grad()
-def fill_rows_(target: object, rows: torch.Tensor, values: torch.Tensor) -> None:
-    """Write ``values [len(rows), D]`` into ``rows`` (global row indices) of ``target``: a plain
-    tensor, or the local shards of a ShardedTensor (each shard its rows and its columns)."""
-    rows = rows.to(torch.int64)
-    if hasattr(target, "local_shards"):
-        for shard in target.local_shards():
-            (r0, c0), (n, m) = shard.metadata.shard_offsets, shard.tensor.shape
-            mine = (rows >= r0) & (rows < r0 + n)
-            dev = shard.tensor.device
-            shard.tensor[(rows[mine] - r0).to(dev)] = values[mine.to(values.device), c0:c0 + m].to(dev, shard.tensor.dtype)
-    else:
-        target[rows.to(target.device)] = values.to(target.device, target.dtype)
+    """Zero ``rows`` (global row indices) of ``target``, plain or sharded (all its columns)."""
+    fill_rows_(target, rows)
 
 
 def load_full_state_dict_(sharded: Mapping[str, object], full: Mapping[str, torch.Tensor]) -> None:
@@ -115,10 +111,7 @@ def zero_rows_and_state_(inner: torch.nn.Module, physical: str, rows: torch.Tens
     ``values [len(rows), dim]``, and zero their optimizer state: FBGEMM's fused state when
     sharded (sharded like the table), the in-backward optimizers' plain state when not."""
     key = f"embedding_bags.{physical}.weight"
-    if values is None:
-        zero_rows_(inner.state_dict()[key], rows)
-    else:
-        fill_rows_(inner.state_dict()[key], rows, values)
+    fill_rows_(inner.state_dict()[key], rows, values)
     fused = getattr(inner, "fused_optimizer", None)
     if fused is not None:  # sharded: FBGEMM's optimizer state (e.g. row-wise momentum1), sharded like the table
         param = fused.params.get(key)

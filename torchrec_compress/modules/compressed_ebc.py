@@ -286,9 +286,6 @@ class CompressedEmbeddingBagCollection(nn.Module):
         inner = self.pooled if cfg in self._pooled_cfgs else self.per_id
         zero_rows_and_state_(inner, physical, rows, cfg.num_embeddings, impl.reset_values(physical, rows, cfg.embedding_dim))
 
-    def _rows(self, physical: str) -> int:
-        return next(c.num_embeddings for c in [*self._pooled_cfgs, *self._per_id_cfgs] if c.name == physical)
-
     def _per_id_kjt(self, feats: List[Tuple[str, List[Tuple[str, torch.Tensor]]]]) -> Optional[KeyedJaggedTensor]:
         """Every id a bag of one: ``[N_f]`` ids per virtual feature, stride S = max_f N_f
         (features padded with empty bags: a KJT has one stride)."""

@@ -29,8 +29,17 @@ from .metrics import auc, binary_metrics, ne_from_states, ne_states
 from .report import MLPerfLog, ScalarLog, plot_curves
 
 if TYPE_CHECKING:
+    from ..data.frappe import FrappeSplit
     from ..data.tabular import CtrData
 
+
+@functools.lru_cache(maxsize=2)
+def _in_memory(kind: str, source: str) -> Tuple["FrappeSplit", "FrappeSplit", "FrappeSplit"]:
+    """(train, eval, test) of a data set held in memory (Frappe's folder, an Avazu /
+    MovielensLatest CSV), read and split once per process rather than every epoch."""
+    if kind == "frappe":
+        return load_frappe_splits(source)
+    return _csv(kind, source).splits
 
 
 @functools.lru_cache(maxsize=2)
@@ -71,7 +80,7 @@ def _batches(cfg: RunConfig, split: str, epoch: int, rank: int, world: int) -> I
         yield from generator(cards, d.batch_size, n, seed=cfg.train.seed, split=split, rank=rank, world_size=world,
                                    multi_hot=d.multi_hot or None, start=epoch * n if split == "train" else 0)
     elif d.kind in ("frappe",) + CSV_KINDS:
-        tr, va, te = load_frappe_splits(d.root) if d.kind == "frappe" else _csv(d.kind, d.train_paths[0]).splits
+        tr, va, te = _in_memory(d.kind, d.root if d.kind == "frappe" else d.train_paths[0])
         if split != "train":  # every row once, the same number of batches on every rank
             yield from (va if split == "eval" else te).rank_batches(d.batch_size, rank, world)
             return
