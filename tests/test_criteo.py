@@ -1,5 +1,4 @@
 """Criteo TSV reader: layouts written by the test (missing values, malformed rows, gzip) and the real samples."""
-import gzip
 import math
 import os
 
@@ -7,23 +6,14 @@ import pytest
 import torch
 
 from torchrec_compress.data.criteo import CriteoTSV
+from torchrec_compress.testing.data import write_lines
 
 SIZES = [1000] * 26
 GOOD = "1\t" + "\t".join(["5", "", "-1"] + ["2"] * 10) + "\t" + "\t".join(["68fd1e64", ""] + ["0000000a"] * 24)
 
 
-def _write(path, lines, gz=True):
-    data = "\n".join(lines) + "\n"
-    if gz:
-        with gzip.open(path, "wt") as f:
-            f.write(data)
-    else:
-        path.write_text(data)
-    return str(path)
-
-
 def test_values_missing_and_hashing(tmp_path):
-    p = _write(tmp_path / "a.tsv.gz", [GOOD, GOOD.replace("1\t5", "0\t7", 1)])
+    p = write_lines(tmp_path / "a.tsv.gz", [GOOD, GOOD.replace("1\t5", "0\t7", 1)])
     (b,) = list(CriteoTSV([p], SIZES, batch_size=8))
     assert b.labels.tolist() == [1.0, 0.0]
     assert b.dense_features.shape == (2, 13)
@@ -45,7 +35,7 @@ def test_malformed_rows_are_counted_and_skipped(tmp_path):
         "7" + GOOD[1:],                          # bad label
         "\t".join(GOOD.split("\t")[:30]),        # short row: padded, kept
     ]
-    p = _write(tmp_path / "b.tsv", [GOOD] * 20 + bad, gz=False)
+    p = write_lines(tmp_path / "b.tsv", [GOOD] * 20 + bad, gz=False)
     reader = CriteoTSV([p], SIZES, batch_size=7)
     batches = list(reader)
     assert sum(b.labels.numel() for b in batches) == 21
@@ -56,19 +46,19 @@ def test_malformed_rows_are_counted_and_skipped(tmp_path):
 
 
 def test_truncated_gzip_and_mostly_garbage(tmp_path):
-    p = _write(tmp_path / "c.tsv.gz", [GOOD] * 2000)
+    p = write_lines(tmp_path / "c.tsv.gz", [GOOD] * 2000)
     raw = (tmp_path / "c.tsv.gz").read_bytes()
     (tmp_path / "t.tsv.gz").write_bytes(raw[: len(raw) // 2])
     reader = CriteoTSV([str(tmp_path / "t.tsv.gz"), p], SIZES, batch_size=500)
     n = sum(b.labels.numel() for b in reader)
     assert 2000 < n < 4000 and reader.summary.truncated_files
-    garbage = _write(tmp_path / "g.tsv", ["not\ta\tcriteo\tfile"] * 300, gz=False)
+    garbage = write_lines(tmp_path / "g.tsv", ["not\ta\tcriteo\tfile"] * 300, gz=False)
     with pytest.raises(ValueError, match=r"of the first 100 lines are malformed"):
         list(CriteoTSV([garbage], SIZES, batch_size=10))
 
 
 def test_ranks_split_batches(tmp_path):
-    p = _write(tmp_path / "d.tsv", [GOOD] * 10, gz=False)
+    p = write_lines(tmp_path / "d.tsv", [GOOD] * 10, gz=False)
     a = list(CriteoTSV([p], SIZES, batch_size=3, rank=0, world_size=2))
     b = list(CriteoTSV([p], SIZES, batch_size=3, rank=1, world_size=2))
     assert [x.labels.numel() for x in a] == [3, 3] and [x.labels.numel() for x in b] == [3, 1]
