@@ -103,6 +103,10 @@ def fit_(
             raise ValueError(f"fit_: table {t.name!r}: no statistics for features {missing}")
         m.materialize()
         impl = m.scheme(t.name)
-        impl.fit(_count_vector(stats, t.feature_names, t.num_embeddings), m.tables(t.name), (embeddings or {}).get(t.name))
+        if impl.counts_per_feature:  # [F, v]: the scheme tells the table's features apart (Saec's fields)
+            counts = torch.stack([_count_vector(stats, [f], t.num_embeddings) for f in t.feature_names])
+        else:
+            counts = _count_vector(stats, t.feature_names, t.num_embeddings)
+        impl.fit(counts, m.tables(t.name), (embeddings or {}).get(t.name))
         fitted[t.name] = impl.name
     return fitted

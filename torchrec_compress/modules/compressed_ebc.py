@@ -185,7 +185,7 @@ class CompressedEmbeddingBagCollection(nn.Module):
                 for name, rows in impl.event(self.tables(t.name)).items():
                     self._reset_rows(name, rows, impl)
             if impl.sees_ids and self.training:
-                impl.see(torch.cat([jts[f].values() for f in t.feature_names]), self._sync_group())
+                impl.see_features([jts[f].values() for f in t.feature_names], self._sync_group())
             if not self.training and impl.data_driven and t.name not in self._warned and not impl.fitted():
                 self._warned.add(t.name)
                 warnings.warn(unfitted_message(t.name, impl), stacklevel=3)

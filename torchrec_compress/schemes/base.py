@@ -117,6 +117,7 @@ class TableScheme:
     ragged: bool = False  # True: route() sends each id to a subset of the physical tables
     observes_gradients: bool = False  # True: observe(grad, jt, group) sees the gradient of the table's output
     sees_ids: bool = False  # True: see(values, group) gets every training batch's ids before the lookup
+    counts_per_feature: bool = False  # True: fit() takes counts [F, v], one row per feature, not their sum [v]
     data_driven: bool = False  # True: its procedure learns from the data (counts, warm-up, search); see fitted()
     training_buffers: Tuple[str, ...] = ()  # buffers only training needs (e.g. id counts): not in the deployed bytes
     host_buffers: Tuple[str, ...] = ()  # 0-dim counters read on the host each step: kept in host memory on any device
@@ -179,8 +180,9 @@ class TableScheme:
         return True
 
     def fit(self, counts: torch.Tensor, tables: TableAccess, embeddings: Optional[torch.Tensor] = None) -> None:
-        """Fit from id ``counts [v]`` (summed over the table's features; the same on every
-        rank) given up front (``torchrec_compress.fit_``) instead of counted while training."""
+        """Fit from id ``counts [v]`` (summed over the table's features; ``[F, v]``, one row per
+        feature, where :attr:`counts_per_feature`; the same on every rank) given up front
+        (``torchrec_compress.fit_``) instead of counted while training."""
 
     def status(self) -> Dict[str, object]:
         """Where the scheme's procedure stands (stage, kept ids or chunks), for run reports."""
@@ -194,6 +196,12 @@ class TableScheme:
     def see(self, values: torch.Tensor, group: Optional["torch.distributed.ProcessGroup"]) -> None:
         """Called once per training forward (after :meth:`step`, before the transform) with
         ``[N]`` ids of the table's features, when :attr:`sees_ids` (ids of every rank when sharded)."""
+
+    def see_features(self, values: List[torch.Tensor], group: Optional["torch.distributed.ProcessGroup"]) -> None:
+        """What the module calls when :attr:`sees_ids`: ``[N_f]`` ids of each of the table's
+        features (``feature_names`` order). Default: :meth:`see` of them all, concatenated;
+        a scheme that tells its fields apart (Saec) overrides this."""
+        self.see(torch.cat(values), group)
 
     def observe(self, grad: torch.Tensor, jt: JaggedTensor, group: Optional["torch.distributed.ProcessGroup"]) -> None:
         """Backward hook on the pooled output ``grad [B, d]`` of feature ``jt`` (summed over ``group`` when sharded)."""

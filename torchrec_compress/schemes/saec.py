@@ -8,6 +8,23 @@ frequency-weighted k-means, the seen tail ids go to the nearest centroid, never-
 keep their hashed cluster (the map's initial value), and the centroids are fine-tuned for
 the rest of training. Export deploys the centroids and the map only. The map is int16
 when k fits, else int32; it costs v * 2 (or 4) bytes, which caps the ratio at 2d (or d).
+
+Per field: the paper clusters "similar features within a field". When several features
+share the table (``feature_names``), ids are counted per feature ([F * v] counts, training
+memory only) and each field is clustered on its own, into its own block of centroids
+(:func:`split_clusters`: field f gets k_f ~ k * n_f / N rows, n_f the distinct seen ids it
+owns, at least 1 each). The map keeps one entry per id (no extra memory), so an id seen in
+several fields belongs to the field that looked it up most often (ties: the first in
+``feature_names``); its k-means weight is its count over all fields, since every lookup of
+it reads its centroid. A one-feature table is clustered exactly as one field.
+
+Against the paper (only its abstracts are at hand: arXiv 2019, APSys 2020): as
+there, clustering is within a field and the fast clustering rests on the heavy tail of the
+ids: only the ``head_fraction`` most frequent ids are clustered, the tail is assigned to
+the nearest centroid afterwards (one pass, no k-means over the tail). Ours, not stated
+there: k-means weighted by id frequency, k-means++ seeding with ``kmeans_restarts``
+restarts, never-seen ids at a hashed centroid, the budget split across fields, and one
+field per id when fields share a table (in the paper each field has its own ids).
 """
 from __future__ import annotations
 
@@ -16,6 +33,7 @@ import warnings
 from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from ..config import SchemeConfig, _check_positive_int, _check_steps, register_scheme
@@ -52,6 +70,7 @@ class Saec(SchemeConfig):
 class SaecScheme(Scheduled):
     presets = {"saec": lambda r, d: Saec(ratio=r)}
     STAGES = ("warm-up", "clustered")
+    counts_per_feature = True  # each field (feature of the table) is clustered apart
 
     def __init__(self, table, config: Saec) -> None:
         super().__init__(table, config)
@@ -67,6 +86,7 @@ class SaecScheme(Scheduled):
                 raise self._too_small(f"the id -> cluster map alone costs 2 bytes per id, so at most ~{2 * d}x is reachable")
         self.map_dtype = torch.int16 if self.clusters <= 32767 else torch.int32
         self.ragged = config.warm_steps > 0  # ids go to the warm-up table, then to the centroids
+        self.fields = max(1, len(table.feature_names or ()))  # features sharing the table, clustered apart
 
     @property
     def count_steps(self) -> int:
@@ -74,7 +94,10 @@ class SaecScheme(Scheduled):
 
     def initial_buffers(self) -> Dict[str, torch.Tensor]:
         ids = torch.arange(self.table.num_embeddings)
-        return {"cluster_of": universal_hash(ids, self.clusters, self.config.seed).to(self.map_dtype), **self.lifecycle_buffers()}
+        out = {"cluster_of": universal_hash(ids, self.clusters, self.config.seed).to(self.map_dtype), **self.lifecycle_buffers()}
+        if "counts" in out and self.fields > 1:  # one count per (field, id), field-major [F * v]: training memory only
+            out["counts"] = torch.zeros(self.fields * self.table.num_embeddings, dtype=torch.int32)
+        return out
 
     def physical_tables(self) -> List[PhysicalTable]:
         centroids = PhysicalTable("__centroids", self.clusters, self.table.embedding_dim, uniform_init(self.table))
@@ -111,6 +134,22 @@ class SaecScheme(Scheduled):
 
     # --- the procedure ---------------------------------------------------------------------
     @torch.no_grad()
+    def see_features(self, values: List[torch.Tensor], group: Optional[dist.ProcessGroup]) -> None:
+        """``[N_f]`` ids of each feature (``feature_names`` order): field f's id x is counted at
+        ``f * v + x`` (one all-gather for every field; a fixed number of ops whatever F)."""
+        if self.fields == 1:
+            return self.see(values[0], group)
+        flat = torch.cat(values).to(torch.int64)
+        sizes = torch.tensor([x.numel() for x in values], device=flat.device)
+        offsets = torch.arange(self.fields, device=flat.device) * self.table.num_embeddings
+        self.see(flat + offsets.repeat_interleave(sizes, output_size=flat.numel()), group)
+
+    def counted(self) -> torch.Tensor:
+        """``[F, v]`` int64 counts per field gathered so far (``[v]`` for one field)."""
+        c = super().counted()
+        return c if self.fields == 1 else c.view(self.fields, self.table.num_embeddings)
+
+    @torch.no_grad()
     def event(self, tables: TableAccess) -> Dict[str, torch.Tensor]:
         """After the warm-up: cluster the warmed-up embeddings of the counted ids."""
         if self.stage == 0:
@@ -120,7 +159,8 @@ class SaecScheme(Scheduled):
     @torch.no_grad()
     def fit(self, counts: torch.Tensor, tables: TableAccess, embeddings: Optional[torch.Tensor] = None) -> None:
         """Cluster ``embeddings [v, d]`` (default: the warm-up table as trained so far) given id
-        ``counts [v]``: writes the map and the centroid table, identically on every rank."""
+        ``counts``, ``[F, v]`` per feature or ``[v]`` (one field): writes the map and the
+        centroid table, identically on every rank."""
         if embeddings is None:
             if not self.config.warm_steps:
                 raise ValueError(f"Saec: table {self.table.name!r} has no warm-up table (warm_steps=0): give its embeddings")
@@ -139,29 +179,51 @@ class SaecScheme(Scheduled):
         return dataclasses.replace(self.config, warm_steps=0), {"__centroids": tables.read("__centroids")}, state
 
     def cluster(self, embeddings: torch.Tensor, counts: torch.Tensor, current: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Cluster ``embeddings [v, d]`` given id ``counts [v]``; writes the map, returns centroids ``[k, d]``.
+        """Cluster ``embeddings [v, d]`` given id ``counts``, ``[v]`` (one field) or ``[F, v]``
+        (per field: field f's rows are a block of k_f centroids, see the module docstring);
+        writes the map, returns centroids ``[k, d]``.
 
         Fewer seen ids than clusters (a short warm-up on a large table): every seen id keeps
         its own row (its embedding), and the unseen ids are hashed into the rows left over,
-        which keep their ``current [k, d]`` values (a warning says so)."""
-        seen = (counts > 0).nonzero().squeeze(1)
+        which keep their ``current [k, d]`` values (a warning says so). More fields with seen
+        ids than clusters: the fields are clustered as one (a warning says so)."""
+        per_field = counts.reshape(-1, self.table.num_embeddings)  # [F, v]
+        total = per_field[0] if per_field.shape[0] == 1 else per_field.sum(0)  # [v] lookups of each id, any field
+        seen = (total > 0).nonzero().squeeze(1)
         if seen.numel() == 0:
             raise ValueError(f"Saec: table {self.table.name!r}: no id was seen in the statistics")
-        if seen.numel() <= self.clusters:
-            return self._own_rows(embeddings.detach().float(), seen, current)
-        n_head = max(self.clusters, int(round(self.config.head_fraction * seen.numel())))
-        order = counts[seen].argsort(descending=True, stable=True)
-        head, tail = seen[order[:n_head]], seen[order[n_head:]]
         x = embeddings.detach().float()
+        if seen.numel() <= self.clusters:
+            return self._own_rows(x, seen, current)
+        field = per_field[:, seen].argmax(dim=0)  # [n] the field that looks each id up most (ties: the first)
+        owned = [seen[field == f] for f in range(per_field.shape[0])]
+        if sum(1 for o in owned if o.numel()) > self.clusters:
+            warnings.warn(f"Saec: table {self.table.name!r}: {self.clusters} clusters cannot give each of its "
+                          f"{per_field.shape[0]} fields one; its fields are clustered as one", stacklevel=3)
+            owned = [seen]
+        blocks, offset = [], 0
+        for f, (ids, k) in enumerate(zip(owned, split_clusters(self.clusters, [o.numel() for o in owned]))):
+            if k:  # field f's centroids are rows [offset, offset + k)
+                blocks.append(self._cluster_field(x, ids, total, k, offset, f))
+                offset += k
+        return torch.cat(blocks)
+
+    def _cluster_field(self, x: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor, k: int, offset: int, field: int) -> torch.Tensor:
+        """Frequency-weighted k-means of one field's seen ``ids [n]`` (n >= k; weights
+        ``counts [v]``) into map rows ``[offset, offset + k)``: the head is clustered, the tail
+        goes to its nearest centroid. Writes the map of ``ids``, returns the centroids ``[k, d]``."""
+        n_head = max(k, int(round(self.config.head_fraction * ids.numel())))
+        order = counts[ids].argsort(descending=True, stable=True)
+        head, tail = ids[order[:n_head]], ids[order[n_head:]]
         w = counts[head].float()
-        # the best of ``kmeans_restarts`` seeded runs (lowest weighted inertia), as sklearn's n_init
-        runs = [kmeans(x[head], self.clusters, w, self.config.kmeans_iters, self.config.seed * 1000 + r)
+        # the best of ``kmeans_restarts`` seeded runs (lowest weighted inertia), as sklearn's n_init; field 0 as one field
+        runs = [kmeans(x[head], k, w, self.config.kmeans_iters, self.config.seed * 1000 + r + field * 1_000_003)
                 for r in range(self.config.kmeans_restarts)]
         centroids, head_assign = min(runs, key=lambda ca: float((w * (x[head] - ca[0][ca[1]]).pow(2).sum(1)).sum()))
         cluster_of = self.buffers.cluster_of
-        cluster_of[head.to(cluster_of.device)] = head_assign.to(self.map_dtype).to(cluster_of.device)
+        cluster_of[head.to(cluster_of.device)] = (offset + head_assign).to(self.map_dtype).to(cluster_of.device)
         if tail.numel():
-            cluster_of[tail.to(cluster_of.device)] = nearest(x[tail], centroids).to(self.map_dtype).to(cluster_of.device)
+            cluster_of[tail.to(cluster_of.device)] = (offset + nearest(x[tail], centroids)).to(self.map_dtype).to(cluster_of.device)
         return centroids
 
     def _own_rows(self, x: torch.Tensor, seen: torch.Tensor, current: Optional[torch.Tensor]) -> torch.Tensor:
@@ -188,6 +250,25 @@ class SaecScheme(Scheduled):
         if config.warm_steps and int(state["stage"]) == 0:
             return w[f"{n}__warm"][x]
         return w[f"{n}__centroids"][int(state["cluster_of"][x])]
+
+
+def split_clusters(k: int, sizes: List[int]) -> List[int]:
+    """``k`` centroid rows over fields of ``sizes[f]`` distinct ids (their sum N > k, at most k
+    of them non-empty): field f gets ~ k * n_f / N rows, at least 1 and at most n_f where
+    n_f > 0, 0 where n_f = 0. Largest remainders (Hamilton): the floors of the quotas, raised
+    to 1, then the rows still owed go to the largest remainders, or the rows raised too many
+    come back from the most over-served fields (ties: the earlier field); plain Python
+    arithmetic, the same on every rank."""
+    n = sum(sizes)
+    quota = [k * s / n for s in sizes]
+    rows = [min(s, max(1, int(q))) if s else 0 for s, q in zip(sizes, quota)]
+    while sum(rows) < k:
+        f = max((f for f, s in enumerate(sizes) if rows[f] < s), key=lambda f: quota[f] - rows[f])
+        rows[f] += 1
+    while sum(rows) > k:
+        f = max((f for f in range(len(sizes)) if rows[f] > 1), key=lambda f: rows[f] - quota[f])
+        rows[f] -= 1
+    return rows
 
 
 def nearest(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
