@@ -24,8 +24,11 @@ def test_bench_quality_cli(tmp_path, capsys):
     assert abs(rows[("qr", 4.0)]["achieved_ratio"] - 4) < 0.1 and 0.5 < rows[("qr", 4.0)]["auc"] < 1
     assert rows[("int8", 0.0)]["achieved_ratio"] == 2.0  # dim 16: 16 B + 4 B fp16 scale/bias, 16-byte aligned = 32 B of 64
     assert rows[("qr", 100000.0)]["auc"] is None and "cannot be reached" in rows[("qr", 100000.0)]["skipped"]
+    # FIITED also as its paper counts (the kept chunks only), beside the honest ratio (every map counted)
+    assert rows[("fiited", 4.0)]["paper_ratio"] > rows[("fiited", 4.0)]["achieved_ratio"] and "paper_ratio" not in rows[("qr", 4.0)]
     assert (tmp_path / "q.png").stat().st_size > 10_000
-    assert "skipped" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "skipped" in printed and "as its paper counts" in printed
 
 
 def test_bench_speed_cli(tmp_path, capsys):

@@ -240,6 +240,30 @@ def test_config_errors_and_memory_report():
     assert capped.pool == 1000  # an id never holds more than max_chunks: the pool needs no more than v x max_chunks
 
 
+def test_memory_as_the_paper_counts_it_beside_ours():
+    """The paper counts the kept chunks only; ours adds the free pool rows, the address
+    structure and the utility state. By hand: v=40, d=16, C=2 (chunks of 8 fp32 = 32 B), P=30."""
+    t = EmbeddingBagConfig(name="t", embedding_dim=16, num_embeddings=40, feature_names=["a"])
+    u = EmbeddingBagConfig(name="u", embedding_dim=16, num_embeddings=10, feature_names=["b"])
+    m = CompressedEmbeddingBagCollection([t, u], {"t": FIITED(pool=30, chunks=2)})
+    impl = m.scheme("t")
+    assert (impl.width, impl.seen_cap) == (64, 15)  # sketch: max(64, 0.5 * 30) cells per row; seen: 30 / 2 ids
+    _assign(impl, {1: [0, 1], 5: [2], 7: [3]})  # 4 chunks kept
+    rep = m.memory_report()
+    pool = 30 * 8 * 4
+    # int32 keys + int32 slots + fp32 slot utilities (30 each), 2 x 64 fp32 sketch, 15 int32 seen ids, 4 int64 counters
+    meta = 30 * 4 + 30 * 4 + 30 * 4 + 2 * 64 * 4 + 15 * 4 + 4 * 8
+    ft = rep.tables["t"]
+    assert ft.parts == {"t__pool": pool, "t (maps)": meta} and ft.compressed_bytes == pool + meta == 1924
+    assert ft.paper_bytes == 4 * 8 * 4 == 128  # the paper: 4 kept chunks of 8 floats
+    assert ft.ratio == pytest.approx(40 * 16 * 4 / 1924) and ft.paper_ratio == pytest.approx(2560 / 128)  # 1.33x vs 20x
+    assert rep.tables["u"].paper_bytes is None and rep.tables["u"].paper_ratio is None  # uncompressed: counted the same
+    total = rep.total  # the other tables count in full in the paper's total too
+    assert (total.compressed_bytes, total.paper_bytes, total.uncompressed_bytes) == (1924 + 640, 128 + 640, 2560 + 640)
+    assert "ratio as its paper counts" in str(rep) and "20.00x" in str(rep)
+    assert "paper" not in str(CompressedEmbeddingBagCollection([u]).memory_report())  # no column where no scheme has one
+
+
 def dataclasses_replace(t, **kw):
     import dataclasses
 
@@ -284,6 +308,7 @@ def test_train_cli_with_fiited_resumes_exactly(tmp_path):
     main(["train", "--config", synth, "--resume", f"out={b}", *common])
     ra = results(str(a))
     assert 0.5 < ra["epochs"][0]["eval_auc"] and ra["ratio"] > 1.1
+    assert ra["embedding_bytes"] > ra["paper_bytes"] > 0 and ra["paper_ratio"] > ra["ratio"]  # also as the paper counts (kept chunks)
     same_run(ra, results(str(b)))
     ta = final_checkpoint_tensors(str(a))
     assert_same_tensors(ta, final_checkpoint_tensors(str(b)))

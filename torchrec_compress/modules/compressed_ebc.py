@@ -436,6 +436,7 @@ class CompressedEmbeddingBagCollection(nn.Module):
                 uncompressed_bytes=t.num_embeddings * t.embedding_dim * 4,
                 parts=parts,
                 training_bytes=impl.training_bytes(),
+                paper_bytes=impl.paper_bytes(),
             )
         return MemoryReport(tables)
 

@@ -240,6 +240,12 @@ class TableScheme:
         width = _BYTES_PER_ELEMENT.get(self.table.data_type, 4)
         return sum(p.num_embeddings * p.embedding_dim * width for p in self.physical_tables())
 
+    def paper_bytes(self) -> Optional[int]:
+        """The stored bytes as the scheme's paper counts them, where that leaves out state
+        :meth:`memory_parts` counts (e.g. FIITED: its kept chunks only); None: the paper
+        counts the same. Reported beside the honest count, never instead of it."""
+        return None
+
     @property
     def name(self) -> str:
         return "none" if self.config is None else self.config.name

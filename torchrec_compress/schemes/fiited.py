@@ -43,6 +43,11 @@ keep their slot and weights, pruned chunks free theirs, newly granted chunks tak
 slots; granted and freed rows are zeroed with their optimizer state (so granting or
 admitting never changes the model's output), and utilities decay by ``decay``. Under DMP the sketch updates are averaged (as TorchRec
 averages embedding gradients) and the seen ids gathered over ranks every step, so every rank makes the same decisions.
+
+Memory is reported both ways: the honest count (``memory_report().ratio``, the primary one)
+is the whole pool plus the address structure, the utilities and the sketch, all paid from
+the budget; the paper counts the kept chunks only (:meth:`FIITEDScheme.paper_bytes`,
+``paper_ratio`` in the report, ``bench quality`` and ``train`` results).
 """
 from __future__ import annotations
 
@@ -214,6 +219,16 @@ class FIITEDScheme(TableScheme):
 
     def combine(self, parts: List[torch.Tensor], values: torch.Tensor) -> torch.Tensor:
         return torch.cat(parts, dim=1)
+
+    # ------------------------------------------------------------------ memory
+    def paper_bytes(self) -> int:
+        """Memory as the paper counts it: the chunks kept now, ``n_kept x d / C`` values of the
+        table's dtype, nothing else. The honest count (:meth:`memory_parts`, the primary one)
+        is the whole pool, rows no chunk holds included, plus our metadata: the sorted keys and
+        slots of the address structure, the kept chunks' utilities, the sketch of the pruned
+        ones, the seen-id buffer and the counters."""
+        chunk = self.table_bytes() // self.pool  # one pool row: d / C values
+        return int(self.buffers.n_kept) * chunk
 
     # ------------------------------------------------------------------ utility
     def _cells(self, keys: torch.Tensor) -> List[torch.Tensor]:

@@ -255,6 +255,8 @@ def _train(cfg: RunConfig, show: bool, resume: bool) -> Dict[str, object]:
         "ratio": report.total.ratio if report else 1.0, "training_bytes": report.total.training_bytes if report else 0,
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+    if report is not None and report.total.paper_bytes is not None:  # e.g. FIITED: also as its paper counts (kept chunks only)
+        results.update(paper_bytes=report.total.paper_bytes, paper_ratio=report.total.paper_ratio)
     if rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
         with open(os.path.join(cfg.out, "results.json"), "w") as f:
