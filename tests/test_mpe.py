@@ -1,7 +1,9 @@
-"""MPE: FBGEMM-exact fake quantization, search/choose/retrain against a plain-torch reference
-(the search's penalty included), budget, export parity (exported == QAT model), the whole
-self-driven procedure (count, group, search, choose, retrain) in a plain training loop."""
+"""MPE as in the authors' code: LSQ+ against the authors' backward, search/choose/retrain
+against a plain-torch reference (the search's penalty included), the paper's selection rule,
+the budget, retraining from the init, export (FBGEMM re-quantizes each width rounded up),
+memory both ways, the whole self-driven procedure (count, group, search, choose, retrain)."""
 import copy
+import math
 
 import pytest
 import torch
@@ -9,13 +11,14 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.models.dlrm import DLRM
 
 from torchrec_compress import MPE, CompressedEmbeddingBagCollection, compress_, fit_
-from torchrec_compress.schemes.mpe import RETRAIN
 from torchrec_compress.data.synthetic import SyntheticCriteo
 from torchrec_compress.quant import export, quantized_memory_report
-from torchrec_compress.schemes.mpe import fake_quant
+from torchrec_compress.schemes.mpe import MAP_BYTES, RETRAIN, export_bits, lsq_plus
 from torchrec_compress.testing.data import random_bags
 from torchrec_compress.testing.reference import fbgemm_stored, physical_weights, reference_forward, reference_leaves
 from torchrec_compress.train import evaluate, local_process_group, shard_for_training, train_steps
+
+K = 7  # the paper's widths 0..6
 
 
 def _tables():
@@ -23,22 +26,42 @@ def _tables():
             EmbeddingBagConfig(name="u", embedding_dim=32, num_embeddings=40, feature_names=["g"])]
 
 
-def _model(ratio=6.0, groups=8):
+def _model(ratio=10.0, groups=8, **kw):
     torch.manual_seed(0)
-    m = CompressedEmbeddingBagCollection(copy.deepcopy(_tables()), {"t": MPE(ratio=ratio, groups=groups)})
+    m = CompressedEmbeddingBagCollection(copy.deepcopy(_tables()), {"t": MPE(ratio=ratio, groups=groups, **kw)})
     with torch.no_grad():
         m.per_id.embedding_bags["t__full"].weight.mul_(20)  # trained-looking scale, not the tiny init
-        m.scheme_states()["t"].clip.fill_(0.5)  # some rows get clipped
-    fit_(m, [random_bags(_tables(), 64, seed=i).kjt() for i in range(4)])
+    fit_(m, [random_bags(_tables(), 64, seed=i).kjt() for i in range(4)])  # steps re-initialized from these rows
+    with torch.no_grad():
+        m.scheme_states()["t"].beta.copy_(torch.randn(32, generator=torch.Generator().manual_seed(3)) * 0.01)
     return m
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8, 16, 32, 0])
-def test_fake_quant_is_what_fbgemm_stores(bits):
-    w = torch.randn(50, 32) * 3
-    got = fake_quant(w, bits)
-    ref = torch.stack([fbgemm_stored(r, bits) for r in w])
-    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5 * 3)  # fp16 scale/bias rounding order
+@pytest.mark.parametrize("bits", [1, 2, 3, 6])
+def test_lsq_plus_gradients_are_the_authors_backward(bits):
+    """The authors' ``lsq_plus.backward`` written out: d w = [inside] dy; d alpha = SUM (low [below]
+    + high [above] + (round(v) - v) [inside]) dy * s; d beta = SUM_rows [outside] dy * s."""
+    g = torch.Generator().manual_seed(bits)
+    w = (torch.randn(40, 8, generator=g) * 0.3).requires_grad_()
+    alpha = torch.tensor(0.07, requires_grad=True)
+    beta = (torch.randn(8, generator=g) * 0.02).requires_grad_()
+    s = 1 / math.sqrt(2 ** (bits - 1) * w.numel())
+    out = lsq_plus(w, alpha, beta, bits, s)
+    dy = torch.randn(40, 8, generator=g)
+    (out * dy).sum().backward()
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    v = ((w - beta) / alpha).detach()
+    small, big = (v < lo).float(), (v > hi).float()
+    mid = 1 - small - big
+    torch.testing.assert_close(out, v.round().clamp(lo, hi) * alpha + beta, rtol=0, atol=1e-6)
+    torch.testing.assert_close(w.grad, mid * dy)
+    torch.testing.assert_close(alpha.grad, ((small * lo + big * hi + mid * (v.round() - v)) * dy * s).sum(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(beta.grad, ((small + big) * dy * s).sum(0), rtol=1e-5, atol=1e-7)
+
+
+def test_export_widths_round_up_to_what_fbgemm_packs():
+    assert [export_bits(b, 16) for b in (1, 2, 3, 4, 5, 6, 8, 16, 32)] == [2, 2, 4, 4, 8, 8, 8, 16, 32]
+    assert export_bits(2, 4) == 4  # 4 dims x 2 bits = 1 byte: FBGEMM packs even byte counts only
 
 
 def test_groups_follow_frequency():
@@ -58,39 +81,46 @@ def test_groups_follow_frequency():
 def test_forward_backward_match_reference(stage):
     m = _model()
     with torch.no_grad():
-        m.scheme_states()["t"].logits.copy_(torch.randn(8, 6, generator=torch.Generator().manual_seed(1)))
+        m.scheme_states()["t"].logits.copy_(torch.randn(8, K, generator=torch.Generator().manual_seed(1)) * 3e-3)
     if stage == "retrain":
         m.scheme("t").choose_()
     bags = random_bags(_tables(), 6, seed=11)
     out = m(bags.kjt()).values()
     w, maps = reference_leaves(m)
-    ref = reference_forward(_tables(), {"t": MPE(ratio=6, groups=8)}, w, bags, maps)
+    cfg = MPE(ratio=10, groups=8)
+    ref = reference_forward(_tables(), {"t": cfg}, w, bags, maps)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     g = torch.randn_like(ref)
     (out * g).sum().backward()  # the module adds the search penalty's gradient itself (training mode)
     penalty = 0.0
-    if stage == "search":  # paper: loss += penalty * max(0, E[bits/element] - target), by hand
-        impl, cfg = m.scheme("t"), MPE(ratio=6, groups=8)
-        probs = torch.softmax(maps["t"]["logits"] / cfg.temperature, dim=1)
-        eff = torch.tensor([8 * (-(-(32 * b // 8 + (4 if b <= 8 else 0)) // 16) * 16) / 32 if b else 0.0 for b in sorted(cfg.candidates)])
-        n = torch.bincount(maps["t"]["group_of"].long(), minlength=8).float()
-        expected = (probs @ eff * n).sum() / n.sum()
-        penalty = cfg.penalty * torch.relu(expected - (32 / 6 - 8 * 5 / 32))
-        assert float(penalty.detach()) > 0 and impl.penalty().item() == pytest.approx(float(penalty.detach()), rel=1e-5)
+    if stage == "search":  # paper: loss += gamma * SUM_g SUM_b p_gb b / cnt_g (on while over the budget), by hand
+        st = maps["t"]
+        probs = torch.softmax(st["logits"] / cfg.temperature, dim=1)
+        n = torch.bincount(st["group_of"].long(), minlength=8).float()
+        expected = (probs @ torch.arange(K).float() * n).sum() / n.sum()  # packed: b bits per element
+        assert float(expected.detach()) > 32 / 10 - 8 * MAP_BYTES / 32  # over the budget: the term is on
+        counts = torch.zeros(600, dtype=torch.float64)
+        for i in range(4):
+            kjt = random_bags(_tables(), 64, seed=i).kjt()
+            for f in ("f", "f2"):
+                counts.index_add_(0, kjt[f].values(), torch.ones(kjt[f].values().numel(), dtype=torch.float64))
+        cnt = torch.zeros(8, dtype=torch.float64).index_add_(0, st["group_of"].long(), counts) + 1
+        penalty = cfg.penalty * (probs * torch.arange(K).float() / (cnt / cnt.min()).float().unsqueeze(1)).sum()
+        assert m.scheme("t").penalty().item() == pytest.approx(float(penalty.detach()), rel=1e-5)
     ((ref * g).sum() + penalty).backward()
-    # looser than the forward: each row's gradient sums six straight-through mixture terms over
-    # repeated ids, accumulated in another order than the reference's loops (seen: 1.5e-4 rel)
-    torch.testing.assert_close(physical_weights(m)["t__full"].grad, w["t__full"].grad, rtol=1e-3, atol=2e-4)
-    torch.testing.assert_close(m.scheme_states()["t"].clip.grad, maps["t"]["clip"].grad, rtol=1e-3, atol=2e-4)  # same sums
-    if stage == "search":
-        torch.testing.assert_close(m.scheme_states()["t"].logits.grad, maps["t"]["logits"].grad, rtol=1e-3, atol=2e-4)
+    # looser than the forward: each row's gradient sums straight-through mixture terms over
+    # repeated ids, accumulated in another order than the reference's loops
+    tol = dict(rtol=1e-3, atol=2e-4)
+    torch.testing.assert_close(physical_weights(m)["t__full"].grad, w["t__full"].grad, **tol)
+    for name in ("alpha", "beta") + (("logits",) if stage == "search" else ()):  # retraining: the logits are fixed
+        torch.testing.assert_close(m.scheme_states()["t"].get_parameter(name).grad, maps["t"][name].grad, **tol)
 
 
 def test_penalty_pushes_precision_down_and_choice_meets_budget():
     m = _model(ratio=8)
     impl = m.scheme("t")
     before = impl.expected_bits().item()
-    opt = torch.optim.SGD([m.scheme_states()["t"].logits], lr=1.0)
+    opt = torch.optim.SGD([m.scheme_states()["t"].logits], lr=1e-3)
     for _ in range(20):
         opt.zero_grad()
         impl.penalty().backward()
@@ -99,32 +129,87 @@ def test_penalty_pushes_precision_down_and_choice_meets_budget():
     chosen = impl.choose_()
     assert sum(chosen.values()) == 600
     rep = m.memory_report().tables["t"]
-    assert rep.ratio >= 8.0  # rows at their FBGEMM row sizes + the 5 B/id map fit 1/8 of fp32
+    assert rep.ratio >= 8.0  # packed rows + the 5 B/id map + steps and offsets fit 1/8 of fp32
     assert impl.penalty().item() == 0.0  # retraining: no penalty
 
 
-def test_finalize_export_equals_qat_model_and_memory_report():
+def test_penalty_is_off_within_the_budget():
+    m = _model(ratio=4)  # 8 bits per element - 1.25 for the map: uniform widths 0..6 average 3, within
+    assert m.scheme("t").penalty().item() == 0.0
+
+
+def test_selection_is_the_largest_width_with_probability_at_least_one_over_2k():
+    m = _model(ratio=1.0)  # no budget pressure: the paper's rule alone
+    tau = m.scheme("t").config.temperature
+    p = torch.full((8, K), 0.02, dtype=torch.float64)
+    p[1, 5], p[3, 3] = 0.1, 0.0714
+    main = [6, 2, 0, 1, 4, 4, 4, 4]  # each group's most likely width takes the rest of its mass
+    for g, k in enumerate(main):
+        p[g, k] = 0
+        p[g, k] = 1 - p[g].sum()
+    with torch.no_grad():
+        m.scheme_states()["t"].logits.copy_((p.log() * tau).float())
+    m.scheme("t").choose_()
+    # 1/(2K) = 0.0714...: group 3's width 3 sits just below it (0.0714 < 1/14), group 1's 5 above (0.1)
+    assert m.scheme_states()["t"].bits.tolist() == [6, 5, 0, 1, 4, 4, 4, 4]
+
+
+def test_retrain_restarts_rows_from_the_init_and_keeps_steps():
+    tables = copy.deepcopy(_tables())
+    m = CompressedEmbeddingBagCollection(tables, {"t": MPE(ratio=8, groups=8, fit_steps=2, search_steps=2, seed=5)})
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    for i in range(4):  # 2 steps counted, 2 searched
+        opt.zero_grad()
+        m(random_bags(_tables(), 16, seed=i).kjt()).values().pow(2).sum().backward()
+        opt.step()
+    alpha = m.scheme_states()["t"].alpha.detach().clone()
+    m(random_bags(_tables(), 16, seed=4).kjt())  # the choice runs before this step's lookup
+    impl = m.scheme("t")
+    assert impl.stage == RETRAIN
+    lo, hi = tables[0].get_weight_init_min(), tables[0].get_weight_init_max()
+    init = torch.rand(600, 32, generator=torch.Generator().manual_seed(5 * 1_000_003 + 17)) * (hi - lo) + lo
+    torch.testing.assert_close(physical_weights(m)["t__full"].detach(), init, rtol=0, atol=0)  # redrawn at the choice
+    assert torch.equal(m.scheme_states()["t"].alpha.detach(), alpha)  # the search's steps carry over
+
+
+def test_export_is_fbgemm_at_the_rounded_up_width_and_memory_both_ways():
     m = _model(ratio=4)
-    with torch.no_grad():  # frequent groups prefer high precision, rare ones low (candidates 0,2,4,8,16,32)
-        prefer = torch.tensor([5, 4, 3, 3, 2, 2, 1, 1])
-        m.scheme_states()["t"].logits.copy_(torch.nn.functional.one_hot(prefer, 6).float() * 3)
+    with torch.no_grad():  # frequent groups prefer many bits, rare ones few (candidates 0..6)
+        prefer = torch.tensor([6, 5, 4, 3, 2, 1, 1, 0])
+        m.scheme_states()["t"].logits.copy_(torch.nn.functional.one_hot(prefer, K).float())
     chosen = m.scheme("t").choose_()
-    assert len([b for b in chosen if b]) >= 2  # really mixed
+    assert len([b for b in chosen if b]) >= 4  # really mixed
     kjt = random_bags(_tables(), 16, seed=5).kjt()
-    qat = m(kjt).values()
-    q = export(m, {"u": "fp32"})  # MPE deploys one table per chosen precision
-    kinds = {c.name: c.data_type.name for c in q.pooled.embedding_bag_configs()}
-    assert {kinds[f"t__b{b}"] for b in chosen if b} <= {"INT2", "INT4", "INT8", "FP16", "FP32"}
-    # the exported FBGEMM tables return exactly what quantization-aware training saw
-    torch.testing.assert_close(q(kjt).values(), qat, rtol=0, atol=1e-5)
-    assert quantized_memory_report(q).tables["t"].compressed_bytes == m.memory_report().tables["t"].compressed_bytes
+    q = export(m, {"u": "fp32"})  # one FBGEMM table per export width
+    kinds = {c.name: c.data_type.name for inner in (q.pooled, q.per_id) if inner is not None for c in inner.embedding_bag_configs()}
+    assert {k for k in kinds if k.startswith("t__")} == {"t__b2", "t__b4", "t__b8"}
+    assert (kinds["t__b2"], kinds["t__b4"], kinds["t__b8"]) == ("INT2", "INT4", "INT8")
+    # reference: every id's LSQ+ row at its width, then stored by FBGEMM at the width rounded up
+    impl = m.scheme("t")
+    rows = impl.quantized_rows(physical_weights(m)["t__full"].detach())
+    bits = impl.chosen_bits()
+    stored = torch.stack([fbgemm_stored(rows[x], export_bits(int(bits[x]), 32)) if bits[x] else torch.zeros(32) for x in range(600)])
+    got = q(kjt).to_dict()
+    for f in ("f", "f2"):
+        jt = kjt[f]
+        ref = torch.stack([stored[jt.values()[o:o + n]].sum(0) for o, n in zip(jt.offsets()[:-1].tolist(), jt.lengths().tolist())])
+        torch.testing.assert_close(got[f], ref, rtol=1e-5, atol=1e-5)
+    # memory: the paper's packed codes; + the map; what FBGEMM stores after export (scale/bias, alignment)
+    n = {b: int(c) for b, c in chosen.items()}
+    packed = sum(c * math.ceil(32 * b / 8) for b, c in n.items())
+    assert impl.paper_bytes() == packed
+    trained = m.memory_report().tables["t"].compressed_bytes
+    assert trained == packed + 600 * MAP_BYTES + 4 * (K + 32)
+    fbgemm = sum(c * {2: 16, 4: 32, 8: 48}[export_bits(b, 32)] for b, c in n.items() if b)  # 8/16/32 data bytes + 4, to 16
+    exported = quantized_memory_report(q).tables["t"].compressed_bytes
+    assert exported >= fbgemm + 600 * MAP_BYTES and exported > trained
 
 
 def test_mpe_errors():
     with pytest.raises(ValueError, match="at most 256"):
         MPE(ratio=4, groups=300)
     with pytest.raises(ValueError, match="candidates"):
-        MPE(ratio=4, candidates=(3,))
+        MPE(ratio=4, candidates=(7,))
     with pytest.raises(ValueError, match=r"id map takes 5.00 bits per element"):
         CompressedEmbeddingBagCollection(_tables()[:1] and [EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=100)], {"t": MPE(ratio=16)})
     with pytest.warns(UserWarning, match=r"table 't': MPE has not finished its procedure"):

@@ -71,14 +71,14 @@ def bench_inference(max_rows: int = 1_000_000, dim: int = 64, batch: int = 2048,
     variants["ours int8/int4"] = export(plain, mixed)
 
     big = [t.name for t in tables if t.num_embeddings >= big_rows]
-    mpe = CompressedEmbeddingBagCollection(tables, {n: MPE(target_bits=32.0, groups=10) for n in big}, validate=False)
+    widths = (0, 2, 4, 8)  # the FBGEMM widths, so that the rule below is what is exported
+    mpe = CompressedEmbeddingBagCollection(tables, {n: MPE(target_bits=32.0, groups=10, candidates=widths) for n in big}, validate=False)
     mpe.load_state_dict({f"pooled.{k}": v for k, v in ebc.state_dict().items() if k.split(".")[1] not in big}, strict=False)
     for n in big:
         mpe.per_id.embedding_bags[f"{n}__full"].weight.copy_(ebc.embedding_bags[n].weight)
-        mpe.scheme_states()[n].clip.fill_(1.0)
         # frequency rule: top 10% of ids int8, next 40% int4, next 30% int2, rarest 20% dropped
-        rule = torch.tensor([3] + [2] * 4 + [1] * 3 + [0] * 2)  # candidate index over (0, 2, 4, 8, 16, 32)
-        mpe.scheme_states()[n].logits.copy_(torch.nn.functional.one_hot(rule, 6).float())
+        rule = torch.tensor([3] + [2] * 4 + [1] * 3 + [0] * 2)  # candidate index over the widths
+        mpe.scheme_states()[n].logits.copy_(torch.nn.functional.one_hot(rule, len(widths)).float())
     fit_(mpe, data)  # groups from the benchmark's own id counts
     for n in big:
         mpe.scheme(n).choose_()

@@ -1,26 +1,45 @@
-"""MPE, mixed-precision embeddings (Wang et al., arXiv 2409.20305).
+"""MPE, mixed-precision embeddings (Wang et al., arXiv 2409.20305), as in the authors' code
+(github.com/Leopold1423/mpe, ``OptFP_Embedding`` and ``Trainer_OptFP``).
 
-Ids are grouped by frequency rank into G groups (group 0 = most frequent). Each group
-learns a distribution over precisions {0 (dropped), 2, 4, 8, 16, 32 bits}; training runs
-on the full fp32 table with *fake* quantization that is exactly what FBGEMM's inference
-tables store (row-wise asymmetric int-N with fp16 scale and bias, or an fp16 cast), with
-straight-through gradients and a learned per-group clipping threshold (a learned range,
-LSQ/PACT-style; FBGEMM's own row-wise scale is min/max, so the learned quantity is the
-clip). The phases run by themselves while training, from step counts in the config:
+Ids are grouped by frequency rank into G equal groups (group 0 = the most frequent). Each
+group g learns a distribution over bit widths b in {0 (row dropped), 1, ..., 6}; the table
+is quantized with LSQ+ (Bhalgat et al. 2020): one learned step alpha_b per width (shared by
+the table) and one learned offset beta [d] per dim,
+
+    Q_b(w) = clamp(round((w - beta) / alpha_b), -2^(b-1), 2^(b-1) - 1) * alpha_b + beta
+
+(straight-through for w; LSQ's gradients, scaled by 1 / sqrt(2^(b-1) v d), for alpha_b and
+beta). The phases run by themselves while training, from step counts in the config:
 
 0. count (``fit_steps``): fp32 training while the ids are counted (summed over ranks); then
-   ids are grouped by frequency rank (G equal groups, group 0 the most frequent);
-1. search (``search_steps``): e(x) = SUM_p softmax(a_g / T)_p Q_p(clip_g(E[x])), loss +=
-   penalty * max(0, E[bits/element] - target) with E over the ids' groups (memory is per
-   id); the penalty's gradient is added in backward, so no training loop needs to know;
-2. choose: nearest candidate to each group's expected precision, then the least valued
-   groups are lowered until the budget holds;
-3. retrain (QAT): e(x) = Q_{bits_g}(clip_g(E[x])) for the rest of training;
-4. export (``quant.export``): one FBGEMM table per chosen precision (``inference``).
+   ids are grouped by frequency rank. (The paper counts offline, before training; counting
+   while training is ours, so that no pass over the data is needed before the first step.)
+1. search (``search_steps``): e(x) = SUM_b softmax(gamma_g / tau)_b Q_b(E[x]) (b = 0 adds
+   nothing), and loss += penalty * SUM_g SUM_b p_gb * b / cnt_g, cnt_g = the group's counted
+   accesses over the rarest group's (rare groups pay most). The term's gradient is added in
+   backward, so no training loop needs to know. Ours: the term is switched off while the
+   expected bits are within the budget (``ratio``/``target_bits``; the paper has no budget,
+   its weight alone sets the bits), so the search aims at the budget instead of below it.
+2. choose: per group the largest width whose probability is >= 1 / (2K) (the paper's
+   ``get_bit``). Ours: while over the budget, the least accessed group above its floor
+   drops one width (the most frequent group is never dropped).
+3. retrain: e(x) = Q_{b_g}(E[x]) for the rest of training, from the search-start embedding
+   init (the paper reloads ``search-init.pt``, its random init, keeping steps, offsets and
+   the dense layers of the search): the table's rows are redrawn from its own init
+   distribution (seeded; no [v, d] copy is kept) and their optimizer state zeroed.
+4. export (``quant.export``): one FBGEMM IntNBit table per export width, each width rounded
+   up to what FBGEMM stores (1-2 -> int2, 3-4 -> int4, 5-8 -> int8): its row-wise scale and
+   bias re-quantize the LSQ+ rows (``export_bits``; the cost is measured in BENCHMARKS.md).
+
+Memory (``memory_parts``): the paper's count, b bits per element packed (alpha, beta and the
+group logits are a few floats per table), plus the deployed id -> (width table, row) map,
+``MAP_BYTES`` per id, which the paper does not count. We keep the map (ids are not re-indexed
+by frequency); ``paper_bytes`` gives the count without it.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -31,56 +50,78 @@ from .base import PhysicalTable, TableAccess, uniform_init
 from .lifecycle import Scheduled
 from .mixed_precision import MixedPrecision
 
-CANDIDATES: Tuple[int, ...] = (0, 2, 4, 8, 16, 32)
+CANDIDATES: Tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 8, 16, 32)  # widths MPE can learn
+DEFAULT_CANDIDATES: Tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6)  # the paper's "0123456"
+FBGEMM_BITS: Tuple[int, ...] = (2, 4, 8, 16, 32)  # widths FBGEMM's inference tables store
 ROW_ALIGNMENT = 16  # bytes; torchrec.quant's default row alignment of IntNBit tables
-MAP_BYTES = 5  # deployed id -> (uint8 table, int32 row) map
+MAP_BYTES = 5  # deployed id -> (uint8 width table, int32 row) map
 COUNT, SEARCH, RETRAIN = 0, 1, 2
 
 
-def row_bytes(bits: int, dim: int) -> int:
-    """Bytes FBGEMM's IntNBit table stores per row: data, fp16 scale+bias for int types, alignment."""
+def packed_row_bytes(bits: int, dim: int) -> int:
+    """Bytes of one row of ``dim`` ``bits``-bit codes, packed (the paper's count)."""
+    return math.ceil(dim * bits / 8)
+
+
+def export_bits(bits: int, dim: int) -> int:
+    """The FBGEMM width a ``bits``-bit row is exported at: the smallest stored width >= bits
+    whose ``dim`` codes pack into a whole, even number of bytes (FBGEMM's row-wise layout)."""
+    return next(w for w in FBGEMM_BITS if w >= bits and (w >= 16 or (dim * w % 8 == 0 and dim * w // 8 % 2 == 0)))
+
+
+def fbgemm_row_bytes(bits: int, dim: int) -> int:
+    """Bytes FBGEMM's IntNBit table stores per row at width ``bits`` (scale+bias, alignment)."""
     if bits == 0:
         return 0
     raw = dim * bits // 8 + (4 if bits <= 8 else 0)
     return -(-raw // ROW_ALIGNMENT) * ROW_ALIGNMENT
 
 
-def fake_quant(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """What FBGEMM stores for rows ``w [N, d]`` at ``bits``, with straight-through gradients."""
+def levels(bits: int) -> int:
+    """2^(b-1): LSQ+'s signed code range is [-levels, levels - 1]."""
+    return 2 ** (bits - 1)
+
+
+def grad_scaled(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``x`` forward; its gradient times ``scale`` backward (LSQ's step-size gradient scale)."""
+    return x * scale + (x - x * scale).detach()
+
+
+def lsq_plus(w: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, bits: int, grad_scale: float) -> torch.Tensor:
+    """Q_b(w) for rows ``w [N, d]``, step ``alpha`` (0-dim, > 0), offset ``beta [d]``.
+
+    Straight-through for ``w`` inside the range; d/d alpha = round(v) - v inside, the
+    clamped code outside; d/d beta = 1 outside, 0 inside (the authors' ``lsq_plus``
+    backward), both times ``grad_scale``. 16 bits: the fp16 cast; 32: ``w``; 0: zeros."""
     if bits == 32:
         return w
+    if bits == 16:
+        return w + (w.half().float() - w).detach()
     if bits == 0:
         return torch.zeros_like(w)
-    if bits == 16:
-        q = w.half().float()
-    else:  # row-wise asymmetric: code = round((w - min) / scale), scale = (max - min) / (2^b - 1)
-        # step by step as FBGEMM's FloatOrHalfToFusedNBitRowwiseQuantizedSBHalf: the fp16 min can
-        # round above the max (e.g. a constant, fully clipped row), which gives a negative scale
-        lo = w.min(dim=1, keepdim=True).values.half().float()
-        rng = w.max(dim=1, keepdim=True).values - lo
-        one = torch.ones_like(rng)
-        scale = torch.where(rng == 0, one, rng / (2**bits - 1)).half().float()
-        scale = torch.where(scale == 0, one, scale)
-        inv = 1.0 / scale
-        scale, inv = torch.where(inv.isinf(), one, scale), torch.where(inv.isinf(), one, inv)
-        q = ((w - lo) * inv).round().clamp(0, 2**bits - 1) * scale + lo
-    return w + (q - w).detach()
+    a, b = grad_scaled(alpha, grad_scale), grad_scaled(beta, grad_scale)
+    v = ((w - b) / a).clamp(-levels(bits), levels(bits) - 1)  # clamped before rounding, as the authors' mask
+    return (v + (v.round() - v).detach()) * a + b
 
 
 @dataclasses.dataclass(frozen=True)
 class MPE(SchemeConfig):
-    """``MPE(ratio=16)`` or ``MPE(target_bits=2.0)`` (bits per element incl. row overheads);
-    ``groups`` G (<= 256), ``penalty`` weight of the expected-bits term, ``temperature`` of
-    the precision softmax."""
+    """``MPE(ratio=16)`` or ``MPE(target_bits=2.0)`` (stored bits per element, the id map
+    included); ``groups`` G (<= 256; the paper's g = 128), ``penalty`` the weight of the bit
+    regularizer (the paper's gamma), ``temperature`` tau of the width softmax (the paper's
+    3e-3), ``candidates`` the widths (the paper's 0..6)."""
 
     target_bits: Optional[float] = None
-    groups: int = 32
-    penalty: float = 0.1
-    temperature: float = 1.0
-    candidates: Tuple[int, ...] = CANDIDATES
+    groups: int = 128
+    penalty: float = 3e-4
+    temperature: float = 3e-3
+    candidates: Tuple[int, ...] = DEFAULT_CANDIDATES
     seed: int = 0
     fit_steps: int = 50  # fp32 training steps whose ids are counted, then grouped (0: groups from fit_)
-    search_steps: int = 50  # steps of the precision search; retraining (QAT) after them
+    search_steps: int = 50  # steps of the width search; retraining after them
+    # "init": retrain from the rows' init (the paper; give retraining the steps of a whole
+    # training); "search" (ours, for short schedules): retrain from the searched rows
+    retrain_from: str = "init"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -91,41 +132,51 @@ class MPE(SchemeConfig):
         if self.target_bits is not None and not 0 < self.target_bits <= 32:
             raise ValueError(f"MPE: target_bits must be in (0, 32], got {self.target_bits!r}")
         bad = [c for c in self.candidates if c not in CANDIDATES]
-        if bad or not self.candidates:
-            raise ValueError(f"MPE: candidates {self.candidates!r} must be a non-empty subset of {CANDIDATES}")
+        if bad or not self.candidates or len(set(self.candidates)) != len(self.candidates):
+            raise ValueError(f"MPE: candidates {self.candidates!r} must be distinct widths from {CANDIDATES}")
         if self.penalty < 0 or self.temperature <= 0:
             raise ValueError(f"MPE: penalty must be >= 0 and temperature > 0, got {self.penalty!r}, {self.temperature!r}")
         _check_steps("MPE", "fit_steps", self.fit_steps)
         _check_steps("MPE", "search_steps", self.search_steps)
+        if self.retrain_from not in ("init", "search"):
+            raise ValueError(f"MPE: retrain_from must be 'init' or 'search', got {self.retrain_from!r}")
 
 
 @register_scheme(MPE)
 class MPEScheme(Scheduled):
     presets = {"mpe": lambda r, d: MPE(ratio=r)}
     per_value = True
-    training_buffers = ("counts", "steps")
+    training_buffers = ("counts", "steps", "stage", "group_weight")
     FITTED = RETRAIN
     STAGES = ("counting", "searching", "retraining")
-    parameter_lr_scale = 10.0  # the logits' and clips' gradient is a small share of the loss's
+    parameter_lr_scale = 10.0  # the logits' and steps' gradient is a small share of the loss's
     _penalize = False  # set by each training step: the search penalty's gradient is still to be added
 
     def __init__(self, table, config: MPE) -> None:
         super().__init__(table, config)
         self.G = min(config.groups, table.num_embeddings)
         self.candidates = tuple(sorted(config.candidates))
+        d = table.embedding_dim
         self.target = config.target_bits if config.target_bits is not None else 32.0 / config.ratio
-        # the deployed id -> (table, row) map costs MAP_BYTES per id; the rows get the rest
-        self.row_target = self.target - 8 * MAP_BYTES / table.embedding_dim
+        # the deployed id -> (table, row) map costs MAP_BYTES per id, steps and offsets a few
+        # floats per table; the rows get the rest
+        v = table.num_embeddings
+        self.row_target = self.target - 8 * (MAP_BYTES * v + self._param_bytes()) / (v * d)
         cheapest = min(self.eff_bits(b) for b in self.candidates)
         if self.row_target < cheapest:
             raise self._too_small(
-                f"the id map takes {8 * MAP_BYTES / table.embedding_dim:.2f} bits per element and the cheapest "
+                f"the id map takes {8 * MAP_BYTES / d:.2f} bits per element and the cheapest "
                 f"candidate {cheapest:.2f}; the budget is {self.target:.2f}"
             )
+        # LSQ's gradient scale of each width's step: 1 / sqrt(2^(b-1) * elements of the table)
+        self.grad_scales = [1.0 / math.sqrt(levels(b) * table.num_embeddings * d) if 0 < b <= 8 else 1.0 for b in self.candidates]
+
+    def _param_bytes(self) -> int:
+        return 4 * (len(self.candidates) + self.table.embedding_dim)  # alpha [K], beta [d] (fp32)
 
     def eff_bits(self, bits: int) -> float:
-        """Stored bits per element at ``bits``, FBGEMM's scale/bias and alignment included."""
-        return 8 * row_bytes(bits, self.table.embedding_dim) / self.table.embedding_dim
+        """Stored bits per element of a ``bits``-bit row (packed codes)."""
+        return 8 * packed_row_bytes(bits, self.table.embedding_dim) / self.table.embedding_dim
 
     # --- state ---------------------------------------------------------------------------
     def initial_buffers(self) -> Dict[str, torch.Tensor]:
@@ -133,6 +184,7 @@ class MPEScheme(Scheduled):
         return {
             **self.lifecycle_buffers(),
             "group_of": universal_hash(ids, self.G, self.config.seed).to(torch.uint8),  # until fitted
+            "group_weight": torch.ones(self.G),  # 1 / cnt_g of the penalty, set when grouped
             "bits": torch.full((self.G,), max(self.candidates), dtype=torch.int8),
             "stage": torch.tensor(COUNT if self.config.fit_steps else SEARCH, dtype=torch.int8),
         }
@@ -144,11 +196,24 @@ class MPEScheme(Scheduled):
     def events(self) -> List[int]:
         return sorted({self.config.fit_steps, self.config.fit_steps + self.config.search_steps} - {0})
 
+    def _init_abs_mean(self) -> float:
+        """E|w| of the table's uniform init [lo, hi]."""
+        lo, hi = self.table.get_weight_init_min(), self.table.get_weight_init_max()
+        if hi <= lo:
+            return abs(lo)
+        if lo >= 0 or hi <= 0:
+            return abs(lo + hi) / 2
+        return (lo * lo + hi * hi) / (2 * (hi - lo))
+
+    def _steps_for(self, abs_mean: float) -> torch.Tensor:
+        """LSQ's step init per width: 2 E|w| / sqrt(2^(b-1)) (unused for 0, 16, 32 bits: 1)."""
+        return torch.tensor([2 * abs_mean / math.sqrt(levels(b)) if 0 < b <= 8 else 1.0 for b in self.candidates])
+
     def initial_parameters(self) -> Dict[str, torch.Tensor]:
-        bound = 4 * max(abs(self.table.get_weight_init_min()), abs(self.table.get_weight_init_max()))
         return {
-            "logits": torch.zeros(self.G, len(self.candidates)),
-            "clip": torch.full((self.G,), bound),
+            "logits": torch.zeros(self.G, len(self.candidates)),  # gamma [G, K]
+            "alpha": self._steps_for(max(self._init_abs_mean(), 1e-8)),  # [K]
+            "beta": torch.zeros(self.table.embedding_dim),  # [d]
         }
 
     def physical_tables(self) -> List[PhysicalTable]:
@@ -158,30 +223,36 @@ class MPEScheme(Scheduled):
     def transform(self, values: torch.Tensor) -> List[torch.Tensor]:
         return [values]
 
+    def _quantized(self, w: torch.Tensor) -> List[torch.Tensor]:
+        """Q_b(w) ``[N, d]`` for every candidate b."""
+        alpha = self.buffers.alpha.abs() + 1e-10
+        return [lsq_plus(w, alpha[k], self.buffers.beta, b, s) for k, (b, s) in enumerate(zip(self.candidates, self.grad_scales))]
+
+    def _unused(self) -> torch.Tensor:
+        # DDP's static graph wants every parameter in every step
+        b = self.buffers
+        return 0.0 * (b.logits.sum() + b.alpha.sum() + b.beta.sum())
+
     def combine(self, parts: List[torch.Tensor], values: torch.Tensor) -> torch.Tensor:
-        """``[N, d]`` fp32 rows -> ``[N, d]`` fake-quantized rows (mixture while searching)."""
+        """``[N, d]`` fp32 rows -> ``[N, d]`` quantized rows (the width mixture while searching)."""
         w = parts[0]
         stage = int(self.buffers.stage)
         if stage == COUNT:  # plain fp32 training while the ids are counted
-            return w + 0.0 * (self.buffers.logits.sum() + self.buffers.clip.sum())
+            return w + self._unused()
         g = self.buffers.group_of[values].long()
-        c = self.buffers.clip.abs()[g].unsqueeze(1)
-        w = torch.maximum(torch.minimum(w, c), -c)
         if stage == SEARCH:
-            probs = torch.softmax(self.buffers.logits[g] / self.config.temperature, dim=1)  # [N, P]
-            out = sum(probs[:, k:k + 1] * fake_quant(w, b) for k, b in enumerate(self.candidates))
+            probs = torch.softmax(self.buffers.logits[g] / self.config.temperature, dim=1)  # [N, K]
+            out = sum(probs[:, k:k + 1] * q for k, q in enumerate(self._quantized(w)) if self.candidates[k])
+            out = out + self._unused() if torch.is_tensor(out) else torch.zeros_like(w) + self._unused()
             if self._penalize and torch.is_grad_enabled() and out.requires_grad:
                 self._penalize = False  # once per training step, whatever the number of features
                 out = _AddToLoss.apply(out, self.penalty())
             return out
         bits = self.buffers.bits[g].long()
-        # logits are fixed now (and clip unused when every id here is dropped), but DDP's
-        # static graph wants every parameter in every step
-        out = torch.zeros_like(w) + 0.0 * (self.buffers.logits.sum() + self.buffers.clip.sum())
-        for b in self.candidates:
-            m = bits == b
-            if bool(m.any()):
-                out = torch.where(m.unsqueeze(1), fake_quant(w, b), out)
+        out = torch.zeros_like(w) + self._unused()
+        for b, q in zip(self.candidates, self._quantized(w)):
+            if b:
+                out = torch.where((bits == b).unsqueeze(1), q, out)
         return out
 
     # --- memory ----------------------------------------------------------------------------
@@ -195,17 +266,22 @@ class MPEScheme(Scheduled):
         return super().training_bytes() + self.table.num_embeddings * self.table.embedding_dim * 4
 
     def expected_bits(self) -> torch.Tensor:
-        """Differentiable E[stored bits per element] under the current precision distribution."""
+        """Differentiable E[stored bits per element of the rows] under the width distribution."""
         probs = torch.softmax(self.buffers.logits / self.config.temperature, dim=1)
         eff = torch.tensor([self.eff_bits(b) for b in self.candidates], device=probs.device)
         n = self.group_sizes().to(probs.device, probs.dtype)
         return (probs @ eff * n).sum() / n.sum()
 
     def penalty(self) -> torch.Tensor:
-        """penalty * max(0, E[bits/element] - target): the search's memory term (0 once retraining)."""
+        """penalty * SUM_g SUM_b p_gb b / cnt_g while the expected bits exceed the budget
+        (0 within it, and once retraining): the search's memory term."""
         if int(self.buffers.stage) != SEARCH:
             return torch.zeros((), device=self.buffers.logits.device)
-        return self.config.penalty * torch.relu(self.expected_bits() - self.row_target)
+        probs = torch.softmax(self.buffers.logits / self.config.temperature, dim=1)
+        bits = torch.tensor(self.candidates, dtype=probs.dtype, device=probs.device)
+        reg = (probs * bits * self.buffers.group_weight.unsqueeze(1)).sum()
+        over = (self.expected_bits() > self.row_target).to(reg.dtype)  # no host sync
+        return self.config.penalty * reg * over
 
     # --- the procedure ---------------------------------------------------------------------
     def before_combine(self, training: bool) -> None:
@@ -213,43 +289,66 @@ class MPEScheme(Scheduled):
 
     @torch.no_grad()
     def event(self, tables: TableAccess) -> Dict[str, torch.Tensor]:
-        """After counting: group the ids; after the search: choose the precisions (QAT from here)."""
+        """After counting: group the ids; after the search: choose the widths and restart the
+        rows from the init (retraining from here)."""
         stage = self.stage
         if stage == COUNT:
-            self.group_(self.counted())
+            self.group_(self.counted(), tables.read("__full"))
             if not self.config.search_steps:
-                self.choose_()
+                return self._retrain()
         elif stage == SEARCH and self._step >= self.config.fit_steps + self.config.search_steps:
-            self.choose_()
+            return self._retrain()
         return {}
+
+    def _retrain(self) -> Dict[str, torch.Tensor]:
+        self.choose_()
+        if self.config.retrain_from == "search":
+            return {}
+        return {f"{self.table.name}__full": torch.arange(self.table.num_embeddings, device=self.buffers.group_of.device)}
+
+    def reset_values(self, physical: str, rows: torch.Tensor, dim: int) -> Optional[torch.Tensor]:
+        """The retrain's embeddings: the table's own init distribution (uniform), seeded, the
+        same on every rank (the paper's search-start init)."""
+        g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + 17)
+        lo, hi = self.table.get_weight_init_min(), self.table.get_weight_init_max()
+        full = torch.rand(self.table.num_embeddings, dim, generator=g) * (hi - lo) + lo
+        return full[rows.cpu()].to(rows.device)
 
     def fit(self, counts: torch.Tensor, tables: TableAccess, embeddings: Optional[torch.Tensor] = None) -> None:
         """Groups from id ``counts [v]`` given up front; the search starts now."""
-        self.group_(counts)
+        self.group_(counts, tables.read("__full") if embeddings is None else embeddings)
 
     @torch.no_grad()
-    def group_(self, counts: torch.Tensor) -> List[int]:
+    def group_(self, counts: torch.Tensor, weights: Optional[torch.Tensor] = None) -> List[int]:
         """Group ids by frequency rank: G equal-size groups, group 0 the most frequent (ties
-        and unseen ids: lower id first). Returns the group sizes; the search starts."""
+        and unseen ids: lower id first); the penalty's 1 / cnt_g from the groups' summed
+        counts (relative to the rarest, + 1 so that unseen groups stay finite); the steps
+        re-initialized from ``weights [v, d]`` (LSQ's 2 E|w| / sqrt(2^(b-1))). Returns the
+        group sizes; the search starts."""
         v = self.table.num_embeddings
-        order = torch.sort(counts.cpu(), descending=True, stable=True).indices
+        counts = counts.cpu().to(torch.float64)
+        order = torch.sort(counts, descending=True, stable=True).indices
         group = torch.empty(v, dtype=torch.uint8)
         group[order] = (torch.arange(v) * self.G // v).to(torch.uint8)
-        self.buffers.group_of.copy_(group.to(self.buffers.group_of.device))
-        self.buffers.stage.fill_(SEARCH)
+        b = self.buffers
+        b.group_of.copy_(group.to(b.group_of.device))
+        cnt = torch.zeros(self.G, dtype=torch.float64).index_add_(0, group.long(), counts) + 1
+        b.group_weight.copy_((cnt.min() / cnt).to(b.group_weight.dtype).to(b.group_weight.device))
+        if weights is not None:
+            b.alpha.copy_(self._steps_for(max(float(weights.detach().abs().mean()), 1e-8)).to(b.alpha.device))
+        b.stage.fill_(SEARCH)
         return self.group_sizes().tolist()
 
     @torch.no_grad()
     def choose_(self) -> Dict[int, int]:
-        """Fix each group's precision to the candidate nearest its learned expected precision
-        (SUM_p p_gp bits_p), then, while over the bit budget, lower the group with the lowest
-        expected precision (ties: the less frequent) one candidate; the most frequent group is
-        never dropped. Retraining (QAT) follows. Returns {bits: ids}."""
+        """Fix each group's width: the largest candidate whose probability is >= 1 / (2K) (the
+        paper's rule); then, while over the bit budget, the least accessed group (largest
+        1 / cnt_g; ties: the rarer) above its floor drops one candidate; the most frequent
+        group is never dropped. Retraining follows. Returns {bits: ids}."""
         cands = self.candidates
+        K = len(cands)
         probs = torch.softmax(self.buffers.logits.detach().cpu().double() / self.config.temperature, dim=1)
-        expected = probs @ torch.tensor(cands, dtype=torch.float64)  # [G] learned precision of each group
-        # the candidate nearest each group's expected precision (argmax ignores how the mass is spread)
-        pick = (expected.unsqueeze(1) - torch.tensor(cands, dtype=torch.float64)).abs().argmin(dim=1).tolist()
+        pick = [max(k for k in range(K) if probs[g, k] >= 1.0 / (2 * K)) for g in range(self.G)]  # the max prob is >= 1/K
         n = self.group_sizes().double()
         eff = torch.tensor([self.eff_bits(c) for c in cands], dtype=torch.float64)
 
@@ -259,8 +358,8 @@ class MPEScheme(Scheduled):
         floor = [0] * self.G
         floor[0] = next((k for k, c in enumerate(cands) if c > 0), 0)  # never drop the most frequent group
         pick[0] = max(pick[0], floor[0])
-        # over budget: lower the group the search valued least (ties: the less frequent) one step at a time
-        order = sorted(range(self.G), key=lambda g: (expected[g].item(), -g))
+        weight = self.buffers.group_weight.detach().cpu().tolist()
+        order = sorted(range(self.G), key=lambda g: (-weight[g], -g))  # least accessed first
         while avg() > self.row_target + 1e-9:
             lowerable = [g for g in order if pick[g] > floor[g]]
             if not lowerable:
@@ -274,62 +373,99 @@ class MPEScheme(Scheduled):
         self.buffers.stage.fill_(RETRAIN)
         return {b: int(n[bits == b].sum()) for b in cands if int(n[bits == b].sum())}
 
+    def chosen_bits(self) -> torch.Tensor:
+        """``[v]`` int64: each id's chosen width (after the choice)."""
+        return self.buffers.bits.long().cpu()[self.buffers.group_of.long().cpu()]
+
+    def quantized_rows(self, full: torch.Tensor) -> torch.Tensor:
+        """``full [v, d]`` -> Q_{b(x)}(full[x]) for every id at its chosen width (dropped: zeros)."""
+        bits = self.chosen_bits()
+        out = torch.zeros_like(full)
+        with torch.no_grad():
+            for b, q in zip(self.candidates, self._quantized(full)):
+                if b:
+                    out = torch.where((bits == b).unsqueeze(1).to(full.device), q, out)
+        return out
+
     @torch.no_grad()
     def inference(self, tables: TableAccess):
-        """Deployed: a ``MixedPrecision`` table, the clipped rows of each kept precision in
-        their own physical table (exported at that precision), dropped ids removed."""
+        """Deployed: a ``MixedPrecision`` table, the quantized rows of each export width
+        (``export_bits``: the chosen width rounded up to one FBGEMM stores) in their own
+        physical table, dropped ids removed."""
         if self.stage != RETRAIN:
             raise ValueError(f"MPE: table {self.table.name!r} has not chosen its precisions yet (stage "
                              f"{['count', 'search'][self.stage]}, step {int(self.buffers.steps)} of "
                              f"{self.config.fit_steps + self.config.search_steps}); train longer or lower fit_steps/search_steps")
-        group = self.buffers.group_of.long().cpu()
-        bits = self.buffers.bits.long().cpu()[group]  # [v]
-        kept = sorted({int(b) for b in bits.unique()} - {0})
-        full = tables.read("__full").cpu()
-        c = self.buffers.clip.detach().abs().cpu()[group].unsqueeze(1)
-        rows = torch.maximum(torch.minimum(full, c), -c)
-        v = self.table.num_embeddings
+        d, v = self.table.embedding_dim, self.table.num_embeddings
+        chosen = self.chosen_bits()
+        stored = torch.tensor([export_bits(int(b), d) if b else 0 for b in range(33)])[chosen]  # [v]
+        rows = self.quantized_rows(tables.read("__full").cpu())
+        kept = sorted({int(b) for b in stored.unique()} - {0})
         table_of = torch.full((v,), 255, dtype=torch.uint8)
         row_of = torch.zeros(v, dtype=torch.int32)
         weights = {}
         for k, b in enumerate(kept):
-            ids = (bits == b).nonzero().squeeze(1)
+            ids = (stored == b).nonzero().squeeze(1)
             table_of[ids] = k
             row_of[ids] = torch.arange(ids.numel(), dtype=torch.int32)
             weights[f"__b{b}"] = rows[ids]
-        cfg = MixedPrecision(rows_per_bits=tuple((b, int((bits == b).sum())) for b in kept))
+        cfg = MixedPrecision(rows_per_bits=tuple((b, int((stored == b).sum())) for b in kept))
         return cfg, weights, {"table_of": table_of, "row_of": row_of}
 
-    def memory_parts(self) -> Dict[str, int]:
-        """Bytes the deployed (exported) table takes at the chosen precisions, plus the maps.
-        Before the choice (and on meta) the rows' share of the budget, which the choice keeps
-        within; the fp32 table trained meanwhile is training memory (``training_bytes``)."""
+    def _row_parts(self) -> Dict[str, int]:
         d, v = self.table.embedding_dim, self.table.num_embeddings
-        parts: Dict[str, int] = {}
         if self.buffers.stage.is_meta or int(self.buffers.stage) != RETRAIN:
-            parts[f"{self.table.name} rows (budget until the precisions are chosen)"] = int(v * d * self.row_target / 8)
-        else:
-            n, bits = self.group_sizes(), self.buffers.bits.long().cpu()
-            parts.update({f"{self.table.name} {b}-bit rows": int(n[bits == b].sum()) * row_bytes(b, d) for b in self.candidates if b})
-        parts[f"{self.table.name} (maps)"] = v * MAP_BYTES
-        return parts
+            return {f"{self.table.name} rows (budget until the widths are chosen)": int(v * d * self.row_target / 8)}
+        n, bits = self.group_sizes(), self.buffers.bits.long().cpu()
+        return {f"{self.table.name} {b}-bit rows": int(n[bits == b].sum()) * packed_row_bytes(b, d) for b in self.candidates if b}
+
+    def memory_parts(self) -> Dict[str, int]:
+        """Bytes of the rows at the chosen widths (packed codes; before the choice the rows'
+        share of the budget, which the choice keeps within) plus the id map and the steps and
+        offsets. The fp32 table trained meanwhile is training memory (``training_bytes``);
+        what FBGEMM stores after export is ``quant.quantized_memory_report``."""
+        v = self.table.num_embeddings
+        return {**self._row_parts(), f"{self.table.name} (maps)": v * MAP_BYTES + self._param_bytes()}
+
+    def paper_bytes(self) -> int:
+        """The paper's count: the rows' packed codes only (no id map, no steps or offsets)."""
+        return sum(self._row_parts().values())
 
     # --- the plain-torch reference of the paper's equation (the tests compare against it) ----
     @staticmethod
     def reference(table, config, w, x: int, state) -> torch.Tensor:
-        """Count: the fp32 row; search: SUM_p softmax(a_g / T)_p Q_p(clip_g(row)); retrain: Q_{bits_g}(clip_g(row)),
-        with Q what FBGEMM's own quantize/dequantize ops store."""
+        """Count: the fp32 row; search: SUM_b softmax(gamma_g / tau)_b Q_b(row); retrain:
+        Q_{b_g}(row), with Q_b LSQ+ written out per element:
+        clamp(round((w - beta) / alpha_b), -2^(b-1), 2^(b-1) - 1) alpha_b + beta."""
         row = w[f"{table.name}__full"][x]
         if int(state["stage"]) == COUNT:
             return row
         g = int(state["group_of"][x])
-        c = state["clip"][g].abs()
-        row = torch.maximum(torch.minimum(row, c), -c)
         cands = sorted(config.candidates)
+        n = table.num_embeddings * table.embedding_dim
+
+        def q(b: int, k: int) -> torch.Tensor:
+            if b == 0:
+                return torch.zeros_like(row)
+            if b == 32:
+                return row
+            if b == 16:
+                return row + (row.half().float() - row).detach()
+            s = 1.0 / math.sqrt(2 ** (b - 1) * n) if b <= 8 else 1.0
+            alpha = state["alpha"][k].abs() + 1e-10
+            alpha = alpha * s + (alpha - alpha * s).detach()  # LSQ's gradient scale
+            beta = state["beta"] * s + (state["beta"] - state["beta"] * s).detach()
+            out = []
+            for j in range(row.numel()):
+                v = torch.clamp((row[j] - beta[j]) / alpha, -(2 ** (b - 1)), 2 ** (b - 1) - 1)
+                out.append((v + (torch.round(v) - v).detach()) * alpha + beta[j])
+            return torch.stack(out)
+
         if int(state["stage"]) == SEARCH:
             p = torch.softmax(state["logits"][g] / config.temperature, dim=0)
-            return sum(p[k] * fbgemm_stored(row, b) for k, b in enumerate(cands))
-        return fbgemm_stored(row, int(state["bits"][g]))
+            return sum((p[k] * q(b, k) for k, b in enumerate(cands)), torch.zeros_like(row))
+        b = int(state["bits"][g])
+        return q(b, cands.index(b))
 
 
 def fbgemm_stored(row: torch.Tensor, bits: int) -> torch.Tensor:
@@ -342,7 +478,7 @@ def fbgemm_stored(row: torch.Tensor, bits: int) -> torch.Tensor:
         return row.half().float()
     q = torch.ops.fbgemm.FloatOrHalfToFusedNBitRowwiseQuantizedSBHalf(row.detach().unsqueeze(0).contiguous(), bits)
     deq = torch.ops.fbgemm.FusedNBitRowwiseQuantizedSBHalfToFloat(q, bits)[0]
-    return row + (deq - row).detach()  # straight-through, as the scheme trains
+    return row + (deq - row).detach()  # straight-through
 
 
 class _AddToLoss(torch.autograd.Function):
