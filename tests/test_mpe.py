@@ -139,7 +139,7 @@ def test_penalty_is_off_within_the_budget():
 
 
 def test_selection_is_the_largest_width_with_probability_at_least_one_over_2k():
-    m = _model(ratio=1.0)  # no budget pressure: the paper's rule alone
+    m = _model(ratio=1.0, fill=False)  # no budget pressure: the paper's rule alone
     tau = m.scheme("t").config.temperature
     p = torch.full((8, K), 0.02, dtype=torch.float64)
     p[1, 5], p[3, 3] = 0.1, 0.0714
@@ -152,6 +152,19 @@ def test_selection_is_the_largest_width_with_probability_at_least_one_over_2k():
     m.scheme("t").choose_()
     # 1/(2K) = 0.0714...: group 3's width 3 sits just below it (0.0714 < 1/14), group 1's 5 above (0.1)
     assert m.scheme_states()["t"].bits.tolist() == [6, 5, 0, 1, 4, 4, 4, 4]
+
+
+def test_fill_gives_bytes_left_under_the_budget_to_the_most_accessed_groups():
+    m = _model(ratio=8)  # rows get 4 - 1.25 - (steps, offsets) = 2.73 bits per element
+    with torch.no_grad():
+        m.scheme_states()["t"].logits.copy_(torch.nn.functional.one_hot(torch.full((8,), 1), K).float())  # all 1 bit
+    m.scheme("t").choose_()
+    order = sorted(range(8), key=lambda g: -float(m.scheme_states()["t"].group_weight[g]))  # least accessed first
+    bits = m.scheme_states()["t"].bits.tolist()
+    # 8 equal groups (75 ids), 21.8 bits in all: the 5 most accessed take 6 bits... until the budget holds
+    assert sum(bits) <= 8 * 2.73 and sum(bits) + 1 > 8 * 2.73 - 1
+    assert [bits[g] for g in reversed(order)] == sorted(bits, reverse=True)  # more accessed, more bits
+    assert bits.count(1) >= 4  # the rest keep the paper's choice
 
 
 def test_retrain_restarts_rows_from_the_init_and_keeps_steps():
@@ -170,10 +183,17 @@ def test_retrain_restarts_rows_from_the_init_and_keeps_steps():
     init = torch.rand(600, 32, generator=torch.Generator().manual_seed(5 * 1_000_003 + 17)) * (hi - lo) + lo
     torch.testing.assert_close(physical_weights(m)["t__full"].detach(), init, rtol=0, atol=0)  # redrawn at the choice
     assert torch.equal(m.scheme_states()["t"].alpha.detach(), alpha)  # the search's steps carry over
+    warm = CompressedEmbeddingBagCollection(copy.deepcopy(_tables()), {"t": MPE(ratio=8, groups=8, fit_steps=1, search_steps=1,
+                                                                                  retrain_from="search")})
+    warm(random_bags(_tables(), 16, seed=0).kjt())
+    before = physical_weights(warm)["t__full"].detach().clone()
+    warm(random_bags(_tables(), 16, seed=1).kjt())
+    warm(random_bags(_tables(), 16, seed=2).kjt())  # chosen before this lookup
+    assert warm.scheme("t").stage == RETRAIN and torch.equal(physical_weights(warm)["t__full"].detach(), before)
 
 
 def test_export_is_fbgemm_at_the_rounded_up_width_and_memory_both_ways():
-    m = _model(ratio=4)
+    m = _model(ratio=4, fill=False)  # the paper's choice alone: the widths below
     with torch.no_grad():  # frequent groups prefer many bits, rare ones few (candidates 0..6)
         prefer = torch.tensor([6, 5, 4, 3, 2, 1, 1, 0])
         m.scheme_states()["t"].logits.copy_(torch.nn.functional.one_hot(prefer, K).float())
@@ -210,7 +230,7 @@ def test_mpe_errors():
         MPE(ratio=4, groups=300)
     with pytest.raises(ValueError, match="candidates"):
         MPE(ratio=4, candidates=(7,))
-    with pytest.raises(ValueError, match=r"id map takes 5.00 bits per element"):
+    with pytest.raises(ValueError, match=r"id map, steps and offsets take 5.60 bits per element"):
         CompressedEmbeddingBagCollection(_tables()[:1] and [EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=100)], {"t": MPE(ratio=16)})
     with pytest.warns(UserWarning, match=r"table 't': MPE has not finished its procedure"):
         q = export(_model())  # deployed as it is: its fp32 table
@@ -257,3 +277,34 @@ def test_memory_before_the_choice_is_the_budget_the_choice_keeps_within():
     before = fitted.memory_report().tables["t"].compressed_bytes
     fitted.scheme("t").choose_()
     assert fitted.memory_report().tables["t"].compressed_bytes <= before
+
+
+def test_ids_by_frequency_needs_no_per_id_map_and_exports_by_id_ranges():
+    """Ids numbered by frequency: groups are id ranges (x * G // v), the deployed model keeps
+    G (table, offset) entries, so 16x at dim 16 is reachable (with a per-id map it is not)."""
+    t = [EmbeddingBagConfig(name="t", embedding_dim=16, num_embeddings=640, feature_names=["f"])]
+    with pytest.raises(ValueError, match="id map, steps and offsets take 2.57"):
+        CompressedEmbeddingBagCollection(copy.deepcopy(t), {"t": MPE(ratio=16, groups=8)})
+    torch.manual_seed(0)
+    m = CompressedEmbeddingBagCollection(copy.deepcopy(t), {"t": MPE(ratio=16, groups=8, ids_by_frequency=True, fill=False)})
+    state = m.scheme_states()["t"]
+    assert torch.equal(state.group_of.long(), torch.arange(640) * 8 // 640)
+    fit_(m, [random_bags(t, 64, seed=i).kjt() for i in range(2)])  # counts weigh the penalty; the groups stay id ranges
+    assert torch.equal(state.group_of.long(), torch.arange(640) * 8 // 640)
+    with torch.no_grad():
+        m.per_id.embedding_bags["t__full"].weight.mul_(20)
+        prefer = torch.tensor([6, 4, 3, 2, 1, 1, 0, 0])
+        state.logits.copy_(torch.nn.functional.one_hot(prefer, K).float())
+    m.scheme("t").choose_()
+    rep = m.memory_report().tables["t"]
+    assert rep.ratio >= 16 and rep.parts["t (maps)"] == 9 * 8 + 4 * (K + 16)
+    q = export(m)
+    impl = m.scheme("t")
+    rows = impl.quantized_rows(physical_weights(m)["t__full"].detach())
+    bits = impl.chosen_bits()
+    stored = torch.stack([fbgemm_stored(rows[x], export_bits(int(bits[x]), 16)) if bits[x] else torch.zeros(16) for x in range(640)])
+    kjt = random_bags(t, 32, seed=7).kjt()
+    jt = kjt["f"]
+    ref = torch.stack([stored[jt.values()[o:o + n]].sum(0) for o, n in zip(jt.offsets()[:-1].tolist(), jt.lengths().tolist())])
+    torch.testing.assert_close(q(kjt).to_dict()["f"], ref, rtol=1e-5, atol=1e-5)
+    assert quantized_memory_report(q).tables["t"].parts["t (maps)"] == 9 * 8  # no per-id bytes deployed

@@ -7,7 +7,7 @@ A new scheme is one file in ``schemes/`` holding a frozen config dataclass and a
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, Optional, Type, TypeVar
+from typing import Callable, Dict, List, Optional, Type, TypeVar
 
 __all__ = ["SchemeConfig", "register_scheme", "registered_schemes", "scheme_class_for", "scheme_types"]
 
@@ -84,6 +84,12 @@ def presets() -> Dict[str, Callable[[float, int], SchemeConfig]]:
                 raise ValueError(f"benchmark preset {name!r} is declared by two schemes")
             out[name] = make
     return out
+
+
+def ranked_presets() -> List[str]:
+    """Presets that assume ids numbered by descending frequency (``TableScheme.ranked_presets``):
+    only data whose vocabularies are built by count (the CSV readers') runs them."""
+    return [n for impl in registered_schemes().values() for n in getattr(impl, "ranked_presets", ())]
 
 
 def scheme_class_for(config: SchemeConfig) -> type:

@@ -24,7 +24,7 @@ from tabulate import tabulate
 from torchrec.datasets.utils import Batch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
-from .config import SchemeConfig, presets
+from .config import SchemeConfig, presets, ranked_presets
 from .data.realistic import RealisticSynthetic
 from .data.synthetic import CRITEO_KAGGLE_CARDINALITIES, NUM_DENSE, cat_names
 from .models import build_dlrm, logical_tables
@@ -36,8 +36,9 @@ BASELINES = ("mch",)  # besides the registry's presets (md among them): TorchRec
 
 
 def default_schemes() -> List[str]:
-    """"none" (uncompressed), every registry preset (the baseline md among them), then mch."""
-    return ["none", *presets(), *BASELINES]
+    """"none" (uncompressed), every registry preset (the baseline md among them; not those that
+    assume ids numbered by frequency), then mch."""
+    return ["none", *(p for p in presets() if p not in ranked_presets()), *BASELINES]  # the generator's ids are not ranked
 META = torch.device("meta")
 CPU = torch.device("cpu")
 

@@ -27,7 +27,7 @@ from torchrec.modules.embedding_configs import DataType
 from torchrec.datasets.utils import Batch
 from tqdm import tqdm
 
-from ..config import SchemeConfig, presets
+from ..config import SchemeConfig, presets, ranked_presets
 from ..distributed.state import single_rank_full_state_dict
 from ..models import build_dlrm, logical_tables
 from ..modules.compressed_ebc import CompressedEmbeddingBagCollection
@@ -64,6 +64,7 @@ class QualityData:
     validation: Callable[[], Iterable[Batch]]  # for every choice (presets, epochs): model selection
     test: Callable[[], Iterable[Batch]]  # held out: reported, never tuned on
     split: str = ""  # how the rows were split, for the results
+    ids_by_frequency: bool = False  # ids numbered by descending train frequency (vocabularies built by count)
 
     def tables(self, dim: int) -> List[EmbeddingBagConfig]:
         return logical_tables(self.features, self.cardinalities, dim)
@@ -85,7 +86,8 @@ def ctr_data(d: "CtrData", batch_size: int = 512) -> QualityData:
     train, val, test = d.splits
     return QualityData(d.name, list(d.features), list(d.cardinalities), d.dense_in,
                        lambda e, s: train.batches(batch_size, shuffle_seed=s * 100 + e), lambda: val.batches(4096),
-                       lambda: test.batches(4096), split=f"seeded 80/10/10: train {len(train)} / validation {len(val)} / test {len(test)} rows")
+                       lambda: test.batches(4096), split=f"seeded 80/10/10: train {len(train)} / validation {len(val)} / test {len(test)} rows",
+                       ids_by_frequency=True)  # build_vocabulary numbers ids by train frequency
 
 
 def avazu_data(path: str, batch_size: int = 128) -> QualityData:
@@ -162,6 +164,8 @@ def run_one(data: QualityData, scheme: str, ratio: float, seed: int, epochs: int
     as under ``torchrec-compress train``. Raises ValueError when the scheme cannot reach
     ``ratio`` on these tables."""
     big = [f"t_{f}" for f, v in zip(data.features, data.cardinalities) if v >= min_rows]
+    if scheme in ranked_presets() and not data.ids_by_frequency:
+        raise ValueError(f"{scheme} assumes ids numbered by frequency; {data.name}'s are not")
     make = presets().get(scheme)
     cfg = make(ratio, dim) if make is not None else None
     schemes = {t: cfg for t in big} if cfg is not None else None

@@ -1,7 +1,8 @@
 """A table stored at several precisions: what MPE exports (one physical table per precision).
 
 Each id lives in exactly one physical table (or none: dropped ids read zeros), found
-through an id -> (table, row) map. Bags are routed raggedly: the virtual feature of the
+through an id -> (table, row) map, or, when ids are numbered by frequency (MPE's
+``ids_by_frequency``), through G-entry maps of the G id ranges. Bags are routed raggedly: the virtual feature of the
 b-bit table gets only the bag's b-bit ids, and the pooled parts add up to the bag's sum.
 ``quant.export`` stores each physical table at its own FBGEMM dtype.
 """
@@ -25,6 +26,9 @@ class MixedPrecision(SchemeConfig):
     """``rows_per_bits``: ((bits, rows), ...) of the kept precisions (built by ``quant.export`` from a trained MPE table: ``MPEScheme.inference``)."""
 
     rows_per_bits: Tuple[Tuple[int, int], ...] = ()
+    # G > 0: ids are numbered by frequency and grouped in G equal id ranges (group x * G // v),
+    # each range stored contiguously in one table: G-entry maps instead of per-id ones
+    ranked_groups: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -32,6 +36,8 @@ class MixedPrecision(SchemeConfig):
             raise ValueError("MixedPrecision is built by export from a trained MPE table; it takes no ratio")
         if not self.rows_per_bits:
             raise ValueError("MixedPrecision: every id is dropped; keep at least one precision")
+        if not isinstance(self.ranked_groups, int) or not 0 <= self.ranked_groups <= 256:
+            raise ValueError(f"MixedPrecision: ranked_groups must be an int in [0, 256], got {self.ranked_groups!r}")
         for bits, rows in self.rows_per_bits:
             if bits not in EXPORT_DTYPE or not isinstance(rows, int) or rows <= 0:
                 raise ValueError(f"MixedPrecision: ({bits}, {rows}) needs bits in {sorted(EXPORT_DTYPE)} and rows > 0")
@@ -43,6 +49,9 @@ class MixedPrecisionScheme(TableScheme):
     ragged = True
 
     def initial_buffers(self) -> Dict[str, torch.Tensor]:
+        G = self.config.ranked_groups
+        if G:  # group g -> (table, row of the group's first id minus that id)
+            return {"table_of": torch.full((G,), DROPPED, dtype=torch.uint8), "row_offset": torch.zeros(G, dtype=torch.int64)}
         v = self.table.num_embeddings
         return {"table_of": torch.full((v,), DROPPED, dtype=torch.uint8), "row_of": torch.zeros(v, dtype=torch.int32)}
 
@@ -55,8 +64,12 @@ class MixedPrecisionScheme(TableScheme):
     def route(self, jt: JaggedTensor) -> List[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
         """Per kept precision k: (rows of the bag's ids stored at k, per-bag counts, weights)."""
         values = jt.values()
-        table = self.buffers.table_of[values]
-        rows = self.buffers.row_of[values].long()
+        G = self.config.ranked_groups
+        if G:
+            g = values.long() * G // self.table.num_embeddings
+            table, rows = self.buffers.table_of[g], values.long() + self.buffers.row_offset[g]
+        else:
+            table, rows = self.buffers.table_of[values], self.buffers.row_of[values].long()
         return ragged_parts(jt, rows, [table == k for k in range(len(self.config.rows_per_bits))])
 
     def combine(self, parts: List[torch.Tensor], values: torch.Tensor) -> torch.Tensor:
