@@ -57,6 +57,14 @@ def uniform_init(table: EmbeddingBagConfig) -> Callable[[torch.Tensor], torch.Te
     return partial(torch.nn.init.uniform_, a=table.get_weight_init_min(), b=table.get_weight_init_max())
 
 
+def uniform_draw(table: EmbeddingBagConfig, rows: int, dim: int, seed: int) -> torch.Tensor:
+    """``[rows, dim]`` drawn like the table's init (uniform over its range), from ``seed``: the
+    same on every rank (rows an event restarts: FIITED's fresh chunks, MPE's retraining)."""
+    g = torch.Generator().manual_seed(seed % 2**63)
+    lo, hi = table.get_weight_init_min(), table.get_weight_init_max()
+    return torch.rand(rows, dim, generator=g) * (hi - lo) + lo
+
+
 def constant_init(value: float) -> Callable[[torch.Tensor], torch.Tensor]:
     return partial(torch.nn.init.constant_, val=value)
 

@@ -63,7 +63,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor
 from ..config import SchemeConfig, _check_positive_int, register_scheme
 from ..ops import universal_hash
 from ..distributed.collectives import all_gather_ids
-from .base import PhysicalTable, TableScheme, bag_index, constant_init, ragged_parts, uniform_init
+from .base import PhysicalTable, TableScheme, bag_index, constant_init, ragged_parts, uniform_draw, uniform_init
 
 SKETCH_DEPTH = 2
 MIN_SKETCH_WIDTH = 64
@@ -414,9 +414,7 @@ class FIITEDScheme(TableScheme):
         the same on every rank (seeded by the config's seed and the event count); else zeros."""
         if self.config.fresh_chunks == "zero":
             return None
-        g = torch.Generator().manual_seed((self.config.seed * 1_000_003 + int(self.buffers.events)) % 2**63)
-        lo, hi = self.table.get_weight_init_min(), self.table.get_weight_init_max()
-        return (torch.rand(rows.numel(), dim, generator=g) * (hi - lo) + lo).to(rows.device)
+        return uniform_draw(self.table, rows.numel(), dim, self.config.seed * 1_000_003 + int(self.buffers.events)).to(rows.device)
 
     def kept_chunks(self) -> torch.Tensor:
         """``[v]`` int64: c(x), the chunks each id keeps now."""

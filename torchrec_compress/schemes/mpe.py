@@ -50,7 +50,7 @@ import torch
 
 from ..config import SchemeConfig, _check_positive_int, _check_steps, register_scheme
 from ..ops import universal_hash
-from .base import PhysicalTable, TableAccess, uniform_init
+from .base import PhysicalTable, TableAccess, uniform_draw, uniform_init
 from .lifecycle import Scheduled
 from .mixed_precision import MixedPrecision
 
@@ -249,6 +249,14 @@ class MPEScheme(Scheduled):
         alpha = self.buffers.alpha.abs() + 1e-10
         return [lsq_plus(w, alpha[k], self.buffers.beta, b, s) for k, (b, s) in enumerate(zip(self.candidates, self.grad_scales))]
 
+    def _at_widths(self, w: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+        """Q_{bits[i]}(w[i]) for rows ``w [N, d]`` at widths ``bits [N]`` (0: zeros)."""
+        out = torch.zeros_like(w)
+        for b, q in zip(self.candidates, self._quantized(w)):
+            if b:
+                out = torch.where((bits == b).unsqueeze(1), q, out)
+        return out
+
     def _unused(self) -> torch.Tensor:
         # DDP's static graph wants every parameter in every step
         b = self.buffers
@@ -263,32 +271,30 @@ class MPEScheme(Scheduled):
         g = self.buffers.group_of[values].long()
         if stage == SEARCH:
             probs = torch.softmax(self.buffers.logits[g] / self.config.temperature, dim=1)  # [N, K]
-            out = sum(probs[:, k:k + 1] * q for k, q in enumerate(self._quantized(w)) if self.candidates[k])
-            out = out + self._unused() if torch.is_tensor(out) else torch.zeros_like(w) + self._unused()
+            out = sum((probs[:, k:k + 1] * q for k, q in enumerate(self._quantized(w)) if self.candidates[k]),
+                      torch.zeros_like(w) + self._unused())
             if self._penalize and torch.is_grad_enabled() and out.requires_grad:
                 self._penalize = False  # once per training step, whatever the number of features
                 out = _AddToLoss.apply(out, self.penalty())
             return out
-        bits = self.buffers.bits[g].long()
-        out = torch.zeros_like(w) + self._unused()
-        for b, q in zip(self.candidates, self._quantized(w)):
-            if b:
-                out = torch.where((bits == b).unsqueeze(1), q, out)
-        return out
+        return self._at_widths(w, self.buffers.bits[g].long()) + self._unused()
 
     # --- memory ----------------------------------------------------------------------------
     def group_sizes(self) -> torch.Tensor:
+        """``[G]`` ids per group, on the map's device (the search reads it every step)."""
         group = self.buffers.group_of
         if group.is_meta:  # not materialized yet: the groups are the hashed ones (equal sizes up to hashing)
             group = self.initial_buffers()["group_of"]
-        return torch.bincount(group.long().cpu(), minlength=self.G)
+        return torch.bincount(group.long(), minlength=self.G)
 
     def training_bytes(self) -> int:
         return super().training_bytes() + self.table.num_embeddings * self.table.embedding_dim * 4
 
-    def expected_bits(self) -> torch.Tensor:
-        """Differentiable E[stored bits per element of the rows] under the width distribution."""
-        probs = torch.softmax(self.buffers.logits / self.config.temperature, dim=1)
+    def expected_bits(self, probs: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Differentiable E[stored bits per element of the rows] under the width distribution
+        ``probs [G, K]`` (default: the current one)."""
+        if probs is None:
+            probs = torch.softmax(self.buffers.logits / self.config.temperature, dim=1)
         eff = torch.tensor([self.eff_bits(b) for b in self.candidates], device=probs.device)
         n = self.group_sizes().to(probs.device, probs.dtype)
         return (probs @ eff * n).sum() / n.sum()
@@ -301,7 +307,7 @@ class MPEScheme(Scheduled):
         probs = torch.softmax(self.buffers.logits / self.config.temperature, dim=1)
         bits = torch.tensor(self.candidates, dtype=probs.dtype, device=probs.device)
         reg = (probs * bits * self.buffers.group_weight.unsqueeze(1)).sum()
-        over = (self.expected_bits() > self.row_target).to(reg.dtype)  # no host sync
+        over = (self.expected_bits(probs) > self.row_target).to(reg.dtype)  # no host sync
         return self.config.penalty * reg * over
 
     # --- the procedure ---------------------------------------------------------------------
@@ -330,9 +336,7 @@ class MPEScheme(Scheduled):
     def reset_values(self, physical: str, rows: torch.Tensor, dim: int) -> Optional[torch.Tensor]:
         """The retrain's embeddings: the table's own init distribution (uniform), seeded, the
         same on every rank (the paper's search-start init)."""
-        g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + 17)
-        lo, hi = self.table.get_weight_init_min(), self.table.get_weight_init_max()
-        full = torch.rand(self.table.num_embeddings, dim, generator=g) * (hi - lo) + lo
+        full = uniform_draw(self.table, self.table.num_embeddings, dim, self.config.seed * 1_000_003 + 17)
         return full[rows.cpu()].to(rows.device)
 
     def fit(self, counts: torch.Tensor, tables: TableAccess, embeddings: Optional[torch.Tensor] = None) -> None:
@@ -358,7 +362,7 @@ class MPEScheme(Scheduled):
         if weights is not None:
             b.alpha.copy_(self._steps_for(max(float(weights.detach().abs().mean()), 1e-8)).to(b.alpha.device))
         b.stage.fill_(SEARCH)
-        return self.group_sizes().tolist()
+        return self.group_sizes().cpu().tolist()
 
     @torch.no_grad()
     def choose_(self) -> Dict[int, int]:
@@ -372,7 +376,7 @@ class MPEScheme(Scheduled):
         K = len(cands)
         probs = torch.softmax(self.buffers.logits.detach().cpu().double() / self.config.temperature, dim=1)
         pick = [max(k for k in range(K) if probs[g, k] >= 1.0 / (2 * K)) for g in range(self.G)]  # the max prob is >= 1/K
-        n = self.group_sizes().double()
+        n = self.group_sizes().cpu().double()
         eff = torch.tensor([self.eff_bits(c) for c in cands], dtype=torch.float64)
 
         def avg() -> float:
@@ -409,13 +413,8 @@ class MPEScheme(Scheduled):
 
     def quantized_rows(self, full: torch.Tensor) -> torch.Tensor:
         """``full [v, d]`` -> Q_{b(x)}(full[x]) for every id at its chosen width (dropped: zeros)."""
-        bits = self.chosen_bits()
-        out = torch.zeros_like(full)
         with torch.no_grad():
-            for b, q in zip(self.candidates, self._quantized(full)):
-                if b:
-                    out = torch.where((bits == b).unsqueeze(1).to(full.device), q, out)
-        return out
+            return self._at_widths(full, self.chosen_bits().to(full.device))
 
     @torch.no_grad()
     def inference(self, tables: TableAccess):
@@ -452,7 +451,7 @@ class MPEScheme(Scheduled):
         d, v = self.table.embedding_dim, self.table.num_embeddings
         if self.buffers.stage.is_meta or int(self.buffers.stage) != RETRAIN:
             return {f"{self.table.name} rows (budget until the widths are chosen)": int(v * d * self.row_target / 8)}
-        n, bits = self.group_sizes(), self.buffers.bits.long().cpu()
+        n, bits = self.group_sizes().cpu(), self.buffers.bits.long().cpu()
         return {f"{self.table.name} {b}-bit rows": int(n[bits == b].sum()) * packed_row_bytes(b, d) for b in self.candidates if b}
 
     def memory_parts(self) -> Dict[str, int]:
