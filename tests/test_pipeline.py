@@ -26,7 +26,7 @@ def test_pipelined_equals_plain_equals_unsharded(sharding_type):
         torch.testing.assert_close(torch.tensor(res["pipelined"]), torch.tensor(res["plain"]), rtol=1e-5, atol=1e-6)
         _compare(res["pipelined_state"], res["unsharded_state"], 1e-5)
         _compare(res["plain_state"], res["unsharded_state"], 1e-5)
-        assert res["lifecycle_fitted"] == [True, True, True]  # the procedures ran inside TrainPipelineSparseDist
+        assert res["lifecycle_fitted"] == [True, True, True, True]  # the procedures ran inside TrainPipelineSparseDist
     for t, maps in results[0]["lifecycle_maps"].items():  # ... and decided the same on both ranks
         for k, v in maps.items():
             assert torch.equal(v, results[1]["lifecycle_maps"][t][k]), f"{t}.{k}"

@@ -27,6 +27,7 @@ def test_sharded_matches_unsharded_2ranks(sharding_type):
         for opt, diffs in per_opt.items():
             events, kept = diffs["fiited_events_kept"]
             assert events == 2 and 0 < kept <= 50  # FIITED pruned and grew (after steps 1 and 2), within its pool
+            assert all(diffs["fitted"]), diffs["fitted"]  # FreqThreshold, Saec, both MPE tables finished their procedure
             assert max(diffs["forward"]) < TOL, (rank, opt, diffs)
             assert max(diffs["params"]) < TOL, (rank, opt, diffs)
 

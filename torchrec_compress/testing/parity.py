@@ -36,6 +36,7 @@ def parity_tables() -> List[EmbeddingBagConfig]:
         EmbeddingBagConfig(name="t_freq", embedding_dim=8, num_embeddings=200, feature_names=["freq"]),
         EmbeddingBagConfig(name="t_saec", embedding_dim=8, num_embeddings=300, feature_names=["saec"]),
         EmbeddingBagConfig(name="t_mpe", embedding_dim=16, num_embeddings=400, feature_names=["mpe"]),
+        EmbeddingBagConfig(name="t_mpe_ranked", embedding_dim=16, num_embeddings=256, feature_names=["mpe_ranked"]),
         EmbeddingBagConfig(name="t_fiited", embedding_dim=16, num_embeddings=60, feature_names=["fiited"], pooling=PoolingType.MEAN),
         EmbeddingBagConfig(name="t_md", embedding_dim=16, num_embeddings=500, feature_names=["md"], pooling=PoolingType.MEAN),
     ]
@@ -56,6 +57,8 @@ def parity_schemes() -> Dict[str, object]:
         "t_freq": FreqThreshold(capacity=20, shared_rows=5, fit_steps=1),
         "t_saec": Saec(clusters=12, warm_steps=2),
         "t_mpe": MPE(ratio=4, groups=4, fit_steps=1, search_steps=1),
+        # ids ranked by frequency: groups are id ranges, no per-id map (the same events and resets)
+        "t_mpe_ranked": MPE(ratio=8, groups=4, fit_steps=1, search_steps=1, ids_by_frequency=True, retrain_from="search"),
         "t_fiited": FIITED(pool=50, chunks=2, interval=2, min_chunks=1),  # prune/grow events before steps 1 and 2
         "t_md": MixedDim(dim=8),  # its d' x d projection is a DDP-replicated parameter
     }
@@ -147,7 +150,7 @@ def _parity_run(
     fiited = ref.scheme("t_fiited").buffers
     diffs["fiited_events_kept"] = [int(fiited.events), int(fiited.n_kept)]  # the parity covered a prune/grow event
     # ... and every data-driven scheme finished its procedure (fitted, clustered, precisions chosen)
-    diffs["fitted"] = [ref.scheme(t).fitted() for t in ("t_freq", "t_saec", "t_mpe")]
+    diffs["fitted"] = [ref.scheme(t).fitted() for t in ("t_freq", "t_saec", "t_mpe", "t_mpe_ranked")]
     return diffs
 
 

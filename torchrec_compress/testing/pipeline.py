@@ -41,7 +41,8 @@ def _schemes(fitted_up_front: bool = True):
     out = {k: v for k, v in parity_schemes().items() if k != "t_fiited"}
     if fitted_up_front:
         out.update(t_freq=FreqThreshold(capacity=20, shared_rows=5, fit_steps=0), t_saec=Saec(clusters=12, warm_steps=0),
-                   t_mpe=MPE(ratio=4, groups=4, fit_steps=0, search_steps=10))
+                   t_mpe=MPE(ratio=4, groups=4, fit_steps=0, search_steps=10),
+                   t_mpe_ranked=MPE(ratio=8, groups=4, fit_steps=0, search_steps=10, ids_by_frequency=True, retrain_from="search"))
     return out
 
 
@@ -141,7 +142,7 @@ def pipeline_worker(rank: int, world: int, sharding_type: str, steps: int = 5) -
         except StopIteration:
             break
     logic = dmp.module.ebc._logic[0]
-    out["lifecycle_fitted"] = [logic.scheme(t).fitted() for t in ("t_freq", "t_saec", "t_mpe")]
+    out["lifecycle_fitted"] = [logic.scheme(t).fitted() for t in ("t_freq", "t_saec", "t_mpe", "t_mpe_ranked")]
     out["lifecycle_maps"] = {t: {k: v.detach().clone() for k, v in s.named_buffers()} for t, s in logic.scheme_states().items()}
     return out
 
