@@ -100,18 +100,17 @@ def test_weights_not_float32(dtype):
 
 
 def _profile(fn):
-    from torch.profiler import ProfilerActivity, profile
+    from torchrec_compress.benchmarks.speed import step_counts
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    names = [e.name for e in prof.events()]
-    return names.count("aten::_local_scalar_dense"), sum(1 for n in names if n.startswith("aten::"))
+    c = step_counts(lambda _: fn(), None)
+    return c["syncs"], c["ops"]
 
 
 @pytest.mark.parametrize("scheme", ["none", "hashing"])
 def test_validation_reads_the_host_once_whatever_the_number_of_features(scheme):
-    """Issue 18's GPU-shaped forward for the checks: one host read (a sync on a GPU) and the
-    same ops for 13 and 26 features; the per-feature path runs only to explain an error."""
+    """Issue 18's GPU-shaped forward for the checks: no host read of their own (split reads
+    their verdict with the id counts: one sync in all) and the same ops for 13 and 26 features;
+    the per-feature path runs only to explain an error."""
     from torchrec_compress import Hashing
 
     counts = {}
@@ -119,6 +118,8 @@ def test_validation_reads_the_host_once_whatever_the_number_of_features(scheme):
         tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=8, num_embeddings=100, feature_names=[f"f{i}"]) for i in range(n)]
         m = CompressedEmbeddingBagCollection(tables, {} if scheme == "none" else {t.name: Hashing(ratio=4) for t in tables})
         kjt = random_bags(tables, 8, seed=0).kjt()
-        counts[n] = _profile(lambda: m._check_input(kjt))
-    assert counts[13][0] == counts[26][0] == 1
-    assert counts[13][1] == counts[26][1]
+        counts[n] = _profile(lambda: m._check_values(kjt)), _profile(lambda: m.split(kjt))
+    assert counts[13][0][0] == counts[26][0][0] == 0
+    assert counts[13][0][1] == counts[26][0][1]
+    assert counts[13][1][0] == counts[26][1][0] == 1  # validation, transform and the inner KJT: one host read
+    assert counts[13][1][1] == counts[26][1][1]

@@ -40,6 +40,9 @@ def test_bench_speed_cli(tmp_path, capsys):
     for r in res["runs"].values():
         assert r["train_samples_s"] > 0 and r["infer_samples_s"] > 0 and len(r["train_s"]) == 1
     assert res["runs"]["stock"]["train_vs_stock"] == 1.0 and "host syncs/step" in capsys.readouterr().out
+    # the same step under TrainPipelineSparseDist, beside stock's pipelined step
+    assert res["pipeline"] and all(r["pipe_samples_s"] > 0 and len(r["pipe_s"]) == 1 for r in res["runs"].values())
+    assert res["runs"]["stock"]["pipe_vs_stock"] == 1.0
     stock, fiited = res["runs"]["stock"], res["runs"]["fiited"]
     # counted in a profiler trace, deterministic: stock TorchRec's step does a few host syncs (its KJT
     # lengths), FIITED's per-step bookkeeping many more (issue 18)

@@ -1,5 +1,7 @@
-"""Small tensor ops shared by the schemes: a seedable universal hash."""
+"""Small tensor ops shared by the schemes: a seedable universal hash (per-id constants allowed)."""
 from __future__ import annotations
+
+from typing import Dict, Mapping, Union
 
 import torch
 
@@ -32,9 +34,28 @@ def universal_hash(ids: torch.Tensor, buckets: int, seed: int) -> torch.Tensor:
     Returns:
         ``[N]`` int64 in ``[0, buckets)``.
     """
-    a, b = hash_params(seed)
-    x = torch.remainder(ids.to(torch.int64), MERSENNE_P)
+    return hash_ab(ids, buckets, *hash_params(seed))
+
+
+Int = Union[int, torch.Tensor]
+
+
+def hash_ab(ids: torch.Tensor, buckets: Int, a: Int, b: Int) -> torch.Tensor:
+    """:func:`universal_hash` from its (a, b) pair: ints, or ``[N]`` int64 tensors giving every
+    id its own function and bucket count (several tables hashed in one pass)."""
+    x = torch.remainder(ids if ids.dtype == torch.int64 else ids.to(torch.int64), MERSENNE_P)
     return torch.remainder(torch.remainder(x * a + b, MERSENNE_P), buckets)
+
+
+def hash_constants(name: str, buckets: int, seed: int) -> Dict[str, int]:
+    """``{name: m, name_a: a, name_b: b}`` of one hash function, for a scheme's :meth:`constants`."""
+    a, b = hash_params(seed)
+    return {name: buckets, f"{name}_a": a, f"{name}_b": b}
+
+
+def hash_with(ids: torch.Tensor, c: Mapping[str, Int], name: str) -> torch.Tensor:
+    """The hash :func:`hash_constants` named ``name``, with its constants taken from ``c``."""
+    return hash_ab(ids, c[name], c[f"{name}_a"], c[f"{name}_b"])
 
 
 def py_hash(x: int, buckets: int, seed: int) -> int:

@@ -20,6 +20,7 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
+from torch.overrides import TorchFunctionMode
 from tabulate import tabulate
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.inference.modules import quantize_embeddings
@@ -57,20 +58,69 @@ class _Emb(torch.nn.Module):
         return self.ebc(kjt).values()
 
 
+class _Loss(torch.nn.Module):
+    """``kjt -> (loss, loss)`` with loss = SUM(emb * g): what ``TrainPipelineSparseDist`` drives."""
+
+    def __init__(self, ebc: torch.nn.Module, g: torch.Tensor) -> None:
+        super().__init__()
+        self.ebc = ebc
+        self.register_buffer("g", g)
+
+    def forward(self, kjt):  # type: ignore[no-untyped-def]
+        loss = (self.ebc(kjt).values() * self.g).sum()
+        return loss, loss.detach()
+
+
+def _pipelined_step(ebc: torch.nn.Module, g: torch.Tensor, dev: torch.device) -> Callable[[Sequence[object]], None]:
+    """One pass of ``TrainPipelineSparseDist`` over a list of KJTs (our module sharded as one
+    pipelineable module: its transform runs in the pipeline's input distribution)."""
+    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+    model = _Loss(ebc, g)
+    dmp, opt = shard_for_training(model, model, lr_sparse=0.01, lr_dense=0.01, device=dev, pipelineable=True)
+    pipe = TrainPipelineSparseDist(dmp, opt, dev)
+
+    def run(batches: Sequence[object]) -> None:
+        it = iter(batches)
+        while True:
+            try:
+                pipe.progress(it)
+            except StopIteration:
+                break
+    return run
+
+
 def _tables(cards: Sequence[int], dim: int) -> List[EmbeddingBagConfig]:
     return logical_tables(cat_names(len(cards)), cards, dim)
 
 
+class HostReads(TorchFunctionMode):
+    """Counts ``Tensor.tolist()`` calls (TorchRec's and ours): on a GPU each is a device-to-host
+    copy, a sync like ``.item()``, but it never shows as ``aten::_local_scalar_dense``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if getattr(func, "__name__", "") == "tolist":
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
 def step_counts(step: Callable[[object], None], batch: object, device: torch.device = torch.device("cpu")) -> Dict[str, int]:
-    """``{"syncs": host syncs, "ops": aten/fbgemm ops}`` of one call of ``step(batch)``; on
-    CUDA also ``cuda_sync_warnings``: the synchronizing calls ``torch.cuda.set_sync_debug_mode``
-    reports."""
+    """``{"syncs": host syncs, "ops": aten/fbgemm ops}`` of one call of ``step(batch)``. Host
+    syncs = ``aten::_local_scalar_dense`` events (``.item()``, ``int(t)``, ``bool(t)``) + ``tolist()``
+    calls (:class:`HostReads`); ``local_scalar_dense`` alone is the issue's first measure. On CUDA
+    also ``cuda_sync_warnings``: the synchronizing calls ``torch.cuda.set_sync_debug_mode`` reports."""
     import warnings
 
-    with torch.profiler.profile() as prof:
+    reads = HostReads()
+    with torch.profiler.profile() as prof, reads:
         step(batch)
     events = prof.key_averages()
-    out = {"syncs": sum(e.count for e in events if e.key == "aten::_local_scalar_dense"),
+    scalar = sum(e.count for e in events if e.key == "aten::_local_scalar_dense")
+    out = {"syncs": scalar + reads.count, "local_scalar_dense": scalar, "tolist": reads.count,
            "ops": sum(e.count for e in events if e.key.startswith(("aten::", "fbgemm::")))}
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -99,9 +149,11 @@ def _timed(step: Callable[[object], None], batches: Sequence[object], device: to
 
 def bench_speed(sizes: str = "kaggle", max_rows: Optional[int] = 2_000_000, dim: int = 64, ratio: float = 10.0, batch: int = 2048,
                 batches: int = 8, reps: int = 3, schemes: Sequence[str] = SPEED_DEFAULT, min_rows: int = 10_000,
-                stock_limit_bytes: int = 8 * 2**30, device: str = "cpu", inference: bool = True) -> Dict[str, object]:
+                stock_limit_bytes: int = 8 * 2**30, device: str = "cpu", inference: bool = True,
+                pipeline: bool = True) -> Dict[str, object]:
     """Samples/s of a training step (on ``device``, one process) and, with ``inference``, of
-    inference lookups (exported, on CPU) per scheme and for stock TorchRec."""
+    inference lookups (exported, on CPU) per scheme and for stock TorchRec; with ``pipeline``
+    also of the same step under TorchRec's ``TrainPipelineSparseDist`` (``pipe_s``)."""
     dev = torch.device(device)
     cards = [v if max_rows is None else min(v, max_rows) for v in SIZES[sizes]]
     tables = _tables(cards, dim)
@@ -109,7 +161,7 @@ def bench_speed(sizes: str = "kaggle", max_rows: Optional[int] = 2_000_000, dim:
     data = [b.sparse_features.to(dev) for b in SyntheticCriteo(cards, batch, batches, seed=0)]
     ids_per_batch = data[0].values().numel()
     runs: Dict[str, Dict[str, object]] = {}
-    train_fns, infer_fns = {}, {}
+    train_fns, infer_fns, pipe_fns = {}, {}, {}
     with local_process_group():
         variants: Dict[str, Optional[Dict[str, SchemeConfig]]] = {}
         if full_bytes <= stock_limit_bytes:
@@ -134,9 +186,14 @@ def bench_speed(sizes: str = "kaggle", max_rows: Optional[int] = 2_000_000, dim:
 
             stored = ebc.memory_report().total.compressed_bytes if sch is not None else full_bytes
             train_fns[name] = train_step
-            runs[name] = {"stored_bytes": stored, "train_s": [], "infer_s": []}
+            runs[name] = {"stored_bytes": stored, "train_s": [], "infer_s": [], "pipe_s": []}
             train_step(data[0])  # warm-up (first-call allocations)
             runs[name].update({f"{k}_per_step": v for k, v in step_counts(train_step, data[1 % len(data)], dev).items()})
+            if pipeline:
+                twin = (EmbeddingBagCollection(_tables(cards, dim), device=torch.device("meta")) if sch is None else
+                        CompressedEmbeddingBagCollection(_tables(cards, dim), sch, device=torch.device("meta")))
+                pipe_fns[name] = _pipelined_step(twin, g, dev)
+                pipe_fns[name](data[:2])  # warm-up
             if inference:  # an unsharded copy exported to FBGEMM's IntNBit tables at fp32, on CPU
                 plain = (EmbeddingBagCollection(_tables(cards, dim)) if sch is None else CompressedEmbeddingBagCollection(_tables(cards, dim), sch))
                 infer = quantize_embeddings(_Emb(plain), dtype=torch.float32, inplace=False) if sch is None else export(_Emb(plain), default="fp32")
@@ -147,6 +204,8 @@ def bench_speed(sizes: str = "kaggle", max_rows: Optional[int] = 2_000_000, dim:
         for _ in range(reps):  # interleaved repetitions
             for name in train_fns:
                 runs[name]["train_s"].append(_timed(train_fns[name], data, dev))
+                if name in pipe_fns:
+                    runs[name]["pipe_s"].append(_timed(lambda batches, f=pipe_fns[name]: f(batches), [data], dev))
                 if name in infer_fns:
                     with torch.no_grad():
                         runs[name]["infer_s"].append(_timed(infer_fns[name], data))
@@ -156,6 +215,8 @@ def bench_speed(sizes: str = "kaggle", max_rows: Optional[int] = 2_000_000, dim:
         if "skipped" in r:
             continue
         r["train_samples_s"] = n / statistics.median(r["train_s"])
+        if r["pipe_s"]:
+            r["pipe_samples_s"] = n / statistics.median(r["pipe_s"])
         if r["infer_s"]:
             r["infer_samples_s"] = n / statistics.median(r["infer_s"])
             # embedding rows read per logical lookup: one d-row (stock); the schemes read their own physical rows
@@ -167,7 +228,9 @@ def bench_speed(sizes: str = "kaggle", max_rows: Optional[int] = 2_000_000, dim:
             if "infer_samples_s" in r:
                 r["infer_vs_stock"] = r["infer_samples_s"] / stock["infer_samples_s"]
             r["ops_vs_stock"] = r["ops_per_step"] / stock["ops_per_step"]
-    return {"device": str(dev), "sizes": sizes, "max_rows": max_rows, "dim": dim, "ratio": ratio, "batch": batch, "batches": batches, "reps": reps,
+            if "pipe_samples_s" in r and "pipe_samples_s" in stock:
+                r["pipe_vs_stock"] = r["pipe_samples_s"] / stock["pipe_samples_s"]
+    return {"device": str(dev), "pipeline": pipeline, "sizes": sizes, "max_rows": max_rows, "dim": dim, "ratio": ratio, "batch": batch, "batches": batches, "reps": reps,
             "full_bytes": full_bytes, "stock_fits": full_bytes <= stock_limit_bytes, "copy_bandwidth_bytes_s": bw,
             "runs": runs, "torch_threads": torch.get_num_threads(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
@@ -176,17 +239,18 @@ def format_speed(res: Dict[str, object], fmt: str = "simple") -> str:
     rows = []
     for name, r in res["runs"].items():
         if "skipped" in r:
-            rows.append([name, "-", "-", "-", "-", "-", "-", "-", f"skipped: {r['skipped'][:60]}"])
+            rows.append([name, "-", "-", "-", "-", "-", "-", "-", "-", "-", f"skipped: {r['skipped'][:60]}"])
             continue
-        vs = {k: f"{r[k]:.2f}x" if k in r else "n/a" for k in ("train_vs_stock", "infer_vs_stock", "ops_vs_stock")}
+        vs = {k: f"{r[k]:.2f}x" if k in r else "n/a" for k in ("train_vs_stock", "infer_vs_stock", "ops_vs_stock", "pipe_vs_stock")}
         rows.append([name, f"{res['full_bytes'] / r['stored_bytes']:.1f}x", f"{r['train_samples_s']:,.0f}",
-                     vs["train_vs_stock"], r["syncs_per_step"], f"{r['ops_per_step']} ({vs['ops_vs_stock']})",
+                     vs["train_vs_stock"], f"{r['pipe_samples_s']:,.0f}" if "pipe_samples_s" in r else "-", vs["pipe_vs_stock"],
+                     r["syncs_per_step"], f"{r['ops_per_step']} ({vs['ops_vs_stock']})",
                      f"{r['infer_samples_s']:,.0f}" if "infer_samples_s" in r else "-", vs["infer_vs_stock"],
                      f"{r['infer_emb_bytes_s'] / res['copy_bandwidth_bytes_s']:.1%}" if "infer_samples_s" in r else "-"])
     head = (f"{res['sizes']} sizes (max rows {res['max_rows']}), dim {res['dim']}, batch {res['batch']}, {res['reps']} interleaved reps; "
             f"copy bandwidth {res['copy_bandwidth_bytes_s'] / 1e9:.1f} GB/s")
     if not res["stock_fits"]:
         head += f"; stock TorchRec not run: {res['full_bytes'] / 2**30:.1f} GiB of fp32 tables do not fit"
-    return head + "\n\n" + tabulate(rows, headers=["variant", "ratio", "train samples/s", "vs stock", "host syncs/step",
+    return head + "\n\n" + tabulate(rows, headers=["variant", "ratio", "train samples/s", "vs stock", "pipelined samples/s", "vs stock", "host syncs/step",
                                                    "ops/step (vs stock)", "infer samples/s", "vs stock",
                                                    "logical emb bytes/s / copy BW"], tablefmt=fmt)

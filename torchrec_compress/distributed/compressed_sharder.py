@@ -32,9 +32,9 @@ from torchrec.distributed.types import (
     ShardingEnv,
 )
 from torchrec.distributed.utils import append_prefix
-from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from ..modules.compressed_ebc import CompressedEmbeddingBagCollection
+from ..modules.compressed_ebc import CompressedEmbeddingBagCollection, SplitState
 from .ebc_sharder import CpuRowWiseEmbeddingBagCollectionSharder
 
 
@@ -44,13 +44,12 @@ class CompressedEBCContext(EmbeddingBagCollectionContext):
 
     inner: List[EmbeddingBagCollectionContext] = field(default_factory=list)
     counts: List[int] = field(default_factory=list)  # inner KJTs per inner EBC
-    jts: Dict[str, JaggedTensor] = field(default_factory=dict)
-    batch: int = 0
+    state: Optional[SplitState] = None
 
     def record_stream(self, stream: torch.Stream) -> None:
         super().record_stream(stream)
-        for jt in self.jts.values():
-            jt.record_stream(stream)
+        if self.state is not None:
+            self.state.record_stream(stream)
 
 
 class _Combined(LazyAwaitable[KeyedTensor]):
@@ -60,8 +59,8 @@ class _Combined(LazyAwaitable[KeyedTensor]):
         self._module, self._ctx, self._outputs = module, ctx, outputs
 
     def _wait_impl(self) -> KeyedTensor:
-        pooled, per_id = [o.wait().to_dict() if o is not None else {} for o in self._outputs]
-        return self._module._logic[0].combine(self._ctx.jts, self._ctx.batch, pooled, per_id)
+        pooled, per_id = [o.wait() if o is not None else None for o in self._outputs]
+        return self._module._logic[0].combine(self._ctx.state, pooled, per_id)
 
 
 class ShardedCompressedEmbeddingBagCollection(
@@ -101,8 +100,7 @@ class ShardedCompressedEmbeddingBagCollection(
     def input_dist(self, ctx: CompressedEBCContext, features: KeyedJaggedTensor) -> Awaitable[Awaitable[KJTList]]:
         self._logic[0].train(self.training)  # the logic is not a submodule: train()/eval() do not reach it
         with torch.no_grad():
-            jts, pooled_kjt, per_id_kjt = self._logic[0].split(features)
-        ctx.jts, ctx.batch = jts, features.stride()
+            ctx.state, pooled_kjt, per_id_kjt = self._logic[0].split(features)
         awaitables: List[Any] = []
         for inner, kjt in ((self.pooled, pooled_kjt), (self.per_id, per_id_kjt)):
             if inner is None:

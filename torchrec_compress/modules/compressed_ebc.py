@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -30,6 +30,7 @@ from .. import schemes as _schemes  # noqa: F401  (fills the registry)
 from ..config import SchemeConfig, scheme_class_for
 from ..schemes.base import TableAccess, TableScheme, Uncompressed, bag_index, uniform_init
 from ..distributed.state import agree_stride, copy_full_into_, full_tensor, inner_process_group, zero_rows_and_state_
+from .batched import Plan
 from .memory import MemoryReport, TableMemory
 
 
@@ -102,12 +103,11 @@ class CompressedEmbeddingBagCollection(nn.Module):
         self._embedding_names = [f for t in tables for f in t.feature_names]
         self._dims = [t.embedding_dim for t in tables for _ in t.feature_names]
 
-        pooled_cfgs: List[EmbeddingBagConfig] = []
-        per_id_cfgs: List[EmbeddingBagConfig] = []
+        cfg_of: Dict[Tuple[str, int], EmbeddingBagConfig] = {}
         for t in tables:
             impl = self._schemes[t.name]
-            for p in impl.physical_tables():
-                cfg = EmbeddingBagConfig(
+            for i, p in enumerate(impl.physical_tables()):
+                cfg_of[(t.name, i)] = EmbeddingBagConfig(
                     name=p.name(t.name),
                     num_embeddings=p.num_embeddings,
                     embedding_dim=p.embedding_dim,
@@ -118,7 +118,12 @@ class CompressedEmbeddingBagCollection(nn.Module):
                     pooling=PoolingType.SUM if impl.per_value or impl.ragged else t.pooling,
                     init_fn=p.init_fn or uniform_init(t),
                 )
-                (per_id_cfgs if impl.per_value else pooled_cfgs).append(cfg)
+        pooled_cfgs: List[EmbeddingBagConfig] = []
+        per_id_cfgs: List[EmbeddingBagConfig] = []
+        for names, n_phys in self._plan(tuple(self._embedding_names)).inner_table_order():
+            for i in range(n_phys):
+                for name in names:
+                    (per_id_cfgs if self._schemes[name].per_value else pooled_cfgs).append(cfg_of[(name, i)])
         _check_unique([c.name for c in pooled_cfgs + per_id_cfgs], "physical table")
         _check_unique([f for c in pooled_cfgs + per_id_cfgs for f in c.feature_names], "physical feature")
 
@@ -158,82 +163,139 @@ class CompressedEmbeddingBagCollection(nn.Module):
 
     def scheme_states(self) -> Dict[str, "SchemeState"]:
         """Table -> the module holding its scheme's buffers and small parameters (tables whose
-        scheme keeps any state)."""
+        scheme keeps any state). Their ``steps`` counters are brought up to date first (a
+        finished schedule counts its steps on the host; ``state_dict`` does the same)."""
+        for state in self.maps.values():
+            _flush_steps(state, "", False)
         return dict(self.maps.items())
 
     # ------------------------------------------------------------------ forward
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """``features``: KJT over the logical feature names, B bags each -> ``KeyedTensor [B, sum(dims)]``."""
-        jts, pooled_kjt, per_id_kjt = self.split(features)
-        pooled_out = self.pooled(pooled_kjt).to_dict() if pooled_kjt is not None else {}
-        per_id_out = self.per_id(per_id_kjt).to_dict() if per_id_kjt is not None else {}
-        return self.combine(jts, features.stride(), pooled_out, per_id_out)
+        state, pooled_kjt, per_id_kjt = self.split(features)
+        pooled_out = self.pooled(pooled_kjt) if pooled_kjt is not None else None
+        per_id_out = self.per_id(per_id_kjt) if per_id_kjt is not None else None
+        return self.combine(state, pooled_out, per_id_out)
 
-    def split(
-        self, features: KeyedJaggedTensor
-    ) -> Tuple[Dict[str, JaggedTensor], Optional[KeyedJaggedTensor], Optional[KeyedJaggedTensor]]:
-        """Validate and transform: logical KJT -> (its features, the ``pooled`` inner KJT,
-        the ``per_id`` inner KJT with every id a bag of one; None where unused)."""
+    def split(self, features: KeyedJaggedTensor) -> Tuple["SplitState", Optional[KeyedJaggedTensor], Optional[KeyedJaggedTensor]]:
+        """Validate and transform: logical KJT -> (what :meth:`combine` needs, the ``pooled``
+        inner KJT, the ``per_id`` inner KJT with every id a bag of one; None where unused).
+
+        A fixed number of ops per :class:`~torchrec_compress.modules.batched.Group` and one
+        host read (every feature's id count, with the validation's verdict); singles (schemes
+        with procedures or per-table maps) add their own per-feature ops."""
+        if features.variable_stride_per_key():
+            raise ValueError("KJTs with a variable batch size per feature are not supported; give every feature the same stride")
+        keys = list(features.keys())
+        n_keys, batch = len(keys), features.stride()
         if self._validate:
             self._check_input(features)
-        jts = features.to_dict()
-        batch = features.stride()
+        plan = self._plan(tuple(keys))
+        values, lengths2d = features.values(), features.lengths().view(n_keys, batch)
+        weights = features.weights_or_none() if self._is_weighted else None  # an unweighted collection ignores weights
+        counts = lengths2d.sum(dim=1)  # [F] ids per feature
+        flags = self._check_values(features, counts) if self._validate else None
+        host = (counts if flags is None else torch.cat([flags.to(counts.dtype), counts])).tolist()  # the forward's host sync
+        if flags is not None:
+            if any(host[:len(flags)]):
+                self._explain(features)
+            host = host[len(flags):]
+        perm = plan.permute(values.device)
+        if perm is not None:  # every group's ids contiguous
+            lengths2d, values, weights = torch.ops.fbgemm.permute_2D_sparse_data(perm, lengths2d, values, weights, values.numel())
+            counts = counts.index_select(0, perm)
+            host = [host[i] for i in plan.order]
+        offsets = [0]
+        for h in host:
+            offsets.append(offsets[-1] + h)
+        state = SplitState(plan=plan, batch=batch, counts=counts)
+        for p in range(plan.single_start, n_keys):
+            a, n = offsets[p], host[p]
+            state.jts[plan.features[p]] = JaggedTensor(values=values.narrow(0, a, n), lengths=lengths2d[p],
+                                                       weights=None if weights is None else weights.narrow(0, a, n))
         self.materialize()
+        position = plan.position
         for t in self._tables:  # the schemes' own procedures (counting, clustering, search, re-planning)
             impl = self._schemes[t.name]
             if impl.step(self.training):
                 for name, rows in impl.event(self.tables(t.name)).items():
                     self._reset_rows(name, rows, impl)
             if impl.sees_ids and self.training:
-                impl.see_features([jts[f].values() for f in t.feature_names], self._sync_group())
+                # while it counts (its first steps), in a group or not
+                impl.see_features([values.narrow(0, offsets[position[f]], host[position[f]]) for f in t.feature_names],
+                                  self._sync_group())
             if not self.training and impl.data_driven and t.name not in self._warned and not impl.fitted():
                 self._warned.add(t.name)
                 warnings.warn(unfitted_message(t.name, impl), stacklevel=3)
 
-        pooled_keys: List[str] = []
-        pooled_vals: List[torch.Tensor] = []
-        pooled_lens: List[torch.Tensor] = []
-        pooled_wts: List[torch.Tensor] = []
-        per_id_feats: List[Tuple[str, List[Tuple[str, torch.Tensor]]]] = []
-        for f in self._embedding_names:
-            impl = self._schemes[self._feature_table[f].name]
-            jt = jts[f]
+        pooled = _InnerBatch(self._is_weighted)
+        per_id = _InnerBatch(False)
+        for g in plan.groups:
+            a, n = offsets[g.start], offsets[g.start + g.size] - offsets[g.start]
+            vals, lens = values.narrow(0, a, n), lengths2d.narrow(0, g.start, g.size)  # [n], [F_g, B]
+            w = None if weights is None else weights.narrow(0, a, n)
+            fidx = torch.repeat_interleave(g.tensors(vals.device)[0], counts.narrow(0, g.start, g.size), output_size=n)
+            c = g.per_id_constants(fidx)
+            ids = g.scheme.transform(vals, c)  # S x [n], suffix-major like g.keys()
+            n_ids = host[g.start:g.start + g.size]
+            if g.per_value:
+                per_id.add(g.keys(), _cat(ids), None, None, n_ids * len(ids))
+                state.groups.append((vals, lens, w, fidx, c))
+                continue
+            active = g.scheme.batch_active()  # stage-routed (Saec): every id to one of its tables
+            flat = lens.reshape(-1)
+            empty = torch.zeros_like(flat) if active is not None else None
+            for s, (keys_s, i) in enumerate(zip(g.keys_by_suffix(), ids)):
+                if active is None or active[s]:
+                    pooled.add(keys_s, i, flat, w, n_ids)
+                else:  # the keys stay (the inner KJT's keys never change), their bags are empty
+                    pooled.add(keys_s, i[:0], empty, None if w is None else w[:0], [0] * g.size)
+            state.groups.append(lens if g.ragged and g.pooling == PoolingType.MEAN else None)
+        for p in range(plan.single_start, n_keys):
+            f = plan.features[p]
+            impl, jt = self._schemes[self._feature_table[f].name], state.jts[f]
             suffixes = impl.feature_suffixes()
             if impl.per_value:
-                ids = impl.transform(jt.values())
-                per_id_feats.append((f, [(f"{f}{s}", i) for s, i in zip(suffixes, ids)]))
+                for s, i in zip(suffixes, impl.transform(jt.values())):
+                    per_id.add([f"{f}{s}"], i, None, None, [host[p]])
                 continue
-            for s, (i, lengths, weights) in zip(suffixes, impl.route(jt)):
-                pooled_keys.append(f"{f}{s}")
-                pooled_vals.append(i)
-                pooled_lens.append(lengths)
-                if self._is_weighted:
-                    pooled_wts.append(weights)
-        pooled_kjt = None
-        if pooled_keys:
-            pooled_kjt = KeyedJaggedTensor(
-                keys=pooled_keys,
-                values=torch.cat(pooled_vals),
-                lengths=torch.cat(pooled_lens),
-                weights=torch.cat(pooled_wts) if self._is_weighted else None,
-                stride=batch,
-            )
-        return jts, pooled_kjt, self._per_id_kjt(per_id_feats)
+            for s, (i, lens, w) in zip(suffixes, impl.route(jt)):
+                pooled.add([f"{f}{s}"], i, lens, w, None if impl.ragged else [host[p]])
+        return state, pooled.kjt(batch), self._per_id_kjt(per_id)
 
-    def combine(
-        self, jts: Dict[str, JaggedTensor], batch: int, pooled_out: Dict[str, torch.Tensor], per_id_out: Dict[str, torch.Tensor]
-    ) -> KeyedTensor:
-        """Inner lookups (``[B, d_p]`` pooled, ``[S, d_p]`` per id) -> logical ``KeyedTensor``."""
+    def combine(self, state: "SplitState", pooled_out: Optional[KeyedTensor], per_id_out: Optional[KeyedTensor]) -> KeyedTensor:
+        """Inner lookups (``pooled``: ``[B, d_p]`` per virtual feature; ``per_id``: ``[S, d_p]``,
+        row i = the feature's i-th id) -> the logical ``KeyedTensor [B, sum(dims)]``."""
         for impl in self._schemes.values():  # once per forward, where the lookups are combined (pipelined too)
             impl.before_combine(self.training)
+        plan, batch = state.plan, state.batch
         outs: List[torch.Tensor] = []
-        for f in self._embedding_names:
+        for gi, (g, gs) in enumerate(zip(plan.groups, state.groups)):
+            widths = [g.size * d for d in g.part_dims]
+            if not g.per_value:
+                x = _select_columns(pooled_out.values(), plan.columns(("pooled", gi), pooled_out, g.keys()))
+                parts = [t.view(batch, g.size, d) for t, d in zip(_split(x, widths), g.part_dims)]  # views [B, F_g, d_p]
+                out = g.scheme.combine(parts, None, None)  # [B, F_g, d]
+                if gs is not None:  # a ragged scheme's MEAN: the inner tables summed
+                    out = out / gs.t().clamp(min=1).unsqueeze(2).to(out.dtype)
+                outs.append(out.reshape(batch, g.size * g.dim))
+                continue
+            vals, lens, w, fidx, c = gs
+            rows = per_id_out.values()
+            x = _select_columns(rows, plan.columns(("per_id", gi), per_id_out, g.keys()))  # [S, sum(widths)]
+            counts = state.counts.narrow(0, g.start, g.size)
+            pos = torch.arange(vals.numel(), device=vals.device) - (counts.cumsum(0) - counts)[fidx]  # [n] row in its feature
+            parts = [t.reshape(rows.shape[0], g.size, d)[pos, fidx] for t, d in zip(_split(x, widths), g.part_dims)]
+            per = g.scheme.combine(parts, vals, c)  # [n, d]
+            outs.append(_pool_group(per, lens, w, g.pooling, batch))
+        for p in range(plan.single_start, len(plan.features)):
+            f = plan.features[p]
             t = self._feature_table[f]
             impl = self._schemes[t.name]
             suffixes = impl.feature_suffixes()
-            jt = jts[f]
+            jt = state.jts[f]
             if not impl.per_value:
-                out = impl.combine([pooled_out[f"{f}{s}"] for s in suffixes], jt.values())
+                out = impl.combine([_column(pooled_out, f"{f}{s}") for s in suffixes], jt.values())
                 if impl.ragged and t.pooling == PoolingType.MEAN:
                     out = out / jt.lengths().clamp(min=1).unsqueeze(1).to(out.dtype)
                 if impl.observes_gradients and self.training and out.requires_grad:
@@ -241,9 +303,20 @@ class CompressedEmbeddingBagCollection(nn.Module):
                 outs.append(out)
                 continue
             n = jt.values().numel()
-            per = impl.combine([per_id_out[f"{f}{s}"][:n] for s in suffixes], jt.values())
+            per = impl.combine([_column(per_id_out, f"{f}{s}")[:n] for s in suffixes], jt.values())
             outs.append(_pool(per, jt, t.pooling, self._is_weighted, batch))
-        return KeyedTensor(keys=self._embedding_names, length_per_key=self._dims, values=torch.cat(outs, dim=1))
+        values = _cat(outs, dim=1)
+        reorder = plan.output_columns(values.device)
+        if reorder is not None:
+            values = values.index_select(1, reorder)
+        return KeyedTensor(keys=self._embedding_names, length_per_key=self._dims, values=values)
+
+    def _plan(self, keys: Tuple[str, ...]) -> Plan:
+        """The :class:`Plan` of this input key order (cached)."""
+        cache = self.__dict__.setdefault("_plans", {})
+        if keys not in cache:
+            cache[keys] = Plan(keys, self._feature_table, self._schemes, self._embedding_names)
+        return cache[keys]
 
     def materialize(self) -> None:
         """Give every scheme state its initial value if ``DistributedModelParallel`` has just
@@ -286,26 +359,22 @@ class CompressedEmbeddingBagCollection(nn.Module):
         inner = self.pooled if cfg in self._pooled_cfgs else self.per_id
         zero_rows_and_state_(inner, physical, rows, cfg.num_embeddings, impl.reset_values(physical, rows, cfg.embedding_dim))
 
-    def _per_id_kjt(self, feats: List[Tuple[str, List[Tuple[str, torch.Tensor]]]]) -> Optional[KeyedJaggedTensor]:
-        """Every id a bag of one: ``[N_f]`` ids per virtual feature, stride S = max_f N_f
+    def _per_id_kjt(self, inner: "_InnerBatch") -> Optional[KeyedJaggedTensor]:
+        """Every id a bag of one: ``[N_k]`` ids per virtual feature k, stride S = max_k N_k
         (features padded with empty bags: a KJT has one stride)."""
-        if not feats:
+        if not inner.keys:
             return None
-        keys: List[str] = []
-        vals: List[torch.Tensor] = []
-        counts: List[int] = []
-        for _, parts in feats:
-            for k, ids in parts:
-                keys.append(k)
-                vals.append(ids)
-                counts.append(ids.numel())
-        device = vals[0].device
-        stride = agree_stride(max(1, max(counts)), self.per_id, device)
-        lengths = torch.cat([_ones_then_zeros(n, stride, device) for n in counts])
-        return KeyedJaggedTensor(keys=keys, values=torch.cat(vals), lengths=lengths, stride=stride)
+        device = inner.values[0].device
+        stride = agree_stride(max(1, max(inner.counts)), self.per_id, device)
+        n = torch.tensor(inner.counts, dtype=torch.int64).to(device, non_blocking=True)
+        lengths = (torch.arange(stride, device=device).unsqueeze(0) < n.unsqueeze(1)).view(-1).to(torch.int64)
+        return KeyedJaggedTensor(keys=inner.keys, values=_cat(inner.values), lengths=lengths, stride=stride,
+                                 length_per_key=inner.counts)
 
     # ------------------------------------------------------------------ validation
     def _check_input(self, kjt: KeyedJaggedTensor) -> None:
+        """Everything checkable on the host without reading the tensors (keys, devices, dtypes,
+        sizes: ValueError); the values are :meth:`_check_values`'."""
         keys = list(kjt.keys())
         expected = set(self._embedding_names)
         missing = sorted(expected - set(keys))
@@ -336,25 +405,26 @@ class CompressedEmbeddingBagCollection(nn.Module):
         if self._is_weighted and weights.dtype != torch.float32:
             # the embedding-bag kernels take fp32 per-sample weights only (a RuntimeError inside them)
             raise ValueError(f"KJT weights must be float32, got {weights.dtype}")
-        self._check_values(kjt)
 
-    def _check_values(self, kjt: KeyedJaggedTensor) -> None:
-        """Lengths (none negative, summing to the number of values) and ids (0 <= id <
-        num_embeddings unless the scheme hashes any id) of every feature at once: a fixed
-        number of ops whatever the number of features, and one host read. Only when it
-        finds something does the per-feature path run, to name table, feature and value."""
+    def _check_values(self, kjt: KeyedJaggedTensor, counts: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``[3]`` flags (a negative length; lengths not summing to the number of values; an id
+        < 0 or >= num_embeddings where the scheme does not hash any id) of every feature at
+        once: a fixed number of ops whatever the number of features, no host read (the
+        caller reads them). Only when one is set does :meth:`_explain` run, per feature, to
+        name table, feature and value. ``counts``: ``[F]`` ids per feature (the lengths' sums).
+
+        Lengths that do not add up make the per-id limits impossible to lay out: on CPU
+        ``repeat_interleave`` raises at once (explained here), on a GPU the flag says so."""
         values, lengths = kjt.values(), kjt.lengths()
         keys = list(kjt.keys())
-        if kjt.variable_stride_per_key() or not lengths.numel():
-            return self._explain(kjt)
-        n_keys = len(keys)
-        per_key = lengths.view(n_keys, -1).clamp(min=0).sum(dim=1)  # [F] values of each feature
-        feature = torch.searchsorted(per_key.cumsum(0), torch.arange(values.numel(), device=values.device), right=True)
-        v = values.long()
-        limit = self._limits(keys, values.device)[feature.clamp(max=n_keys - 1)]  # [N] each value's num_embeddings
-        bad = torch.stack([(lengths < 0).any(), lengths.sum() != values.numel(), ((v < 0) | (v >= limit)).any()])
-        if bool(bad.any()):
+        if counts is None:
+            counts = lengths.view(len(keys), -1).sum(dim=1)
+        try:  # [N] each id's num_embeddings
+            limit = torch.repeat_interleave(self._limits(keys, values.device), counts.clamp(min=0), output_size=values.numel())
+        except RuntimeError:
             self._explain(kjt)
+            raise
+        return torch.stack([(lengths < 0).any(), counts.sum() != values.numel(), ((values < 0) | (values >= limit)).any()])
 
     def _limits(self, keys: List[str], device: torch.device) -> torch.Tensor:
         """``[F]`` the smallest invalid id of each feature, in KJT key order (int64 max: any id is valid)."""
@@ -456,6 +526,8 @@ class SchemeState(nn.Module):
             self.register_parameter(name, nn.Parameter(tensor.to(device) if device is not None else tensor))
         # True once the state holds real values: DMP's zero fill of meta buffers makes it False
         self.register_buffer("ready", torch.ones((), dtype=torch.int8, device=device))
+        self.register_state_dict_pre_hook(_flush_steps)
+        self.register_load_state_dict_post_hook(_schedule_reloaded)
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
         """``.to()``, ``.cuda()``, ``to_empty()``, DMP's placement: everything but the host counters."""
@@ -478,6 +550,20 @@ class SchemeState(nn.Module):
         """Initial values for a state DMP zero-filled without calling ``reset_parameters``."""
         if not bool(self.ready):
             self.reset_parameters()
+
+
+def _flush_steps(module: "SchemeState", prefix: str, keep_vars: bool) -> None:
+    """Before a state_dict: the steps a finished schedule counted on the host go into its buffer."""
+    flush = getattr(module._impl[0], "flush_steps", None)
+    if flush is not None:
+        flush()
+
+
+def _schedule_reloaded(module: "SchemeState", incompatible_keys: object) -> None:
+    """After load_state_dict: the schedule re-reads its buffers (it may be mid-phase again)."""
+    impl = module._impl[0]
+    if hasattr(impl, "_done"):
+        impl._done, impl._idle, impl._fitted = False, 0, False
 
 
 def scheme_parameters(model: nn.Module) -> List[nn.Parameter]:
@@ -521,12 +607,6 @@ def _observe(impl: TableScheme, jt: JaggedTensor, group: Optional[dist.ProcessGr
     impl.observe(grad, jt, group)
 
 
-def _ones_then_zeros(n: int, stride: int, device: torch.device) -> torch.Tensor:
-    out = torch.zeros(stride, dtype=torch.int64, device=device)
-    out[:n] = 1
-    return out
-
-
 def _pool(per: torch.Tensor, jt: JaggedTensor, pooling: PoolingType, weighted: bool, batch: int) -> torch.Tensor:
     """Pool per-id rows ``[N, d]`` into ``[B, d]`` bags (SUM or MEAN; weighted: SUM w_i e_i)."""
     lengths = jt.lengths()
@@ -550,3 +630,94 @@ def _check_unique(names: List[str], what: str) -> None:
 def replace_configs(tables: List[EmbeddingBagConfig]) -> List[EmbeddingBagConfig]:
     """Independent copies of ``tables`` (the module mutates feature_names defaults)."""
     return [dataclasses.replace(t, feature_names=list(t.feature_names)) for t in tables]
+
+
+@dataclasses.dataclass
+class SplitState:
+    """What :meth:`CompressedEmbeddingBagCollection.combine` needs from :meth:`~CompressedEmbeddingBagCollection.split`."""
+
+    plan: Plan
+    batch: int
+    counts: torch.Tensor  # [F] ids per feature, plan order
+    jts: Dict[str, JaggedTensor] = dataclasses.field(default_factory=dict)  # the singles' features
+    groups: List[Optional[tuple]] = dataclasses.field(default_factory=list)  # per-value groups: (ids, lengths, weights, feature index, constants)
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        """For TorchRec's pipeline: the tensors outlive the input stream's batch."""
+        self.counts.record_stream(stream)
+        for jt in self.jts.values():
+            jt.record_stream(stream)
+        for gs in self.groups:
+            for t in (gs or ()):
+                for x in (t.values() if isinstance(t, dict) else [t]):
+                    if isinstance(x, torch.Tensor):
+                        x.record_stream(stream)
+
+
+class _InnerBatch:
+    """The virtual features of one inner KJT as they are transformed."""
+
+    def __init__(self, weighted: bool) -> None:
+        self.weighted = weighted
+        self.keys: List[str] = []
+        self.values: List[torch.Tensor] = []
+        self.lengths: List[torch.Tensor] = []
+        self.weights: List[torch.Tensor] = []
+        self.counts: List[int] = []
+        self.known = True  # every key's id count is known on the host
+
+    def add(self, keys: List[str], values: torch.Tensor, lengths: Union[None, torch.Tensor, List[torch.Tensor]],
+            weights: Union[None, torch.Tensor, List[torch.Tensor]], counts: Optional[List[int]]) -> None:
+        """``lengths`` / ``weights``: one tensor, or several laid end to end (no copy until the KJT's)."""
+        self.keys += keys
+        self.values.append(values)
+        if lengths is not None:
+            self.lengths += lengths if isinstance(lengths, list) else [lengths]
+        if self.weighted:
+            self.weights += weights if isinstance(weights, list) else [weights]
+        if counts is None:
+            self.known = False
+        else:
+            self.counts += counts
+
+    def kjt(self, stride: int) -> Optional[KeyedJaggedTensor]:
+        if not self.keys:
+            return None
+        return KeyedJaggedTensor(keys=self.keys, values=_cat(self.values), lengths=_cat(self.lengths),
+                                 weights=_cat(self.weights) if self.weighted else None, stride=stride,
+                                 length_per_key=self.counts if self.known else None)
+
+
+def _cat(tensors: List[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """``torch.cat``, without its op (a copy) for one tensor."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
+
+
+def _split(x: torch.Tensor, widths: List[int]) -> List[torch.Tensor]:
+    return [x] if len(widths) == 1 else list(x.split(widths, dim=1))
+
+
+def _select_columns(x: torch.Tensor, cols: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x[:, cols]``; None: all of them, in order (no copy)."""
+    return x if cols is None else x.index_select(1, cols)
+
+
+def _column(kt: KeyedTensor, key: str) -> torch.Tensor:
+    """``[B, d]`` of one key of ``kt`` (a view)."""
+    i = kt.keys().index(key)
+    return kt.values().narrow(1, kt.offset_per_key()[i], kt.length_per_key()[i])
+
+
+def _pool_group(per: torch.Tensor, lengths: torch.Tensor, weights: Optional[torch.Tensor], pooling: PoolingType,
+                batch: int) -> torch.Tensor:
+    """Per-id rows ``[n, d]`` of F_g features (their ``lengths [F_g, B]``) -> ``[B, F_g * d]``,
+    each feature's bags side by side (SUM or MEAN; weighted: SUM w_i e_i)."""
+    n_f = lengths.shape[0]
+    if weights is not None:
+        per = per * weights.unsqueeze(1).to(per.dtype)
+    flat = lengths.reshape(-1)
+    bag = torch.repeat_interleave(torch.arange(flat.numel(), device=per.device), flat.long(), output_size=per.shape[0])
+    out = torch.zeros(flat.numel(), per.shape[1], dtype=per.dtype, device=per.device).index_add(0, bag, per)
+    if pooling == PoolingType.MEAN:
+        out = out / flat.clamp(min=1).unsqueeze(1).to(out.dtype)
+    return out.view(n_f, batch, per.shape[1]).transpose(0, 1).reshape(batch, n_f * per.shape[1])

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Dict, List, Optional, Protocol, Tuple
+from typing import Callable, Dict, Hashable, List, Optional, Protocol, Tuple, Union
 
 import torch
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
@@ -27,6 +27,9 @@ from torchrec.sparse.jagged_tensor import JaggedTensor
 from ..config import SchemeConfig
 
 _BYTES_PER_ELEMENT = {DataType.FP32: 4, DataType.FP16: 2, DataType.BF16: 2}
+
+# a scheme's constants: ints for one table, or [N] int64 tensors (each id its own table's)
+Constants = Dict[str, Union[int, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -146,9 +149,40 @@ class TableScheme:
     def physical_tables(self) -> List[PhysicalTable]:
         raise NotImplementedError
 
-    def transform(self, values: torch.Tensor) -> List[torch.Tensor]:
-        """``[N]`` logical ids -> one ``[N]`` id tensor per entry of :meth:`feature_suffixes`."""
+    def transform(self, values: torch.Tensor, c: Optional[Constants] = None) -> List[torch.Tensor]:
+        """``[N]`` logical ids -> one ``[N]`` id tensor per entry of :meth:`feature_suffixes`.
+        ``c``: the :meth:`constants` (default: this table's; in a batch, ``[N]`` tensors)."""
         raise NotImplementedError
+
+    # --- batching: the features of every table whose scheme returns the same batch_key() go
+    # through ONE transform and ONE combine (a fixed number of ops whatever their number) ---
+    def batch_key(self) -> Optional[Hashable]:
+        """Equal keys: :meth:`transform` and :meth:`combine` of one of the tables, given the
+        per-id :meth:`constants` of each id's own table, compute every table's (so the key
+        holds whatever else they depend on, e.g. the dims). None: the table's features are
+        transformed and combined one by one (procedures, per-table maps)."""
+        return None
+
+    def constants(self) -> Dict[str, int]:
+        """What tables of one :meth:`batch_key` differ in (rows, hash functions), as ints."""
+        return {}
+
+    def batch_maps(self, index: int) -> Dict[str, torch.Tensor]:
+        """1-D maps a batched :meth:`transform` reads (e.g. FreqThreshold's sorted ids), for this
+        table at ``index`` in its group: the group lays each name's maps end to end, passes the
+        whole in ``c[name]`` and each id's table's start in ``c[name + "_start"]``. Rebuilt only
+        when one of :meth:`map_buffers` changes."""
+        return {}
+
+    def map_buffers(self) -> List[torch.Tensor]:
+        """The buffers :meth:`batch_maps` are made from (their version says when to rebuild)."""
+        return []
+
+    def batch_active(self) -> Optional[List[bool]]:
+        """For a ragged scheme in a batch: which of its virtual features get the ids now (a
+        stage decides it for every id at once, read on the host, e.g. Saec: the warm-up table,
+        then the centroids; the key holds the schedule so a group shares it). None: all."""
+        return None
 
     def feature_suffixes(self) -> List[str]:
         return [s for p in self.physical_tables() for s in p.feature_suffixes()]
@@ -158,7 +192,10 @@ class TableScheme:
         id goes to every physical table (``transform``); ragged schemes send each id to one."""
         return [(ids, jt.lengths(), jt.weights_or_none()) for ids in self.transform(jt.values())]
 
-    def combine(self, parts: List[torch.Tensor], values: torch.Tensor) -> torch.Tensor:
+    def combine(self, parts: List[torch.Tensor], values: Optional[torch.Tensor], c: Optional[Constants] = None) -> torch.Tensor:
+        """Lookups -> embeddings: pooled parts ``[B, d_p]`` -> ``[B, d]`` (in a batch ``[B, F_g, d_p]``
+        -> ``[B, F_g, d]``, ``values`` None: combine along the last dim), or per id ``[N, d_p]``
+        with the ids ``[N]`` and their :meth:`constants`."""
         raise NotImplementedError
 
     def before_combine(self, training: bool) -> None:
@@ -277,8 +314,11 @@ class Uncompressed(TableScheme):
     def physical_tables(self) -> List[PhysicalTable]:
         return [PhysicalTable("", self.table.num_embeddings, self.table.embedding_dim, self.table.init_fn)]
 
-    def transform(self, values: torch.Tensor) -> List[torch.Tensor]:
+    def batch_key(self) -> Hashable:
+        return ("none", self.table.embedding_dim)
+
+    def transform(self, values: torch.Tensor, c: Optional[Constants] = None) -> List[torch.Tensor]:
         return [values]
 
-    def combine(self, parts: List[torch.Tensor], values: torch.Tensor) -> torch.Tensor:
+    def combine(self, parts: List[torch.Tensor], values: Optional[torch.Tensor], c: Optional[Constants] = None) -> torch.Tensor:
         return parts[0]

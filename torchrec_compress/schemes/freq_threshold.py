@@ -13,15 +13,16 @@ statistics given up front instead.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional
+from typing import Dict, Hashable, List, Optional
 
 import torch
 
 from ..config import SchemeConfig, _check_positive_int, _check_steps, register_scheme
-from ..ops import universal_hash, py_hash
-from .base import PhysicalTable, TableAccess, uniform_init
+from ..ops import hash_constants, hash_with, py_hash, universal_hash
+from .base import Constants, PhysicalTable, TableAccess, uniform_init
 from .lifecycle import Scheduled
 
+KEY_SPAN = 1 << 40  # ids of the table at index i of a batch are searched as x + i * KEY_SPAN (num_embeddings < 2^40)
 SHARED_SHARE = 0.05  # share of the row budget given to the shared rows when sizes come from ratio=
 
 
@@ -52,6 +53,8 @@ class FreqThresholdScheme(Scheduled):
     def __init__(self, table, config: FreqThreshold) -> None:
         super().__init__(table, config)
         v, d = table.num_embeddings, table.embedding_dim
+        if v >= KEY_SPAN:
+            raise ValueError(f"table {table.name!r}: FreqThreshold takes up to {KEY_SPAN - 1} rows, got num_embeddings={v}")
         self.id_dtype = torch.int32 if v < 2**31 - 1 else torch.int64
         id_bytes = 4 if self.id_dtype == torch.int32 else 8
         if config.capacity is not None:
@@ -76,16 +79,32 @@ class FreqThresholdScheme(Scheduled):
     def physical_tables(self) -> List[PhysicalTable]:
         return [PhysicalTable("__ft", self.capacity + self.shared, self.table.embedding_dim, uniform_init(self.table))]
 
-    def transform(self, values: torch.Tensor) -> List[torch.Tensor]:
-        """``[N]`` ids -> ``[N]`` rows: position in the frequent set, else F + h(x) mod S."""
-        frequent = self.buffers.frequent_ids
-        pos = torch.searchsorted(frequent, values.to(self.id_dtype))
-        pos_c = pos.clamp(max=self.capacity - 1)
-        hit = frequent[pos_c] == values.to(self.id_dtype)
-        shared = self.capacity + universal_hash(values, self.shared, self.config.seed)
-        return [torch.where(hit, pos_c.to(torch.int64), shared)]
+    def batch_key(self) -> Hashable:
+        return ("freq_threshold", self.table.embedding_dim)
 
-    def combine(self, parts: List[torch.Tensor], values: torch.Tensor) -> torch.Tensor:
+    def constants(self) -> Dict[str, int]:
+        return {"cap": self.capacity, **hash_constants("shared", self.shared, self.config.seed)}
+
+    def batch_maps(self, index: int) -> Dict[str, torch.Tensor]:
+        """The sorted frequent ids as int64 keys ``x + index * KEY_SPAN`` (the sentinel clamped
+        below the next table's): laid end to end, every table's keys stay sorted."""
+        return {"frequent": self.buffers.frequent_ids.long().clamp(max=KEY_SPAN - 1) + index * KEY_SPAN}
+
+    def map_buffers(self) -> List[torch.Tensor]:
+        return [self.buffers.frequent_ids]
+
+    def transform(self, values: torch.Tensor, c: Optional[Constants] = None) -> List[torch.Tensor]:
+        """``[N]`` ids -> ``[N]`` rows: position in the frequent set, else F + h(x) mod S (one
+        binary search over every table of a batch: each id searches its own table's keys)."""
+        if c is None:
+            c = {**self.constants(), **self.batch_maps(0), "frequent_start": 0, "_table": 0}
+        keys, start = c["frequent"], c["frequent_start"]
+        key = values + c["_table"] * KEY_SPAN
+        pos = torch.minimum(torch.searchsorted(keys, key), torch.as_tensor(start + c["cap"] - 1, device=key.device))
+        hit = keys[pos] == key
+        return [torch.where(hit, pos - start, c["cap"] + hash_with(values, c, "shared"))]
+
+    def combine(self, parts: List[torch.Tensor], values: Optional[torch.Tensor], c: Optional[Constants] = None) -> torch.Tensor:
         return parts[0]
 
     @torch.no_grad()

@@ -6,13 +6,13 @@ a row, so a Hashing table also serves open vocabularies.
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional
+from typing import Dict, Hashable, List, Optional
 
 import torch
 
 from ..config import SchemeConfig, _check_positive_int, register_scheme
-from ..ops import universal_hash, py_hash
-from .base import PhysicalTable, TableScheme, uniform_init
+from ..ops import hash_constants, hash_with, py_hash
+from .base import Constants, PhysicalTable, TableScheme, uniform_init
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,11 +45,17 @@ class HashingScheme(TableScheme):
     def physical_tables(self) -> List[PhysicalTable]:
         return [PhysicalTable("__hash", self.rows, self.table.embedding_dim, uniform_init(self.table))]
 
-    def transform(self, values: torch.Tensor) -> List[torch.Tensor]:
-        """``[N]`` ids -> ``[N]`` rows ``h(x) mod m``."""
-        return [universal_hash(values, self.rows, self.config.seed)]
+    def batch_key(self) -> Hashable:
+        return ("hashing", self.table.embedding_dim)
 
-    def combine(self, parts: List[torch.Tensor], values: torch.Tensor) -> torch.Tensor:
+    def constants(self) -> Dict[str, int]:
+        return hash_constants("rows", self.rows, self.config.seed)
+
+    def transform(self, values: torch.Tensor, c: Optional[Constants] = None) -> List[torch.Tensor]:
+        """``[N]`` ids -> ``[N]`` rows ``h(x) mod m``."""
+        return [hash_with(values, c or self.constants(), "rows")]
+
+    def combine(self, parts: List[torch.Tensor], values: Optional[torch.Tensor], c: Optional[Constants] = None) -> torch.Tensor:
         return parts[0]
 
     # --- the plain-torch reference of the paper's equation (the tests compare against it) ----

@@ -32,6 +32,10 @@ class Scheduled(TableScheme):
         super().__init__(table, config)
         self._counting = False
         self._fitted = False  # a host-side memo once the stage says fitted (no read per forward afterwards)
+        # once fitted with every event behind it the schedule is over: steps are counted on the
+        # host (no op, no read per forward) and folded into the buffer when it is read or saved
+        self._done = False
+        self._idle = 0
 
     # --- what a subclass gives ------------------------------------------------------------
     @property
@@ -64,8 +68,15 @@ class Scheduled(TableScheme):
         if not training:
             self._counting = False
             return False
+        if self._done:
+            self._idle += 1
+            return False
         b = self.buffers
         n = int(b.steps)
+        if n > max(self.events(), default=-1) and self.fitted():
+            self._done, self._counting = True, False
+            self._idle += 1
+            return False
         b.steps.add_(1)
         self._step = n
         self._counting = n < self.count_steps and self.stage == 0
@@ -82,7 +93,14 @@ class Scheduled(TableScheme):
 
     STAGES = ("counting", "fitted")
 
+    def flush_steps(self) -> None:
+        """Fold the steps counted on the host into the ``steps`` buffer (before it is read or saved)."""
+        if self._idle:
+            self.buffers.steps.add_(self._idle)
+            self._idle = 0
+
     def status(self) -> Dict[str, object]:
+        self.flush_steps()
         return {"stage": self.STAGES[self.stage], "step": int(self.buffers.steps)}
 
     def counted(self) -> torch.Tensor:

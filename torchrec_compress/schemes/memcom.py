@@ -10,13 +10,13 @@ sharded EBC's input distribution, DESIGN.md section 8).
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional
+from typing import Dict, Hashable, List, Optional
 
 import torch
 
 from ..config import SchemeConfig, _check_positive_int, register_scheme
-from ..ops import universal_hash, py_hash
-from .base import PhysicalTable, TableScheme, ceil_div, constant_init, uniform_init
+from ..ops import hash_constants, hash_with, py_hash
+from .base import Constants, PhysicalTable, TableScheme, ceil_div, constant_init, uniform_init
 
 PACK = 4  # scalars per physical row of the weight table
 
@@ -60,11 +60,17 @@ class MEmComScheme(TableScheme):
             PhysicalTable("__w", self.weight_rows, PACK, constant_init(1.0), role="per-id weights", elementwise_optimizer=True),
         ]
 
-    def transform(self, values: torch.Tensor) -> List[torch.Tensor]:
-        """``[N]`` ids -> (``[N]`` h(x) mod m, ``[N]`` x // 4)."""
-        return [universal_hash(values, self.rows, self.config.seed), torch.div(values, PACK, rounding_mode="floor")]
+    def batch_key(self) -> Hashable:
+        return ("memcom", self.table.embedding_dim)
 
-    def combine(self, parts: List[torch.Tensor], values: torch.Tensor) -> torch.Tensor:
+    def constants(self) -> Dict[str, int]:
+        return hash_constants("rows", self.rows, self.config.seed)
+
+    def transform(self, values: torch.Tensor, c: Optional[Constants] = None) -> List[torch.Tensor]:
+        """``[N]`` ids -> (``[N]`` h(x) mod m, ``[N]`` x // 4)."""
+        return [hash_with(values, c or self.constants(), "rows"), torch.div(values, PACK, rounding_mode="floor")]
+
+    def combine(self, parts: List[torch.Tensor], values: torch.Tensor, c: Optional[Constants] = None) -> torch.Tensor:
         """``[N, d]`` shared rows, ``[N, 4]`` packed weights -> ``[N, d]`` = w[x] * E[h(x)]."""
         shared, packed = parts
         w = packed.gather(1, torch.remainder(values, PACK).unsqueeze(1))

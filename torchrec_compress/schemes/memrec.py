@@ -12,13 +12,13 @@ alpha starts at 1; the product makes this a per-id scheme.
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional
+from typing import Dict, Hashable, List, Optional
 
 import torch
 
 from ..config import SchemeConfig, _check_positive_int, register_scheme
-from ..ops import universal_hash, py_hash
-from .base import PhysicalTable, TableScheme, ceil_div, constant_init, uniform_init
+from ..ops import hash_constants, hash_with, py_hash
+from .base import Constants, PhysicalTable, TableScheme, ceil_div, constant_init, uniform_init
 
 PACK = 4
 WEIGHT_SHARE = 0.1  # share of the budget given to the weight table when sizes come from ratio=
@@ -81,20 +81,33 @@ class MemRecScheme(TableScheme):
                           role="hashed weights", lookups=self.config.weight_hashes, elementwise_optimizer=self.pack > 1),
         ]
 
-    def _weight_slots(self, values: torch.Tensor) -> List[torch.Tensor]:
+    def batch_key(self) -> Hashable:
+        return ("memrec", self.table.embedding_dim, self.config.hashes, self.config.weight_hashes, self.config.weight_dim)
+
+    def constants(self) -> Dict[str, int]:
+        """The K token hashes ``h{k}`` (seed * 1000 + k, m rows) and K' weight hashes ``g{j}`` (W slots)."""
+        out: Dict[str, int] = {}
+        for k in range(self.config.hashes):
+            out.update(hash_constants(f"h{k}", self.rows, self.config.seed * 1000 + k))
+        for j in range(self.config.weight_hashes):
+            out.update(hash_constants(f"g{j}", self.weight_rows, weight_seed(self.config.seed, j)))
+        return out
+
+    def _weight_slots(self, values: torch.Tensor, c: Constants) -> List[torch.Tensor]:
         """K' x ``[N]`` weight slots g_j(x) in [0, W)."""
-        return [universal_hash(values, self.weight_rows, weight_seed(self.config.seed, j)) for j in range(self.config.weight_hashes)]
+        return [hash_with(values, c, f"g{j}") for j in range(self.config.weight_hashes)]
 
-    def transform(self, values: torch.Tensor) -> List[torch.Tensor]:
+    def transform(self, values: torch.Tensor, c: Optional[Constants] = None) -> List[torch.Tensor]:
         """``[N]`` ids -> K x ``[N]`` token rows h_k(x), then K' x ``[N]`` weight rows g_j(x) // pack."""
-        toks = [universal_hash(values, self.rows, self.config.seed * 1000 + k) for k in range(self.config.hashes)]
-        return toks + [torch.div(s, self.pack, rounding_mode="floor") for s in self._weight_slots(values)]
+        c = c or self.constants()
+        toks = [hash_with(values, c, f"h{k}") for k in range(self.config.hashes)]
+        return toks + [torch.div(s, self.pack, rounding_mode="floor") for s in self._weight_slots(values, c)]
 
-    def combine(self, parts: List[torch.Tensor], values: torch.Tensor) -> torch.Tensor:
+    def combine(self, parts: List[torch.Tensor], values: torch.Tensor, c: Optional[Constants] = None) -> torch.Tensor:
         """K x ``[N, d]`` token rows, K' x (``[N, 4]`` packed scalars or ``[N, d]`` vectors) -> ``[N, d]``."""
         toks, alphas = parts[:self.config.hashes], parts[self.config.hashes:]
         if self.pack > 1:
-            alphas = [a.gather(1, torch.remainder(s, self.pack).unsqueeze(1)) for a, s in zip(alphas, self._weight_slots(values))]
+            alphas = [a.gather(1, torch.remainder(s, self.pack).unsqueeze(1)) for a, s in zip(alphas, self._weight_slots(values, c or self.constants()))]
         return torch.stack(alphas).sum(dim=0) * torch.stack(toks).sum(dim=0)
 
     # --- the plain-torch reference of the paper's equation (the tests compare against it) ----

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import List, Optional
+from typing import Dict, Hashable, List, Optional
 
 import torch
 
 from ..config import SchemeConfig, _check_positive_int, register_scheme
-from .base import PhysicalTable, TableScheme, ceil_div, constant_init, uniform_init
+from .base import Constants, PhysicalTable, TableScheme, ceil_div, constant_init, uniform_init
 
 COMBINERS = ("mult", "add", "concat")
 
@@ -69,17 +69,24 @@ class QRScheme(TableScheme):
             PhysicalTable("__r", self.buckets, self.dim, uniform_init(self.table)),
         ]
 
-    def transform(self, values: torch.Tensor) -> List[torch.Tensor]:
-        """``[N]`` ids -> (``[N]`` x // m, ``[N]`` x mod m)."""
-        return [torch.div(values, self.buckets, rounding_mode="floor"), torch.remainder(values, self.buckets)]
+    def batch_key(self) -> Hashable:
+        return ("qr", self.config.combiner, self.table.embedding_dim)
 
-    def combine(self, parts: List[torch.Tensor], values: torch.Tensor) -> torch.Tensor:
+    def constants(self) -> Dict[str, int]:
+        return {"m": self.buckets}
+
+    def transform(self, values: torch.Tensor, c: Optional[Constants] = None) -> List[torch.Tensor]:
+        """``[N]`` ids -> (``[N]`` x // m, ``[N]`` x mod m)."""
+        m = (c or self.constants())["m"]
+        return [torch.div(values, m, rounding_mode="floor"), torch.remainder(values, m)]
+
+    def combine(self, parts: List[torch.Tensor], values: Optional[torch.Tensor], c: Optional[Constants] = None) -> torch.Tensor:
         q, r = parts
         if self.config.combiner == "mult":
             return q * r
         if self.config.combiner == "add":
             return q + r
-        return torch.cat([q, r], dim=1)
+        return torch.cat([q, r], dim=-1)
 
     # --- the plain-torch reference of the paper's equation (the tests compare against it) ----
     @staticmethod

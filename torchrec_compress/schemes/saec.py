@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Hashable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -38,7 +38,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from ..config import SchemeConfig, _check_positive_int, _check_steps, register_scheme
 from ..ops import universal_hash
-from .base import PhysicalTable, TableAccess, ragged_parts, uniform_init
+from .base import Constants, PhysicalTable, TableAccess, ragged_parts, uniform_init
 from .lifecycle import Scheduled
 
 
@@ -106,9 +106,25 @@ class SaecScheme(Scheduled):
         v, d = self.table.num_embeddings, self.table.embedding_dim
         return [PhysicalTable("__warm", v, d, uniform_init(self.table), role="warm-up (training only)"), centroids]
 
-    def transform(self, values: torch.Tensor) -> List[torch.Tensor]:
-        """``[N]`` ids -> ``[N]`` cluster rows (and the ids themselves for the warm-up table)."""
-        rows = self.buffers.cluster_of[values].to(torch.int64)
+    def batch_key(self) -> Hashable:
+        return ("saec", self.table.embedding_dim, self.config.warm_steps)
+
+    def batch_maps(self, index: int) -> Dict[str, torch.Tensor]:
+        return {"cluster_of": self.buffers.cluster_of}
+
+    def map_buffers(self) -> List[torch.Tensor]:
+        return [self.buffers.cluster_of]
+
+    def batch_active(self) -> Optional[List[bool]]:
+        if not self.config.warm_steps:
+            return None
+        clustered = self.fitted()
+        return [not clustered, clustered]
+
+    def transform(self, values: torch.Tensor, c: Optional[Constants] = None) -> List[torch.Tensor]:
+        """``[N]`` ids -> ``[N]`` cluster rows (and the ids themselves for the warm-up table);
+        in a batch every id reads its own table's map (``c``: the maps laid end to end)."""
+        rows = (self.buffers.cluster_of[values] if c is None else c["cluster_of"][values + c["cluster_of_start"]]).to(torch.int64)
         return [values, rows] if self.config.warm_steps else [rows]
 
     def route(self, jt: JaggedTensor):
@@ -119,7 +135,7 @@ class SaecScheme(Scheduled):
         clustered = (self.buffers.stage >= self.FITTED).to(values.device).expand(values.shape)  # host stage: a copy, no sync
         return ragged_parts(jt, torch.stack(self.transform(values), dim=1), [~clustered, clustered])
 
-    def combine(self, parts: List[torch.Tensor], values: torch.Tensor) -> torch.Tensor:
+    def combine(self, parts: List[torch.Tensor], values: Optional[torch.Tensor], c: Optional[Constants] = None) -> torch.Tensor:
         return parts[0] if len(parts) == 1 else parts[0] + parts[1]
 
     def table_bytes(self) -> int:  # the deployed centroids; the warm-up table is training memory

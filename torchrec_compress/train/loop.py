@@ -92,12 +92,15 @@ def shard_for_training(
     scheme_lr_scale: Optional[float] = None,
     plan: Optional[ShardingPlan] = None,
     sparse_optimizer: str = "rowwise_adagrad",
+    pipelineable: bool = False,
 ) -> Tuple[DistributedModelParallel, torch.optim.Optimizer]:
     """A fused ``sparse_optimizer`` (FBGEMM, inside backward) on the tables of every EBC
     inside ``embeddings``, DMP over the current process group (``plan``, default: every table
     ``sharding_type``), Adagrad on everything else (dense layers; schemes' small parameters
     such as MPE's logits at ``scheme_lr_scale`` x ``lr_dense``, default each scheme's own
-    ``parameter_lr_scale``). Returns ``(dmp, dense_optimizer)``."""
+    ``parameter_lr_scale``). ``pipelineable``: compressed modules sharded as one module, so
+    ``TrainPipelineSparseDist`` runs their transform in its input distribution. Returns
+    ``(dmp, dense_optimizer)``."""
     if sparse_optimizer not in SPARSE_OPTIMIZERS:
         raise ValueError(f"sparse_optimizer {sparse_optimizer!r}; use one of {sorted(SPARSE_OPTIMIZERS)}")
     # packed per-id scalars (MEmCom's, Mem-Rec's weights) get element-wise Adagrad under
@@ -112,7 +115,8 @@ def shard_for_training(
     with warnings.catch_warnings():  # torchrec's own DDP wrapper uses a deprecated argument
         warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
         dmp = DistributedModelParallel(
-            model, device=device, plan=plan or uniform_plan(model, sharding_type, world, device_type=device.type), sharders=sharders()
+            model, device=device, sharders=sharders(pipelineable=pipelineable),
+            plan=plan or uniform_plan(model, sharding_type, world, device_type=device.type, pipelineable=pipelineable),
         )
     dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
     scales = scheme_lr_scales(dmp)
