@@ -54,9 +54,20 @@ class Scheduled(TableScheme):
             out["counts"] = torch.zeros(self.table.num_embeddings, dtype=torch.int32)
         return out
 
+    def _host_int(self, name: str) -> int:
+        """A 0-dim counter buffer's value, read once per change: the buffer's version (bumped
+        by every in-place write: the scheme's own, load_state_dict, DCP's load) says when."""
+        b = getattr(self.buffers, name)
+        key = (id(b), b._version)
+        memo = self.__dict__.setdefault("_memo", {}).get(name)
+        if memo is None or memo[0] != key:
+            memo = (key, int(b))
+            self._memo[name] = memo
+        return memo[1]
+
     @property
     def stage(self) -> int:
-        return int(self.buffers.stage)
+        return self._host_int("stage")
 
     def fitted(self) -> bool:
         if not self._fitted:
@@ -72,12 +83,13 @@ class Scheduled(TableScheme):
             self._idle += 1
             return False
         b = self.buffers
-        n = int(b.steps)
+        n = self._host_int("steps")
         if n > max(self.events(), default=-1) and self.fitted():
             self._done, self._counting = True, False
             self._idle += 1
             return False
         b.steps.add_(1)
+        self._memo["steps"] = ((id(b.steps), b.steps._version), n + 1)
         self._step = n
         self._counting = n < self.count_steps and self.stage == 0
         return n in self.events()

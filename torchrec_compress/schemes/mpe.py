@@ -265,7 +265,7 @@ class MPEScheme(Scheduled):
     def combine(self, parts: List[torch.Tensor], values: torch.Tensor) -> torch.Tensor:
         """``[N, d]`` fp32 rows -> ``[N, d]`` quantized rows (the width mixture while searching)."""
         w = parts[0]
-        stage = int(self.buffers.stage)
+        stage = self.stage
         if stage == COUNT:  # plain fp32 training while the ids are counted
             return w + self._unused()
         g = self.buffers.group_of[values].long()
@@ -302,7 +302,7 @@ class MPEScheme(Scheduled):
     def penalty(self) -> torch.Tensor:
         """penalty * SUM_g SUM_b p_gb b / cnt_g while the expected bits exceed the budget
         (0 within it, and once retraining): the search's memory term."""
-        if int(self.buffers.stage) != SEARCH:
+        if self.stage != SEARCH:
             return torch.zeros((), device=self.buffers.logits.device)
         probs = torch.softmax(self.buffers.logits / self.config.temperature, dim=1)
         bits = torch.tensor(self.candidates, dtype=probs.dtype, device=probs.device)
