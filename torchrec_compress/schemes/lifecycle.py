@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from ..distributed.collectives import all_gather_id_counts
+from ..distributed.collectives import all_gather_id_counts, world
 from .base import TableScheme
 
 
@@ -100,8 +100,12 @@ class Scheduled(TableScheme):
 
     @torch.no_grad()
     def see(self, values: torch.Tensor, group: Optional[dist.ProcessGroup]) -> None:
-        ids, counts = all_gather_id_counts(values, group)
-        self.buffers.counts.index_add_(0, ids.to(self.buffers.counts.device), counts.to(torch.int32).to(self.buffers.counts.device))
+        counts = self.buffers.counts
+        if world(group) == 1:  # index_add sums the duplicates itself: no unique (a sort)
+            counts.index_add_(0, values.to(counts.device), torch.ones_like(values, dtype=counts.dtype, device=counts.device))
+            return
+        ids, n = all_gather_id_counts(values, group)
+        counts.index_add_(0, ids.to(counts.device), n.to(counts.dtype).to(counts.device))
 
     STAGES = ("counting", "fitted")
 
