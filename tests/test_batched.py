@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
+from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
 from torchrec_compress import QR, CompressedEmbeddingBagCollection, FreqThreshold, Hashing, MEmCom, MemRec, MixedDim, Saec, fit_
 from torchrec_compress.modules.batched import Plan
@@ -110,44 +110,19 @@ def test_empty_features_and_bags():
     torch.testing.assert_close(m(kjt).values(), ref(kjt).values())
 
 
-def _dmp_counts(name: str, n_features: int, batch: int = 8):
-    from torchrec_compress.benchmarks.speed import _Emb, step_counts
-    from torchrec_compress.config import presets
-    from torchrec_compress.data.synthetic import SyntheticCriteo
-    from torchrec_compress.models import logical_tables
-    from torchrec_compress.train.loop import shard_for_training
-
-    cards = [2000 + 37 * i for i in range(n_features)]
-    tables = logical_tables([f"cat_{i}" for i in range(n_features)], cards, 16)
-    data = [b.sparse_features for b in SyntheticCriteo(cards, batch, 2, seed=0)]
-    ebc = (EmbeddingBagCollection(tables, device=torch.device("meta")) if name == "stock" else
-           CompressedEmbeddingBagCollection(tables, {t.name: presets()[name](10, 16) for t in tables}, device=torch.device("meta")))
-    model = _Emb(ebc)
-    dmp, opt = shard_for_training(model, model, lr_sparse=0.01, lr_dense=0.01)
-    g = torch.randn(batch, 16 * n_features)
-
-    def step(kjt):
-        (dmp(kjt) * g).sum().backward()
-        opt.step()
-        opt.zero_grad()
-
-    step(data[0])
-    return step_counts(step, data[1])
-
-
 @pytest.mark.slow
 def test_ops_per_step_do_not_grow_with_the_features():
     """One training step under a 1-process DMP (fused row-wise Adagrad), every table compressed:
     ops (aten/fbgemm, a profiler trace) the same for 26 and 52 features; host syncs at most
     stock's + 1 (a second FBGEMM TBE's bounds check where a scheme has an element-wise
-    optimizer table); the pooled schemes within 3x stock's ops. Batch 8 keeps every zeroed
-    buffer under PyTorch's memset threshold (above it zero_ adds a fill_ op: a CPU artefact)."""
+    optimizer table); the pooled schemes within 3x stock's ops (batch 8: see scaling_counts)."""
+    from torchrec_compress.benchmarks.speed import scaling_counts
     from torchrec_compress.train.loop import local_process_group
 
     with local_process_group():
-        stock = _dmp_counts("stock", 26)
+        stock = scaling_counts("stock", 26)
         for name in ("hashing", "qr_add", "qr", "memcom", "memrec"):
-            c26, c52 = _dmp_counts(name, 26), _dmp_counts(name, 52)
+            c26, c52 = scaling_counts(name, 26), scaling_counts(name, 52)
             assert c26["ops"] == c52["ops"], (name, c26, c52)
             assert c26["syncs"] == c52["syncs"] <= stock["syncs"] + 1, (name, c26, stock)
             if name in ("hashing", "qr_add"):

@@ -65,3 +65,14 @@ def test_gpu_bench_script_runs_on_cpu(tmp_path):
     res = json.loads(out.read_text())
     assert res["device"] == "cpu" and set(res["runs"]) == {"stock", "hashing"}
     assert res["runs"]["hashing"]["syncs_per_step"] >= res["runs"]["stock"]["syncs_per_step"] and "infer_s" in res["runs"]["stock"]
+
+
+def test_bench_speed_step_counts_cli(tmp_path, capsys):
+    """`bench speed --step-counts`: syncs and ops per step, 26 vs 52 features, during and after the procedure."""
+    out = tmp_path / "c.json"
+    main(["bench", "speed", "--step-counts", "--schemes", "hashing", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert set(res["rows"]) == {"stock", "hashing"} and "F26_warm2" in capsys.readouterr().out
+    for name, r in res["rows"].items():
+        assert r["F26_warm2"]["ops"] == r["F52_warm2"]["ops"] == r["F52_warm200"]["ops"], (name, r)
+        assert r["F26_warm2"]["syncs"] <= res["rows"]["stock"]["F26_warm2"]["syncs"]

@@ -136,6 +136,52 @@ def step_counts(step: Callable[[object], None], batch: object, device: torch.dev
     return out
 
 
+def scaling_counts(name: str, n_features: int, batch: int = 8, warm: int = 2, dim: int = 16, ratio: float = 10.0) -> Dict[str, int]:
+    """:func:`step_counts` of one training step (1-process DMP, fused row-wise Adagrad) after
+    ``warm`` steps, ``n_features`` tables of 2000-4000 rows, every one compressed with preset
+    ``name`` ("stock": TorchRec's EBC). Batch 8 keeps every zeroed buffer under PyTorch's
+    memset threshold (above it ``zero_`` adds a ``fill_`` op: a CPU artefact)."""
+    cards = [2000 + 37 * i for i in range(n_features)]
+    tables = _tables(cards, dim)
+    data = [b.sparse_features for b in SyntheticCriteo(cards, batch, 2, seed=0)]
+    ebc = (EmbeddingBagCollection(tables, device=torch.device("meta")) if name == "stock" else
+           CompressedEmbeddingBagCollection(tables, {t.name: presets()[name](ratio, dim) for t in tables}, device=torch.device("meta")))
+    model = _Emb(ebc)
+    dmp, opt = shard_for_training(model, model, lr_sparse=0.01, lr_dense=0.01)
+    g = torch.randn(batch, dim * n_features)
+
+    def step(kjt):  # type: ignore[no-untyped-def]
+        (dmp(kjt) * g).sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+    for _ in range(warm):
+        step(data[0])
+    return step_counts(step, data[1])
+
+
+def bench_step_counts(schemes: Sequence[str], features: Sequence[int] = (26, 52), warms: Sequence[int] = (2, 200)) -> Dict[str, object]:
+    """Host syncs and ops per training step of every scheme and stock, for each number of
+    features and after each number of warm-up steps (2: the procedures still count / search;
+    200: FreqThreshold, Saec, MPE past their last event, FIITED between re-plans)."""
+    rows: Dict[str, Dict[str, Dict[str, int]]] = {}
+    with local_process_group():
+        for name in ["stock", *schemes]:
+            for w in warms:
+                for n in features:
+                    rows.setdefault(name, {})[f"F{n}_warm{w}"] = scaling_counts(name, n, warm=w)
+    return {"features": list(features), "warms": list(warms), "rows": rows, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def format_step_counts(res: Dict[str, object]) -> str:
+    stock = res["rows"]["stock"]
+    head = ["scheme"] + [f"{k}: syncs / ops (x stock)" for k in next(iter(res["rows"].values()))]
+    rows = []
+    for name, r in res["rows"].items():
+        rows.append([name] + [f"{c['syncs']} / {c['ops']} ({c['ops'] / stock[k]['ops']:.1f}x)" for k, c in r.items()])
+    return tabulate(rows, headers=head, tablefmt="github")
+
+
 def _timed(step: Callable[[object], None], batches: Sequence[object], device: torch.device = torch.device("cpu")) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
