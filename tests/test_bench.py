@@ -76,3 +76,14 @@ def test_bench_speed_step_counts_cli(tmp_path, capsys):
     for name, r in res["rows"].items():
         assert r["F26_warm2"]["ops"] == r["F52_warm2"]["ops"] == r["F52_warm200"]["ops"], (name, r)
         assert r["F26_warm2"]["syncs"] <= res["rows"]["stock"]["F26_warm2"]["syncs"]
+
+
+def test_bench_speed_two_ranks(tmp_path, capsys):
+    """`bench speed --ranks 2`: the training steps on 2 gloo ranks, stock beside the scheme."""
+    out = tmp_path / "s2.json"
+    main(["bench", "speed", "--ranks", "2", "--max-rows", "20000", "--dim", "16", "--batch-size", "64", "--batches", "2",
+          "--reps", "1", "--schemes", "hashing", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["ranks"] == 2 and set(res["runs"]) == {"stock", "hashing"} and "2 gloo ranks" in capsys.readouterr().out
+    assert all(r["train_samples_s"] > 0 and r["pipe_samples_s"] > 0 and not r["infer_s"] for r in res["runs"].values())
+    assert res["runs"]["hashing"]["syncs_per_step"] <= res["runs"]["stock"]["syncs_per_step"] + 1

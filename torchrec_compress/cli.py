@@ -100,6 +100,7 @@ def _parser(argv: Optional[List[str]] = None) -> argparse.ArgumentParser:
     bs.add_argument("--reps", type=_positive_int, default=3)
     bs.add_argument("--schemes", default="hashing,qr,qr_add,memcom,memrec,freq_threshold,fiited", help=f"comma-separated, from: {names}")
     bs.add_argument("--out", default=None, help="results JSON")
+    bs.add_argument("--ranks", type=_positive_int, default=1, help="training steps on this many gloo ranks (no inference)")
     bs.add_argument("--step-counts", action="store_true",
                     help="instead: host syncs and ops per training step of each scheme, 26 vs 52 features, while its "
                          "procedure runs (2 warm-up steps) and after it (200)")
@@ -168,7 +169,8 @@ def main(argv: Optional[List[str]] = None) -> None:
             print(format_step_counts(res))
         else:
             res = bench_speed(sizes=args.sizes, max_rows=args.max_rows if args.max_rows > 0 else None, dim=args.dim,
-                              ratio=args.ratio, batch=args.batch_size, batches=args.batches, reps=args.reps, schemes=schemes)
+                              ratio=args.ratio, batch=args.batch_size, batches=args.batches, reps=args.reps, schemes=schemes,
+                              ranks=args.ranks, inference=args.ranks == 1)
             print(format_speed(res))
         if args.out:
             with open(args.out, "w") as f:

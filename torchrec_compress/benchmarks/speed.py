@@ -196,10 +196,24 @@ def _timed(step: Callable[[object], None], batches: Sequence[object], device: to
 def bench_speed(sizes: str = "kaggle", max_rows: Optional[int] = 2_000_000, dim: int = 64, ratio: float = 10.0, batch: int = 2048,
                 batches: int = 8, reps: int = 3, schemes: Sequence[str] = SPEED_DEFAULT, min_rows: int = 10_000,
                 stock_limit_bytes: int = 8 * 2**30, device: str = "cpu", inference: bool = True,
-                pipeline: bool = True) -> Dict[str, object]:
+                pipeline: bool = True, ranks: int = 1) -> Dict[str, object]:
     """Samples/s of a training step (on ``device``, one process) and, with ``inference``, of
     inference lookups (exported, on CPU) per scheme and for stock TorchRec; with ``pipeline``
-    also of the same step under TorchRec's ``TrainPipelineSparseDist`` (``pipe_s``)."""
+    also of the same step under TorchRec's ``TrainPipelineSparseDist`` (``pipe_s``).
+    ``ranks > 1``: the training steps on that many gloo ranks (tables sharded table-wise,
+    ``batch`` per rank; samples/s are global, counts and times rank 0's; no inference)."""
+    if ranks > 1:
+        from ..testing.multiprocess import run_on_ranks
+
+        kw = dict(sizes=sizes, max_rows=max_rows, dim=dim, ratio=ratio, batch=batch, batches=batches, reps=reps,
+                  schemes=list(schemes), min_rows=min_rows, stock_limit_bytes=stock_limit_bytes, device=device,
+                  inference=False, pipeline=pipeline)
+        res = run_on_ranks(_speed_on_rank, kw, world_size=ranks)[0]
+        for r in res["runs"].values():
+            for k in ("train_samples_s", "pipe_samples_s"):
+                if k in r:
+                    r[k] *= ranks
+        return {**res, "ranks": ranks}
     dev = torch.device(device)
     cards = [v if max_rows is None else min(v, max_rows) for v in SIZES[sizes]]
     tables = _tables(cards, dim)
@@ -276,9 +290,13 @@ def bench_speed(sizes: str = "kaggle", max_rows: Optional[int] = 2_000_000, dim:
             r["ops_vs_stock"] = r["ops_per_step"] / stock["ops_per_step"]
             if "pipe_samples_s" in r and "pipe_samples_s" in stock:
                 r["pipe_vs_stock"] = r["pipe_samples_s"] / stock["pipe_samples_s"]
-    return {"device": str(dev), "pipeline": pipeline, "sizes": sizes, "max_rows": max_rows, "dim": dim, "ratio": ratio, "batch": batch, "batches": batches, "reps": reps,
+    return {"device": str(dev), "pipeline": pipeline, "ranks": 1, "sizes": sizes, "max_rows": max_rows, "dim": dim, "ratio": ratio, "batch": batch, "batches": batches, "reps": reps,
             "full_bytes": full_bytes, "stock_fits": full_bytes <= stock_limit_bytes, "copy_bandwidth_bytes_s": bw,
             "runs": runs, "torch_threads": torch.get_num_threads(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def _speed_on_rank(rank: int, world: int, kw: Dict[str, object]) -> Dict[str, object]:
+    return bench_speed(**kw)
 
 
 def format_speed(res: Dict[str, object], fmt: str = "simple") -> str:
@@ -293,7 +311,8 @@ def format_speed(res: Dict[str, object], fmt: str = "simple") -> str:
                      r["syncs_per_step"], f"{r['ops_per_step']} ({vs['ops_vs_stock']})",
                      f"{r['infer_samples_s']:,.0f}" if "infer_samples_s" in r else "-", vs["infer_vs_stock"],
                      f"{r['infer_emb_bytes_s'] / res['copy_bandwidth_bytes_s']:.1%}" if "infer_samples_s" in r else "-"])
-    head = (f"{res['sizes']} sizes (max rows {res['max_rows']}), dim {res['dim']}, batch {res['batch']}, {res['reps']} interleaved reps; "
+    head = (f"{res['sizes']} sizes (max rows {res['max_rows']}), dim {res['dim']}, batch {res['batch']}"
+            f"{' per rank, %d gloo ranks (global samples/s)' % res['ranks'] if res.get('ranks', 1) > 1 else ''}, {res['reps']} interleaved reps; "
             f"copy bandwidth {res['copy_bandwidth_bytes_s'] / 1e9:.1f} GB/s")
     if not res["stock_fits"]:
         head += f"; stock TorchRec not run: {res['full_bytes'] / 2**30:.1f} GiB of fp32 tables do not fit"
