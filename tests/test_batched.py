@@ -127,3 +127,34 @@ def test_ops_per_step_do_not_grow_with_the_features():
             assert c26["syncs"] == c52["syncs"] <= stock["syncs"] + 1, (name, c26, stock)
             if name in ("hashing", "qr_add"):
                 assert c26["ops"] <= 3 * stock["ops"], (name, c26, stock)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_direct_plan_returns_the_inner_output_itself(weighted):
+    """Every feature one identity lookup (uncompressed, Hashing, FreqThreshold): the inner KJT is
+    permuted into the module's order and the inner EBC's output is the module's output, no copy."""
+    tables = [t for t in _tables() if t.name in ("t_plain", "t_h1", "t_plain16", "t_h2", "t_freq", "t_freq2")]
+    if weighted:
+        tables = [EmbeddingBagConfig(**{**t.__dict__, "pooling": PoolingType.SUM}) for t in tables]
+    schemes = {k: v for k, v in SCHEMES.items() if k in {t.name for t in tables}}
+    m = CompressedEmbeddingBagCollection(copy.deepcopy(tables), schemes, is_weighted=weighted)
+    fit_(m, [random_bags(tables, 16, seed=7, weighted=weighted).kjt()])
+    ref = copy.deepcopy(m)
+    kjt = random_bags(tables, 6, seed=1, weighted=weighted).kjt()
+    keys = list(kjt.keys())
+    shuffled = kjt.permute([keys.index(k) for k in reversed(keys)])
+    assert m._plan(tuple(keys)).direct and m._plan(tuple(shuffled.keys())).direct
+    _one_by_one(ref, keys)
+    want = ref(kjt)
+    for k in (kjt, shuffled):
+        state, pooled_kjt, per_id_kjt = m.split(k)
+        assert per_id_kjt is None and pooled_kjt.keys() == [c for cfg in m._pooled_cfgs for c in cfg.feature_names]
+        inner = m.pooled(pooled_kjt)
+        got = m.combine(state, inner, None)
+        assert got.values() is inner.values() and got.keys() == want.keys()
+        torch.testing.assert_close(got.values(), want.values())
+    g = torch.randn_like(want.values())
+    (m(shuffled).values() * g).sum().backward()
+    (want.values() * g).sum().backward()
+    for (n, p), (_, q) in zip(m.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=n)

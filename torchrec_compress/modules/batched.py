@@ -141,6 +141,13 @@ class Plan:
         self.features = plan_features
         self.identity = self.order == list(range(len(keys)))
         self.position = {f: p for p, f in enumerate(plan_features)}
+        # direct: every feature one lookup whose combine is the identity (no per-id, no single):
+        # the inner KJT goes in the module's order and the inner output IS the module's output
+        self.direct = not singles and all(not g.per_value and len(g.suffixes) == 1 and g.scheme.identity_combine
+                                          for g in self.groups)
+        self.to_output_order = [self.position[f] for f in output_names]  # plan position of each output feature
+        suffix = {f: g.suffixes[0] for g in self.groups for f in g.features}
+        self.direct_keys = [f"{f}{suffix[f]}" for f in output_names] if self.direct else []
         self._dims = {f: feature_table[f].embedding_dim for f in output_names}
         self._table = {f: feature_table[f].name for f in output_names}
         self._n_phys = {feature_table[f].name: len(schemes[feature_table[f].name].physical_tables()) for f in output_names}
@@ -148,11 +155,13 @@ class Plan:
         self._device: Dict[object, Optional[torch.Tensor]] = {}
 
     def inner_table_order(self) -> List[Tuple[List[str], int]]:
-        """(tables, physical tables each) in the order the inner EBCs should hold them: each
-        group's i-th physical tables side by side (its inner keys are then the inner EBC's own
-        order: no permute in TorchRec's input distribution, no reorder of its output), then
-        each single's."""
+        """(tables, physical tables each) in the order the inner EBCs should hold them: a direct
+        plan's in the module's order; else each group's i-th physical tables side by side (its
+        inner keys are then the inner EBC's own order: no permute in TorchRec's input
+        distribution, one split of its output), then each single's."""
         out: List[Tuple[List[str], int]] = []
+        if self.direct:
+            return [([t], 1) for t in dict.fromkeys(self._table[f] for f in self._output)]
         for g in self.groups:
             out.append((list(dict.fromkeys(self._table[f] for f in g.features)), len(g.scheme.physical_tables())))
         for f in self.singles:
@@ -160,6 +169,15 @@ class Plan:
             if all(t not in names for names, _ in out):
                 out.append(([t], self._n_phys[t]))
         return out
+
+    def to_output(self, device: torch.device) -> Optional[torch.Tensor]:
+        """``[F]`` plan position of each output feature (None: the plan order is the output's)."""
+        if self.to_output_order == list(range(len(self.features))):
+            return None
+        key = ("to_output", device)
+        if key not in self._device:
+            self._device[key] = torch.tensor(self.to_output_order, dtype=torch.int32, device=device)
+        return self._device[key]
 
     def permute(self, device: torch.device) -> Optional[torch.Tensor]:
         """``[F]`` input key index of each plan position (None: the input order already)."""
@@ -178,14 +196,47 @@ class Plan:
             self._device[key] = None if list(kt.keys()) == list(wanted) else column_index(kt.keys(), kt.length_per_key(), wanted, kt.values().device)
         return self._device[key]
 
-    def output_columns(self, device: torch.device) -> Optional[torch.Tensor]:
-        """Columns of the plan-ordered output in the module's logical order (None: the same)."""
+    def output_columns(self, device: torch.device) -> Optional[Tuple[torch.Tensor, torch.Tensor, int]]:
+        """(the permutation taking the plan-ordered output to the module's logical order, its
+        inverse, the width it moves: every feature's dim when they are all equal, so whole
+        ``[B, d]`` blocks move, else 1 column); None: the same order."""
         if self.features == self._output:
             return None
         key = ("output", device)
         if key not in self._device:
-            self._device[key] = column_index(self.features, [self._dims[f] for f in self.features], self._output, device)
+            dims = {self._dims[f] for f in self.features}
+            if len(dims) == 1:
+                perm = torch.tensor([self.position[f] for f in self._output], dtype=torch.int64, device=device)
+                width = dims.pop()
+            else:
+                perm = column_index(self.features, [self._dims[f] for f in self.features], self._output, device)
+                width = 1
+            self._device[key] = (perm, torch.argsort(perm), width)
         return self._device[key]
+
+    def blocks(self, kind: str, kt: KeyedTensor) -> Tuple[Optional[List[torch.Tensor]], Dict[str, torch.Tensor]]:
+        """``kt``'s values in one split (its backward is one cat; a slice's or a gather's would
+        zero-fill the whole width): each group's columns (groups of ``kind``, "pooled" or
+        "per_id"; other groups get None) when ``kt``'s keys start with the groups' in the plan's
+        order (the inner EBCs are built so), else None; and every other key's ``[B, d]``."""
+        key = ("blocks", kind, tuple(kt.keys()))
+        if key not in self._device:
+            mine = [(g.per_value == (kind == "per_id")) for g in self.groups]
+            group_keys = [k for g, m in zip(self.groups, mine) if m for k in g.keys()]
+            n = len(group_keys)
+            keys, dims = list(kt.keys()), kt.length_per_key()
+            if keys[:n] == group_keys:
+                widths = [sum(g.size * d for d in g.part_dims) for g, m in zip(self.groups, mine) if m]
+                self._device[key] = (mine, widths + dims[n:], keys[n:])
+            else:  # the groups gather their columns; the singles' keys (if any) come from one split
+                ours = set(group_keys)
+                self._device[key] = (None, dims, keys if any(k not in ours for k in keys) else [])
+        mine, widths, rest = self._device[key]
+        if mine is None:
+            return None, dict(zip(rest, kt.values().split(widths, dim=1))) if rest else {}
+        parts = kt.values().split(widths, dim=1)
+        it = iter(parts[:len(widths) - len(rest)])
+        return [next(it) if m else None for m in mine], dict(zip(rest, parts[len(widths) - len(rest):]))
 
 
 def column_index(keys: Sequence[str], dims: Sequence[int], wanted: Sequence[str], device: torch.device) -> torch.Tensor:

@@ -261,7 +261,22 @@ class CompressedEmbeddingBagCollection(nn.Module):
                 continue
             for s, (i, lens, w) in zip(suffixes, impl.route(jt)):
                 pooled.add([f"{f}{s}"], i, lens, w, None if impl.ragged else [host[p]])
+        if plan.direct:  # the inner KJT in the module's order, so that its output is the module's output
+            return state, self._direct_kjt(pooled, plan, batch), None
         return state, pooled.kjt(batch), self._per_id_kjt(per_id)
+
+    def _direct_kjt(self, pooled: "_InnerBatch", plan: Plan, batch: int) -> KeyedJaggedTensor:
+        """The plan-ordered transformed ids of a direct plan (every feature one identity lookup)
+        permuted into the module's feature order (one integer permute, no autograd)."""
+        lengths, values = _cat(pooled.lengths), _cat(pooled.values)
+        weights = _cat(pooled.weights) if pooled.weighted else None
+        back = plan.to_output(values.device)
+        if back is not None:
+            lengths, values, weights = torch.ops.fbgemm.permute_2D_sparse_data(
+                back, lengths.view(len(plan.features), batch), values, weights, values.numel())
+        counts = [pooled.counts[i] for i in plan.to_output_order] if pooled.known else None
+        return KeyedJaggedTensor(keys=plan.direct_keys, values=values, lengths=lengths.reshape(-1), weights=weights,
+                                 stride=batch, length_per_key=counts)
 
     def combine(self, state: "SplitState", pooled_out: Optional[KeyedTensor], per_id_out: Optional[KeyedTensor]) -> KeyedTensor:
         """Inner lookups (``pooled``: ``[B, d_p]`` per virtual feature; ``per_id``: ``[S, d_p]``,
@@ -269,11 +284,21 @@ class CompressedEmbeddingBagCollection(nn.Module):
         for impl in self._schemes.values():  # once per forward, where the lookups are combined (pipelined too)
             impl.before_combine(self.training)
         plan, batch = state.plan, state.batch
+        if plan.direct and list(pooled_out.keys()) == plan.direct_keys:  # the inner output is the output
+            return KeyedTensor(keys=self._embedding_names, length_per_key=self._dims, values=pooled_out.values())
+        # each group's columns of the inner outputs: one split when the inner EBC kept the plan's
+        # order (split's backward is one cat; a gather's or a slice's would zero-fill the whole width)
+        blocks, single = {}, {}
+        for kind, kt in (("pooled", pooled_out), ("per_id", per_id_out)):
+            if kt is not None:
+                blocks[kind], views = plan.blocks(kind, kt)
+                single.update(views)
         outs: List[torch.Tensor] = []
         for gi, (g, gs) in enumerate(zip(plan.groups, state.groups)):
             widths = [g.size * d for d in g.part_dims]
             if not g.per_value:
-                x = _select_columns(pooled_out.values(), plan.columns(("pooled", gi), pooled_out, g.keys()))
+                x = blocks["pooled"][gi] if blocks["pooled"] is not None else \
+                    _select_columns(pooled_out.values(), plan.columns(("pooled", gi), pooled_out, g.keys()))
                 parts = [t.view(batch, g.size, d) for t, d in zip(_split(x, widths), g.part_dims)]  # views [B, F_g, d_p]
                 out = g.scheme.combine(parts, None, None)  # [B, F_g, d]
                 if gs is not None:  # a ragged scheme's MEAN: the inner tables summed
@@ -282,7 +307,8 @@ class CompressedEmbeddingBagCollection(nn.Module):
                 continue
             vals, lens, w, fidx, c = gs
             rows = per_id_out.values()
-            x = _select_columns(rows, plan.columns(("per_id", gi), per_id_out, g.keys()))  # [S, sum(widths)]
+            x = blocks["per_id"][gi] if blocks["per_id"] is not None else \
+                _select_columns(rows, plan.columns(("per_id", gi), per_id_out, g.keys()))  # [S, sum(widths)]
             counts = state.counts.narrow(0, g.start, g.size)
             pos = torch.arange(vals.numel(), device=vals.device) - (counts.cumsum(0) - counts)[fidx]  # [n] row in its feature
             parts = [t.reshape(rows.shape[0], g.size, d)[pos, fidx] for t, d in zip(_split(x, widths), g.part_dims)]
@@ -295,7 +321,7 @@ class CompressedEmbeddingBagCollection(nn.Module):
             suffixes = impl.feature_suffixes()
             jt = state.jts[f]
             if not impl.per_value:
-                out = impl.combine([_column(pooled_out, f"{f}{s}") for s in suffixes], jt.values())
+                out = impl.combine([single[f"{f}{s}"] for s in suffixes], jt.values())
                 if impl.ragged and t.pooling == PoolingType.MEAN:
                     out = out / jt.lengths().clamp(min=1).unsqueeze(1).to(out.dtype)
                 if impl.observes_gradients and self.training and out.requires_grad:
@@ -303,12 +329,12 @@ class CompressedEmbeddingBagCollection(nn.Module):
                 outs.append(out)
                 continue
             n = jt.values().numel()
-            per = impl.combine([_column(per_id_out, f"{f}{s}")[:n] for s in suffixes], jt.values())
+            per = impl.combine([single[f"{f}{s}"][:n] for s in suffixes], jt.values())
             outs.append(_pool(per, jt, t.pooling, self._is_weighted, batch))
         values = _cat(outs, dim=1)
         reorder = plan.output_columns(values.device)
-        if reorder is not None:
-            values = values.index_select(1, reorder)
+        if reorder is not None:  # a permutation of the columns: its backward is the inverse gather
+            values = _PermuteColumns.apply(values, *reorder)
         return KeyedTensor(keys=self._embedding_names, length_per_key=self._dims, values=values)
 
     def _plan(self, keys: Tuple[str, ...]) -> Plan:
@@ -688,6 +714,30 @@ class _InnerBatch:
                                  length_per_key=self.counts if self.known else None)
 
 
+class _PermuteColumns(torch.autograd.Function):
+    """``[B, C]`` -> its blocks of ``width`` columns in the order ``perm``; backward: the inverse
+    gather (index_select's own backward zero-fills the whole input and scatter-adds into it)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor, width: int) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(inverse)
+        ctx.width = width
+        return _move_blocks(x, perm, width)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (inverse,) = ctx.saved_tensors
+        return _move_blocks(grad, inverse, ctx.width), None, None, None
+
+
+def _move_blocks(x: torch.Tensor, order: torch.Tensor, width: int) -> torch.Tensor:
+    """Blocks of ``width`` columns of ``x [B, C]`` in ``order`` (whole rows of a block move at once)."""
+    if width == 1:
+        return x.index_select(1, order)
+    b = x.shape[0]
+    return x.reshape(b, -1, width).index_select(1, order).reshape(b, -1)
+
+
 def _cat(tensors: List[torch.Tensor], dim: int = 0) -> torch.Tensor:
     """``torch.cat``, without its op (a copy) for one tensor."""
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
@@ -700,12 +750,6 @@ def _split(x: torch.Tensor, widths: List[int]) -> List[torch.Tensor]:
 def _select_columns(x: torch.Tensor, cols: Optional[torch.Tensor]) -> torch.Tensor:
     """``x[:, cols]``; None: all of them, in order (no copy)."""
     return x if cols is None else x.index_select(1, cols)
-
-
-def _column(kt: KeyedTensor, key: str) -> torch.Tensor:
-    """``[B, d]`` of one key of ``kt`` (a view)."""
-    i = kt.keys().index(key)
-    return kt.values().narrow(1, kt.offset_per_key()[i], kt.length_per_key()[i])
 
 
 def _pool_group(per: torch.Tensor, lengths: torch.Tensor, weights: Optional[torch.Tensor], pooling: PoolingType,

@@ -128,6 +128,7 @@ class TableScheme:
     ragged: bool = False  # True: route() sends each id to a subset of the physical tables
     observes_gradients: bool = False  # True: observe(grad, jt, group) sees the gradient of the table's output
     sees_ids: bool = False  # True: see(values, group) gets every training batch's ids before the lookup
+    identity_combine: bool = False  # True: combine(parts) is parts[0] (one physical lookup, no product or sum)
     counts_per_feature: bool = False  # True: fit() takes counts [F, v], one row per feature, not their sum [v]
     data_driven: bool = False  # True: its procedure learns from the data (counts, warm-up, search); see fitted()
     training_buffers: Tuple[str, ...] = ()  # buffers only training needs (e.g. id counts): not in the deployed bytes
@@ -310,6 +311,8 @@ class TableScheme:
 
 class Uncompressed(TableScheme):
     """A table left as it is: one physical table with the logical name, rows and dim."""
+
+    identity_combine = True
 
     def physical_tables(self) -> List[PhysicalTable]:
         return [PhysicalTable("", self.table.num_embeddings, self.table.embedding_dim, self.table.init_fn)]

@@ -49,6 +49,7 @@ class FreqThreshold(SchemeConfig):
 @register_scheme(FreqThreshold)
 class FreqThresholdScheme(Scheduled):
     presets = {"freq_threshold": lambda r, d: FreqThreshold(ratio=r)}
+    identity_combine = True
 
     def __init__(self, table, config: FreqThreshold) -> None:
         super().__init__(table, config)

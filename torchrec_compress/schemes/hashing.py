@@ -32,6 +32,7 @@ class Hashing(SchemeConfig):
 class HashingScheme(TableScheme):
     presets = {"hashing": lambda r, d: Hashing(ratio=r)}  # bench quality / speed / demo: (ratio, dim) -> config
     accepts_any_id = True
+    identity_combine = True
 
     def __init__(self, table, config: Hashing) -> None:
         super().__init__(table, config)

@@ -86,6 +86,7 @@ class SaecScheme(Scheduled):
                 raise self._too_small(f"the id -> cluster map alone costs 2 bytes per id, so at most ~{2 * d}x is reachable")
         self.map_dtype = torch.int16 if self.clusters <= 32767 else torch.int32
         self.ragged = config.warm_steps > 0  # ids go to the warm-up table, then to the centroids
+        self.identity_combine = not self.ragged
         self.fields = max(1, len(table.feature_names or ()))  # features sharing the table, clustered apart
 
     @property
