@@ -10,7 +10,7 @@ from torchrec_compress.distributed.plans import SHARDING_TYPES
 from torchrec_compress.testing.checkpoint import planner_worker, train_and_save_worker
 from torchrec_compress.testing.data import random_bags
 from torchrec_compress.testing.multiprocess import run_on_ranks
-from torchrec_compress.testing.parity import parity_schemes, parity_tables, sharded_parity_worker
+from torchrec_compress.testing.parity import direct_parity_worker, parity_schemes, parity_tables, sharded_parity_worker
 
 pytestmark = pytest.mark.slow
 
@@ -30,6 +30,16 @@ def test_sharded_matches_unsharded_2ranks(sharding_type):
             assert all(diffs["fitted"]), diffs["fitted"]  # FreqThreshold, Saec, both MPE tables finished their procedure
             assert max(diffs["forward"]) < TOL, (rank, opt, diffs)
             assert max(diffs["params"]) < TOL, (rank, opt, diffs)
+
+
+@pytest.mark.parametrize("sharding_type", ["row_wise", "table_wise", "column_wise"])
+def test_direct_plan_sharded_matches_unsharded_2ranks(sharding_type):
+    """A direct plan (uncompressed, Hashing, FreqThreshold: the inner output is the output)
+    under DMP: forward and 3 fused-optimizer steps equal the unsharded module's."""
+    for rank, per_opt in enumerate(run_on_ranks(direct_parity_worker, sharding_type)):
+        for opt, diffs in per_opt.items():
+            assert diffs["direct"] == [True]
+            assert max(diffs["forward"]) < TOL and max(diffs["params"]) < TOL, (rank, opt, diffs)
 
 
 @pytest.mark.parametrize("sharding_type", ["row_wise", "table_wise"])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Dict, List
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torchrec import EmbeddingBagConfig, PoolingType
@@ -72,6 +72,13 @@ def sharded_parity_worker(rank: int, world: int, sharding_type: str, device_type
     return out
 
 
+def direct_parity_worker(rank: int, world: int, sharding_type: str) -> Dict[str, Dict[str, List[float]]]:
+    """The parity of a direct plan (every feature one identity lookup: uncompressed, Hashing,
+    FreqThreshold), whose inner output is the module's output."""
+    subset = ("t_plain", "t_hash", "t_freq")
+    return {opt: _parity_run(rank, world, sharding_type, opt, subset=subset) for opt in ("rowwise_adagrad", "sgd")}
+
+
 def _parity_run(
     rank: int,
     world: int,
@@ -81,6 +88,7 @@ def _parity_run(
     weighted: bool = False,
     steps: int = 3,
     batch: int = 8,
+    subset: Optional[Sequence[str]] = None,
 ) -> Dict[str, List[float]]:
     """Train the sharded and the unsharded module side by side; return max abs differences.
 
@@ -92,12 +100,15 @@ def _parity_run(
     torch.manual_seed(0)
     device = torch.device(device_type, rank) if device_type == "cuda" else torch.device(device_type)
     tables, schemes = parity_tables(), parity_schemes()
+    if subset is not None:
+        tables = [t for t in tables if t.name in subset]
+        schemes = {k: v for k, v in schemes.items() if k in subset}
     if weighted:
         tables = [dataclasses.replace(t, pooling=PoolingType.SUM) for t in tables]
     ref = CompressedEmbeddingBagCollection(copy.deepcopy(tables), schemes, is_weighted=weighted).to(device)
     model = CompressedEmbeddingBagCollection(copy.deepcopy(tables), schemes, is_weighted=weighted, device=torch.device("meta"))
     opt_cls, opt_kw = (RowWiseAdagrad, {"lr": LR, "eps": EPS}) if optimizer == "rowwise_adagrad" else (torch.optim.SGD, {"lr": LR})
-    table_params = [p for inner in (model.pooled, model.per_id) for p in inner.parameters()]
+    table_params = [p for inner in (model.pooled, model.per_id) if inner is not None for p in inner.parameters()]
     apply_optimizer_in_backward(opt_cls, table_params, dict(opt_kw))
     dmp = DistributedModelParallel(
         model, device=device, plan=uniform_plan(model, sharding_type, world, device_type=device_type), sharders=sharders()
@@ -147,6 +158,9 @@ def _parity_run(
                 p -= LR * p.grad
                 p.grad = None
         diffs["params"].append(_max_param_diff(dmp.state_dict(), ref.state_dict()))
+    diffs["direct"] = [ref._plan(tuple(random_bags(tables, 1, seed=0).kjt().keys())).direct]
+    if subset is not None:
+        return diffs
     fiited = ref.scheme("t_fiited").buffers
     diffs["fiited_events_kept"] = [int(fiited.events), int(fiited.n_kept)]  # the parity covered a prune/grow event
     # ... and every data-driven scheme finished its procedure (fitted, clustered, precisions chosen)
