@@ -39,7 +39,7 @@ class Group:
     constants: List[Dict[str, int]]  # per feature
     tables: List[TableScheme] = field(default_factory=list)  # each table's scheme once, in order
     table_index: List[int] = field(default_factory=list)  # per feature: its table's index in ``tables``
-    _device: Dict[torch.device, Tuple[torch.Tensor, Dict[str, torch.Tensor]]] = field(default_factory=dict)
+    _device: Dict[object, object] = field(default_factory=dict)
     _maps: Tuple[object, Dict[str, torch.Tensor]] = (None, {})
 
     @property
@@ -73,6 +73,18 @@ class Group:
         out = {n: t[fidx] for n, t in self.tensors(fidx.device)[1].items()}
         out.update(self.maps())
         return out
+
+    def full_constants(self, features: Sequence[str], device: torch.device) -> Dict[str, torch.Tensor]:
+        """Each constant ``[F]`` over ``features`` (every feature of the module): the group's
+        own for its features, its first feature's elsewhere (valid values for the masked ids
+        an elementwise pass gives the other features)."""
+        key = ("full", tuple(features), device)
+        if key not in self._device:
+            mine = self.tensors(device)[1]
+            at = {f: i for i, f in enumerate(self.features)}
+            index = torch.tensor([at.get(f, 0) for f in features], dtype=torch.int64, device=device)
+            self._device[key] = {n: t[index] for n, t in mine.items()}
+        return self._device[key]
 
     def _map_sizes(self) -> Dict[str, List[int]]:
         sizes: Dict[str, List[int]] = {}
@@ -169,6 +181,14 @@ class Plan:
             if all(t not in names for names, _ in out):
                 out.append(([t], self._n_phys[t]))
         return out
+
+    def group_of_feature(self, device: torch.device) -> torch.Tensor:
+        """``[F]`` the group index of each output feature (a direct plan's elementwise pass)."""
+        key = ("group_of", device)
+        if key not in self._device:
+            at = {f: gi for gi, g in enumerate(self.groups) for f in g.features}
+            self._device[key] = torch.tensor([at[f] for f in self._output], dtype=torch.int64, device=device)
+        return self._device[key]
 
     def to_output(self, device: torch.device) -> Optional[torch.Tensor]:
         """``[F]`` plan position of each output feature (None: the plan order is the output's)."""

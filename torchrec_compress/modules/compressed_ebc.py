@@ -200,6 +200,8 @@ class CompressedEmbeddingBagCollection(nn.Module):
             if any(host[:len(flags)]):
                 self._explain(features)
             host = host[len(flags):]
+        if plan.direct and keys == self._embedding_names:
+            return self._direct_split(plan, features, values, lengths2d, weights, counts, host)
         perm = plan.permute(values.device)
         if perm is not None:  # every group's ids contiguous
             lengths2d, values, weights = torch.ops.fbgemm.permute_2D_sparse_data(perm, lengths2d, values, weights, values.numel())
@@ -262,8 +264,49 @@ class CompressedEmbeddingBagCollection(nn.Module):
             for s, (i, lens, w) in zip(suffixes, impl.route(jt)):
                 pooled.add([f"{f}{s}"], i, lens, w, None if impl.ragged else [host[p]])
         if plan.direct:  # the inner KJT in the module's order, so that its output is the module's output
+            state.direct = True
             return state, self._direct_kjt(pooled, plan, batch), None
         return state, pooled.kjt(batch), self._per_id_kjt(per_id)
+
+    def _direct_split(self, plan: Plan, features: KeyedJaggedTensor, values: torch.Tensor, lengths2d: torch.Tensor,
+                      weights: Optional[torch.Tensor], counts: torch.Tensor, host: List[int]
+                      ) -> Tuple["SplitState", KeyedJaggedTensor, None]:
+        """A direct plan over a KJT in the module's order: every group's transform runs elementwise
+        over all the ids (the other features' ids masked to 0, with the group's constants), one
+        select per group; the input's lengths and weights serve the inner KJT as they are."""
+        state = SplitState(plan=plan, batch=features.stride(), counts=counts, direct=True)
+        self.materialize()
+        offsets = [0]
+        for h in host:
+            offsets.append(offsets[-1] + h)
+        for t in self._tables:  # the procedures, as in split
+            impl = self._schemes[t.name]
+            if impl.step(self.training):
+                for name, rows in impl.event(self.tables(t.name)).items():
+                    self._reset_rows(name, rows, impl)
+            if impl.sees_ids and self.training:
+                at = [self._embedding_names.index(f) for f in t.feature_names]
+                impl.see_features([values.narrow(0, offsets[p], host[p]) for p in at], self._sync_group())
+            if not self.training and impl.data_driven and t.name not in self._warned and not impl.fitted():
+                self._warned.add(t.name)
+                warnings.warn(unfitted_message(t.name, impl), stacklevel=4)
+        n = values.numel()
+        device = values.device
+        fidx = torch.repeat_interleave(torch.arange(len(host), device=device), counts, output_size=n)  # [N] feature of each id
+        mixed = len(plan.groups) > 1
+        group = plan.group_of_feature(device)[fidx] if mixed else None
+        ids = values
+        for gi, g in enumerate(plan.groups):
+            if g.scheme.identity_transform:
+                continue
+            member = group == gi if mixed else None
+            c = {k: t[fidx] for k, t in g.full_constants(self._embedding_names, device).items()}
+            c.update(g.maps())
+            own = g.scheme.transform(values if member is None else torch.where(member, values, 0), c)[0]
+            ids = own if member is None else torch.where(member, own, ids)
+        kjt = KeyedJaggedTensor(keys=plan.direct_keys, values=ids, lengths=features.lengths(), weights=weights,
+                                stride=state.batch, length_per_key=host)
+        return state, kjt, None
 
     def _direct_kjt(self, pooled: "_InnerBatch", plan: Plan, batch: int) -> KeyedJaggedTensor:
         """The plan-ordered transformed ids of a direct plan (every feature one identity lookup)
@@ -284,8 +327,12 @@ class CompressedEmbeddingBagCollection(nn.Module):
         for impl in self._schemes.values():  # once per forward, where the lookups are combined (pipelined too)
             impl.before_combine(self.training)
         plan, batch = state.plan, state.batch
-        if plan.direct and list(pooled_out.keys()) == plan.direct_keys:  # the inner output is the output
-            return KeyedTensor(keys=self._embedding_names, length_per_key=self._dims, values=pooled_out.values())
+        if plan.direct and state.direct:
+            values = pooled_out.values()
+            if list(pooled_out.keys()) != plan.direct_keys:  # not expected (the inner EBCs keep their order): per key
+                by_key = pooled_out.to_dict()
+                values = torch.cat([by_key[k] for k in plan.direct_keys], dim=1)
+            return KeyedTensor(keys=self._embedding_names, length_per_key=self._dims, values=values)  # the inner output is the output
         # each group's columns of the inner outputs: one split when the inner EBC kept the plan's
         # order (split's backward is one cat; a gather's or a slice's would zero-fill the whole width)
         blocks, single = {}, {}
@@ -667,6 +714,7 @@ class SplitState:
     counts: torch.Tensor  # [F] ids per feature, plan order
     jts: Dict[str, JaggedTensor] = dataclasses.field(default_factory=dict)  # the singles' features
     groups: List[Optional[tuple]] = dataclasses.field(default_factory=list)  # per-value groups: (ids, lengths, weights, feature index, constants)
+    direct: bool = False  # split by _direct_split: the inner output is the output
 
     def record_stream(self, stream: torch.Stream) -> None:
         """For TorchRec's pipeline: the tensors outlive the input stream's batch."""

@@ -129,6 +129,7 @@ class TableScheme:
     observes_gradients: bool = False  # True: observe(grad, jt, group) sees the gradient of the table's output
     sees_ids: bool = False  # True: see(values, group) gets every training batch's ids before the lookup
     identity_combine: bool = False  # True: combine(parts) is parts[0] (one physical lookup, no product or sum)
+    identity_transform: bool = False  # True: transform(values) is [values] (the ids read their own rows)
     counts_per_feature: bool = False  # True: fit() takes counts [F, v], one row per feature, not their sum [v]
     data_driven: bool = False  # True: its procedure learns from the data (counts, warm-up, search); see fitted()
     training_buffers: Tuple[str, ...] = ()  # buffers only training needs (e.g. id counts): not in the deployed bytes
@@ -313,6 +314,7 @@ class Uncompressed(TableScheme):
     """A table left as it is: one physical table with the logical name, rows and dim."""
 
     identity_combine = True
+    identity_transform = True
 
     def physical_tables(self) -> List[PhysicalTable]:
         return [PhysicalTable("", self.table.num_embeddings, self.table.embedding_dim, self.table.init_fn)]
