@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
-from typing import Dict, List, Mapping, Optional, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -215,20 +215,8 @@ class CompressedEmbeddingBagCollection(nn.Module):
             a, n = offsets[p], host[p]
             state.jts[plan.features[p]] = JaggedTensor(values=values.narrow(0, a, n), lengths=lengths2d[p],
                                                        weights=None if weights is None else weights.narrow(0, a, n))
-        self.materialize()
         position = plan.position
-        for t in self._tables:  # the schemes' own procedures (counting, clustering, search, re-planning)
-            impl = self._schemes[t.name]
-            if impl.step(self.training):
-                for name, rows in impl.event(self.tables(t.name)).items():
-                    self._reset_rows(name, rows, impl)
-            if impl.sees_ids and self.training:
-                # while it counts (its first steps), in a group or not
-                impl.see_features([values.narrow(0, offsets[position[f]], host[position[f]]) for f in t.feature_names],
-                                  self._sync_group())
-            if not self.training and impl.data_driven and t.name not in self._warned and not impl.fitted():
-                self._warned.add(t.name)
-                warnings.warn(unfitted_message(t.name, impl), stacklevel=3)
+        self._procedures(lambda f: values.narrow(0, offsets[position[f]], host[position[f]]))
 
         pooled = _InnerBatch(self._is_weighted)
         per_id = _InnerBatch(False)
@@ -275,21 +263,11 @@ class CompressedEmbeddingBagCollection(nn.Module):
         over all the ids (the other features' ids masked to 0, with the group's constants), one
         select per group; the input's lengths and weights serve the inner KJT as they are."""
         state = SplitState(plan=plan, batch=features.stride(), counts=counts, direct=True)
-        self.materialize()
         offsets = [0]
         for h in host:
             offsets.append(offsets[-1] + h)
-        for t in self._tables:  # the procedures, as in split
-            impl = self._schemes[t.name]
-            if impl.step(self.training):
-                for name, rows in impl.event(self.tables(t.name)).items():
-                    self._reset_rows(name, rows, impl)
-            if impl.sees_ids and self.training:
-                at = [self._embedding_names.index(f) for f in t.feature_names]
-                impl.see_features([values.narrow(0, offsets[p], host[p]) for p in at], self._sync_group())
-            if not self.training and impl.data_driven and t.name not in self._warned and not impl.fitted():
-                self._warned.add(t.name)
-                warnings.warn(unfitted_message(t.name, impl), stacklevel=4)
+        at = {f: i for i, f in enumerate(self._embedding_names)}
+        self._procedures(lambda f: values.narrow(0, offsets[at[f]], host[at[f]]))
         n = values.numel()
         device = values.device
         fidx = torch.repeat_interleave(torch.arange(len(host), device=device), counts, output_size=n)  # [N] feature of each id
@@ -307,6 +285,22 @@ class CompressedEmbeddingBagCollection(nn.Module):
         kjt = KeyedJaggedTensor(keys=plan.direct_keys, values=ids, lengths=features.lengths(), weights=weights,
                                 stride=state.batch, length_per_key=host)
         return state, kjt, None
+
+    def _procedures(self, feature_ids: Callable[[str], torch.Tensor]) -> None:
+        """The schemes' own procedures (counting, clustering, search, re-planning), before the
+        transform; ``feature_ids(f)``: the ``[N_f]`` ids of feature f (read only while a scheme
+        counts: its first steps)."""
+        self.materialize()
+        for t in self._tables:
+            impl = self._schemes[t.name]
+            if impl.step(self.training):
+                for name, rows in impl.event(self.tables(t.name)).items():
+                    self._reset_rows(name, rows, impl)
+            if impl.sees_ids and self.training:
+                impl.see_features([feature_ids(f) for f in t.feature_names], self._sync_group())
+            if not self.training and impl.data_driven and t.name not in self._warned and not impl.fitted():
+                self._warned.add(t.name)
+                warnings.warn(unfitted_message(t.name, impl), stacklevel=5)
 
     def _direct_kjt(self, pooled: "_InnerBatch", plan: Plan, batch: int) -> KeyedJaggedTensor:
         """The plan-ordered transformed ids of a direct plan (every feature one identity lookup)
