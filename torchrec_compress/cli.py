@@ -45,7 +45,7 @@ def _parser(argv: Optional[List[str]] = None) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="train DLRM on synthetic Criteo-like data: uncompressed vs each scheme",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d.add_argument("--steps", type=_positive_int, default=200, help="training steps per run")
+    d.add_argument("--steps", type=_positive_int, default=160, help="training steps per run")
     d.add_argument("--batch-size", type=_positive_int, default=2048)
     d.add_argument("--dim", type=_positive_int, default=32, help="embedding dim (multiple of 4)")
     d.add_argument("--ratio", type=_ratio, default=8.0, help="target compression ratio of every scheme (md needs d/ratio >= 4)")

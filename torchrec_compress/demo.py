@@ -159,7 +159,7 @@ def train_and_eval(
 
 
 def run_demo(
-    steps: int = 200,
+    steps: int = 160,
     batch_size: int = 2048,
     dim: int = 32,
     ratio: float = 8.0,

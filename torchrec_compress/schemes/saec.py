@@ -302,13 +302,19 @@ def kmeans(x: torch.Tensor, k: int, weights: torch.Tensor, iters: int, seed: int
     if n < k:
         raise ValueError(f"k-means: {n} points cannot make {k} clusters")
     g = torch.Generator().manual_seed(seed)
-    centroids = x[torch.multinomial(weights, 1, generator=g)]
-    d2 = torch.cdist(x, centroids).squeeze(1) ** 2
+    xx = (x * x).sum(1)  # [n] once: each new centre's squared distances are one matrix-vector product
+
+    def sq_dist(c: torch.Tensor) -> torch.Tensor:
+        return (xx - 2 * (x @ c) + c @ c).clamp(min=0)
+
+    chosen = [torch.multinomial(weights, 1, generator=g)]
+    d2 = sq_dist(x[chosen[0][0]])
     for _ in range(1, k):  # k-means++: next centre with probability ~ w * D^2
         p = weights * d2
         idx = torch.multinomial(p if p.sum() > 0 else weights, 1, generator=g)
-        centroids = torch.cat([centroids, x[idx]])
-        d2 = torch.minimum(d2, (torch.cdist(x, x[idx]).squeeze(1)) ** 2)
+        chosen.append(idx)  # gathered once at the end (a cat per centre copied O(k^2 d))
+        d2 = torch.minimum(d2, sq_dist(x[idx[0]]))
+    centroids = x[torch.cat(chosen)]
     assign = nearest(x, centroids)
     for _ in range(iters):
         sums = torch.zeros_like(centroids).index_add_(0, assign, x * weights.unsqueeze(1))
