@@ -157,7 +157,8 @@ class Plan:
         # the inner KJT goes in the module's order and the inner output IS the module's output
         self.direct = not singles and all(not g.per_value and len(g.suffixes) == 1 and g.scheme.identity_combine
                                           for g in self.groups)
-        self.to_output_order = [self.position[f] for f in output_names]  # plan position of each output feature
+        self._keys = list(keys)
+        self.to_module_order = [index[f] for f in output_names]  # input index of each output feature
         suffix = {f: g.suffixes[0] for g in self.groups for f in g.features}
         self.direct_keys = [f"{f}{suffix[f]}" for f in output_names] if self.direct else []
         self._dims = {f: feature_table[f].embedding_dim for f in output_names}
@@ -182,21 +183,21 @@ class Plan:
                 out.append(([t], self._n_phys[t]))
         return out
 
-    def group_of_feature(self, device: torch.device) -> torch.Tensor:
-        """``[F]`` the group index of each output feature (a direct plan's elementwise pass)."""
+    def group_of_input_feature(self, device: torch.device) -> torch.Tensor:
+        """``[F]`` the group index of each input feature (a direct plan's elementwise pass)."""
         key = ("group_of", device)
         if key not in self._device:
             at = {f: gi for gi, g in enumerate(self.groups) for f in g.features}
-            self._device[key] = torch.tensor([at[f] for f in self._output], dtype=torch.int64, device=device)
+            self._device[key] = torch.tensor([at[f] for f in self._keys], dtype=torch.int64, device=device)
         return self._device[key]
 
-    def to_output(self, device: torch.device) -> Optional[torch.Tensor]:
-        """``[F]`` plan position of each output feature (None: the plan order is the output's)."""
-        if self.to_output_order == list(range(len(self.features))):
+    def to_module(self, device: torch.device) -> Optional[torch.Tensor]:
+        """``[F]`` input index of each output feature (None: the input is in the module's order)."""
+        if self._keys == self._output:
             return None
-        key = ("to_output", device)
+        key = ("to_module", device)
         if key not in self._device:
-            self._device[key] = torch.tensor(self.to_output_order, dtype=torch.int32, device=device)
+            self._device[key] = torch.tensor(self.to_module_order, dtype=torch.int32, device=device)
         return self._device[key]
 
     def permute(self, device: torch.device) -> Optional[torch.Tensor]:

@@ -28,7 +28,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, Keyed
 
 from .. import schemes as _schemes  # noqa: F401  (fills the registry)
 from ..config import SchemeConfig, scheme_class_for
-from ..schemes.base import TableAccess, TableScheme, Uncompressed, bag_index, uniform_init
+from ..schemes.base import TableAccess, TableScheme, Uncompressed, uniform_init
 from ..distributed.state import agree_stride, copy_full_into_, full_tensor, inner_process_group, zero_rows_and_state_
 from .batched import Plan
 from .memory import MemoryReport, TableMemory
@@ -200,8 +200,8 @@ class CompressedEmbeddingBagCollection(nn.Module):
             if any(host[:len(flags)]):
                 self._explain(features)
             host = host[len(flags):]
-        if plan.direct and keys == self._embedding_names:
-            return self._direct_split(plan, features, values, lengths2d, weights, counts, host)
+        if plan.direct:
+            return self._direct_split(plan, keys, values, lengths2d, weights, counts, host)
         perm = plan.permute(values.device)
         if perm is not None:  # every group's ids contiguous
             lengths2d, values, weights = torch.ops.fbgemm.permute_2D_sparse_data(perm, lengths2d, values, weights, values.numel())
@@ -251,38 +251,40 @@ class CompressedEmbeddingBagCollection(nn.Module):
                 continue
             for s, (i, lens, w) in zip(suffixes, impl.route(jt)):
                 pooled.add([f"{f}{s}"], i, lens, w, None if impl.ragged else [host[p]])
-        if plan.direct:  # the inner KJT in the module's order, so that its output is the module's output
-            state.direct = True
-            return state, self._direct_kjt(pooled, plan, batch), None
         return state, pooled.kjt(batch), self._per_id_kjt(per_id)
 
-    def _direct_split(self, plan: Plan, features: KeyedJaggedTensor, values: torch.Tensor, lengths2d: torch.Tensor,
+    def _direct_split(self, plan: Plan, keys: List[str], values: torch.Tensor, lengths2d: torch.Tensor,
                       weights: Optional[torch.Tensor], counts: torch.Tensor, host: List[int]
                       ) -> Tuple["SplitState", KeyedJaggedTensor, None]:
-        """A direct plan over a KJT in the module's order: every group's transform runs elementwise
-        over all the ids (the other features' ids masked to 0, with the group's constants), one
-        select per group; the input's lengths and weights serve the inner KJT as they are."""
-        state = SplitState(plan=plan, batch=features.stride(), counts=counts, direct=True)
+        """A direct plan: every group's transform runs elementwise over all the ids in the input's
+        order (the other features' ids masked to 0, with the group's constants), one select per
+        group; the inner KJT is the input's lengths and weights with the new ids, permuted into
+        the module's order (one integer permute) only when the input has another order."""
+        state = SplitState(plan=plan, batch=lengths2d.shape[1], counts=counts)
         offsets = [0]
         for h in host:
             offsets.append(offsets[-1] + h)
-        at = {f: i for i, f in enumerate(self._embedding_names)}
+        at = {f: i for i, f in enumerate(keys)}
         self._procedures(lambda f: values.narrow(0, offsets[at[f]], host[at[f]]))
         n = values.numel()
         device = values.device
         fidx = torch.repeat_interleave(torch.arange(len(host), device=device), counts, output_size=n)  # [N] feature of each id
         mixed = len(plan.groups) > 1
-        group = plan.group_of_feature(device)[fidx] if mixed else None
+        group = plan.group_of_input_feature(device)[fidx] if mixed else None
         ids = values
         for gi, g in enumerate(plan.groups):
             if g.scheme.identity_transform:
                 continue
             member = group == gi if mixed else None
-            c = {k: t[fidx] for k, t in g.full_constants(self._embedding_names, device).items()}
+            c = {k: t[fidx] for k, t in g.full_constants(keys, device).items()}
             c.update(g.maps())
             own = g.scheme.transform(values if member is None else torch.where(member, values, 0), c)[0]
             ids = own if member is None else torch.where(member, own, ids)
-        kjt = KeyedJaggedTensor(keys=plan.direct_keys, values=ids, lengths=features.lengths(), weights=weights,
+        back = plan.to_module(device)
+        if back is not None:
+            lengths2d, ids, weights = torch.ops.fbgemm.permute_2D_sparse_data(back, lengths2d, ids, weights, n)
+            host = [host[i] for i in plan.to_module_order]
+        kjt = KeyedJaggedTensor(keys=plan.direct_keys, values=ids, lengths=lengths2d.reshape(-1), weights=weights,
                                 stride=state.batch, length_per_key=host)
         return state, kjt, None
 
@@ -302,26 +304,13 @@ class CompressedEmbeddingBagCollection(nn.Module):
                 self._warned.add(t.name)
                 warnings.warn(unfitted_message(t.name, impl), stacklevel=5)
 
-    def _direct_kjt(self, pooled: "_InnerBatch", plan: Plan, batch: int) -> KeyedJaggedTensor:
-        """The plan-ordered transformed ids of a direct plan (every feature one identity lookup)
-        permuted into the module's feature order (one integer permute, no autograd)."""
-        lengths, values = _cat(pooled.lengths), _cat(pooled.values)
-        weights = _cat(pooled.weights) if pooled.weighted else None
-        back = plan.to_output(values.device)
-        if back is not None:
-            lengths, values, weights = torch.ops.fbgemm.permute_2D_sparse_data(
-                back, lengths.view(len(plan.features), batch), values, weights, values.numel())
-        counts = [pooled.counts[i] for i in plan.to_output_order] if pooled.known else None
-        return KeyedJaggedTensor(keys=plan.direct_keys, values=values, lengths=lengths.reshape(-1), weights=weights,
-                                 stride=batch, length_per_key=counts)
-
     def combine(self, state: "SplitState", pooled_out: Optional[KeyedTensor], per_id_out: Optional[KeyedTensor]) -> KeyedTensor:
         """Inner lookups (``pooled``: ``[B, d_p]`` per virtual feature; ``per_id``: ``[S, d_p]``,
         row i = the feature's i-th id) -> the logical ``KeyedTensor [B, sum(dims)]``."""
         for impl in self._schemes.values():  # once per forward, where the lookups are combined (pipelined too)
             impl.before_combine(self.training)
         plan, batch = state.plan, state.batch
-        if plan.direct and state.direct:
+        if plan.direct:
             values = pooled_out.values()
             if list(pooled_out.keys()) != plan.direct_keys:  # not expected (the inner EBCs keep their order): per key
                 by_key = pooled_out.to_dict()
@@ -371,7 +360,7 @@ class CompressedEmbeddingBagCollection(nn.Module):
                 continue
             n = jt.values().numel()
             per = impl.combine([single[f"{f}{s}"][:n] for s in suffixes], jt.values())
-            outs.append(_pool(per, jt, t.pooling, self._is_weighted, batch))
+            outs.append(_pool_group(per, jt.lengths().view(1, -1), jt.weights() if self._is_weighted else None, t.pooling, batch))
         values = _cat(outs, dim=1)
         reorder = plan.output_columns(values.device)
         if reorder is not None:  # a permutation of the columns: its backward is the inverse gather
@@ -674,18 +663,6 @@ def _observe(impl: TableScheme, jt: JaggedTensor, group: Optional[dist.ProcessGr
     impl.observe(grad, jt, group)
 
 
-def _pool(per: torch.Tensor, jt: JaggedTensor, pooling: PoolingType, weighted: bool, batch: int) -> torch.Tensor:
-    """Pool per-id rows ``[N, d]`` into ``[B, d]`` bags (SUM or MEAN; weighted: SUM w_i e_i)."""
-    lengths = jt.lengths()
-    if weighted:
-        per = per * jt.weights().unsqueeze(1).to(per.dtype)
-    bag = bag_index(lengths)
-    out = torch.zeros(batch, per.shape[1], dtype=per.dtype, device=per.device).index_add(0, bag, per)
-    if pooling == PoolingType.MEAN:
-        out = out / lengths.clamp(min=1).unsqueeze(1).to(out.dtype)
-    return out
-
-
 def _check_unique(names: List[str], what: str) -> None:
     seen = set()
     for n in names:
@@ -708,7 +685,6 @@ class SplitState:
     counts: torch.Tensor  # [F] ids per feature, plan order
     jts: Dict[str, JaggedTensor] = dataclasses.field(default_factory=dict)  # the singles' features
     groups: List[Optional[tuple]] = dataclasses.field(default_factory=list)  # per-value groups: (ids, lengths, weights, feature index, constants)
-    direct: bool = False  # split by _direct_split: the inner output is the output
 
     def record_stream(self, stream: torch.Stream) -> None:
         """For TorchRec's pipeline: the tensors outlive the input stream's batch."""
