@@ -201,7 +201,7 @@ class CompressedEmbeddingBagCollection(nn.Module):
                 self._explain(features)
             host = host[len(flags):]
         if plan.direct:
-            return self._direct_split(plan, keys, values, lengths2d, weights, counts, host)
+            return self._direct_split(plan, keys, values, features.lengths(), lengths2d, weights, counts, host)
         perm = plan.permute(values.device)
         if perm is not None:  # every group's ids contiguous
             lengths2d, values, weights = torch.ops.fbgemm.permute_2D_sparse_data(perm, lengths2d, values, weights, values.numel())
@@ -253,7 +253,7 @@ class CompressedEmbeddingBagCollection(nn.Module):
                 pooled.add([f"{f}{s}"], i, lens, w, None if impl.ragged else [host[p]])
         return state, pooled.kjt(batch), self._per_id_kjt(per_id)
 
-    def _direct_split(self, plan: Plan, keys: List[str], values: torch.Tensor, lengths2d: torch.Tensor,
+    def _direct_split(self, plan: Plan, keys: List[str], values: torch.Tensor, lengths: torch.Tensor, lengths2d: torch.Tensor,
                       weights: Optional[torch.Tensor], counts: torch.Tensor, host: List[int]
                       ) -> Tuple["SplitState", KeyedJaggedTensor, None]:
         """A direct plan: every group's transform runs elementwise over all the ids in the input's
@@ -283,8 +283,9 @@ class CompressedEmbeddingBagCollection(nn.Module):
         back = plan.to_module(device)
         if back is not None:
             lengths2d, ids, weights = torch.ops.fbgemm.permute_2D_sparse_data(back, lengths2d, ids, weights, n)
+            lengths = lengths2d.reshape(-1)
             host = [host[i] for i in plan.to_module_order]
-        kjt = KeyedJaggedTensor(keys=plan.direct_keys, values=ids, lengths=lengths2d.reshape(-1), weights=weights,
+        kjt = KeyedJaggedTensor(keys=plan.direct_keys, values=ids, lengths=lengths, weights=weights,
                                 stride=state.batch, length_per_key=host)
         return state, kjt, None
 
