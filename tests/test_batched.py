@@ -7,7 +7,7 @@ import pytest
 import torch
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
-from torchrec_compress import QR, CompressedEmbeddingBagCollection, FreqThreshold, Hashing, MEmCom, MemRec, MixedDim, Saec, fit_
+from torchrec_compress import QR, CompressedEmbeddingBagCollection, FreqThreshold, Hashing, MEmCom, MemRec, MixedDim, MPE, Saec, fit_
 from torchrec_compress.modules.batched import Plan
 from torchrec_compress.testing.data import random_bags
 
@@ -29,6 +29,8 @@ def _tables():
         EmbeddingBagConfig(name="t_freq", embedding_dim=8, num_embeddings=100, feature_names=["freq"]),
         EmbeddingBagConfig(name="t_freq2", embedding_dim=8, num_embeddings=5000, feature_names=["freq2a", "freq2b"]),
         EmbeddingBagConfig(name="t_md", embedding_dim=8, num_embeddings=100, feature_names=["md"]),
+        EmbeddingBagConfig(name="t_md2", embedding_dim=8, num_embeddings=80, feature_names=["md2a", "md2b"]),
+        EmbeddingBagConfig(name="t_mpe", embedding_dim=8, num_embeddings=60, feature_names=["mpe"]),
         EmbeddingBagConfig(name="t_saec1", embedding_dim=8, num_embeddings=120, feature_names=["saec1"], pooling=PoolingType.MEAN),
         EmbeddingBagConfig(name="t_saec2", embedding_dim=8, num_embeddings=90, feature_names=["saec2a", "saec2b"], pooling=PoolingType.MEAN),
         EmbeddingBagConfig(name="t_saec3", embedding_dim=8, num_embeddings=70, feature_names=["saec3"]),
@@ -41,6 +43,7 @@ SCHEMES = {
     "t_mr1": MemRec(rows=40, hashes=3, seed=1), "t_mr2": MemRec(rows=30, hashes=3, seed=2),
     "t_qra": QR(num_buckets=25, combiner="add"), "t_qrb": QR(num_buckets=10, combiner="add"),
     "t_freq": FreqThreshold(capacity=10, shared_rows=3, fit_steps=0), "t_md": MixedDim(dim=4),
+    "t_md2": MixedDim(dim=4, seed=1), "t_mpe": MPE(ratio=4, fit_steps=1, search_steps=2),
     "t_freq2": FreqThreshold(capacity=12, shared_rows=5, fit_steps=0, seed=4),
     # warm-up table, then centroids: ragged, routed by the (shared) stage; MEAN pooled after the lookups
     "t_saec1": Saec(clusters=9, warm_steps=2), "t_saec2": Saec(clusters=7, warm_steps=2, seed=1), "t_saec3": Saec(clusters=5, warm_steps=2),
@@ -72,8 +75,8 @@ def test_batched_equals_one_by_one_in_any_key_order(weighted, stage):
     memcom = ("mc1", "mc2", "mc3") if weighted else ("mc1", "mc3")  # per-id pooling is part of the key (mc2 is MEAN)
     saec = [("saec1", "saec2a", "saec2b", "saec3")] if weighted else [("saec1", "saec2a", "saec2b"), ("saec3",)]
     assert {tuple(g.features) for g in plan.groups} >= {("h1a", "h1b", "h2"), memcom, ("mr1", "mr2"), ("qra", "qrb"),
-                                                        ("freq", "freq2a", "freq2b"), *saec}
-    assert plan.singles == ["md"] and not plan.identity  # groups gathered: the input is permuted
+                                                        ("freq", "freq2a", "freq2b"), ("md", "md2a", "md2b"), *saec}
+    assert plan.singles == ["mpe"] and not plan.identity  # groups gathered: the input is permuted
     shuffled = kjt.permute([keys.index(k) for k in reversed(keys)])  # another input order: the same inner KJTs
     assert m._plan(tuple(shuffled.keys())).features == plan.features
     assert m.split(shuffled)[1].keys() == m.split(kjt)[1].keys() and m.split(shuffled)[2].keys() == m.split(kjt)[2].keys()

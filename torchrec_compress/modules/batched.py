@@ -74,6 +74,15 @@ class Group:
         out.update(self.maps())
         return out
 
+    def stacked_parameters(self) -> Optional[Dict[str, torch.Tensor]]:
+        """Each of the tables' :meth:`~torchrec_compress.schemes.base.TableScheme.batch_parameters`
+        stacked over the group's features, ``[F_g, ...]`` (a feature reads its table's); None: none."""
+        names = list(self.tables[0].batch_parameters())
+        if not names:
+            return None
+        own = [impl.batch_parameters() for impl in self.tables]
+        return {n: torch.stack([own[t][n] for t in self.table_index]) for n in names}
+
     def full_constants(self, features: Sequence[str], device: torch.device) -> Dict[str, torch.Tensor]:
         """Each constant ``[F]`` over ``features`` (every feature of the module): the group's
         own for its features, its first feature's elsewhere (valid values for the masked ids

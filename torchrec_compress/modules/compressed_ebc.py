@@ -29,6 +29,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, Keyed
 from .. import schemes as _schemes  # noqa: F401  (fills the registry)
 from ..config import SchemeConfig, scheme_class_for
 from ..schemes.base import TableAccess, TableScheme, Uncompressed, uniform_init
+from ..distributed.collectives import all_gather_id_counts, world
 from ..distributed.state import agree_stride, copy_full_into_, full_tensor, inner_process_group, zero_rows_and_state_
 from .batched import Plan
 from .memory import MemoryReport, TableMemory
@@ -216,7 +217,7 @@ class CompressedEmbeddingBagCollection(nn.Module):
             state.jts[plan.features[p]] = JaggedTensor(values=values.narrow(0, a, n), lengths=lengths2d[p],
                                                        weights=None if weights is None else weights.narrow(0, a, n))
         position = plan.position
-        self._procedures(lambda f: values.narrow(0, offsets[position[f]], host[position[f]]))
+        self._procedures(plan.features, values, counts, lambda f: values.narrow(0, offsets[position[f]], host[position[f]]))
 
         pooled = _InnerBatch(self._is_weighted)
         per_id = _InnerBatch(False)
@@ -265,7 +266,7 @@ class CompressedEmbeddingBagCollection(nn.Module):
         for h in host:
             offsets.append(offsets[-1] + h)
         at = {f: i for i, f in enumerate(keys)}
-        self._procedures(lambda f: values.narrow(0, offsets[at[f]], host[at[f]]))
+        self._procedures(keys, values, counts, lambda f: values.narrow(0, offsets[at[f]], host[at[f]]))
         n = values.numel()
         device = values.device
         fidx = torch.repeat_interleave(torch.arange(len(host), device=device), counts, output_size=n)  # [N] feature of each id
@@ -289,21 +290,87 @@ class CompressedEmbeddingBagCollection(nn.Module):
                                 stride=state.batch, length_per_key=host)
         return state, kjt, None
 
-    def _procedures(self, feature_ids: Callable[[str], torch.Tensor]) -> None:
+    def _procedures(self, keys: List[str], values: torch.Tensor, counts: torch.Tensor,
+                    feature_ids: Callable[[str], torch.Tensor]) -> None:
         """The schemes' own procedures (counting, clustering, search, re-planning), before the
-        transform; ``feature_ids(f)``: the ``[N_f]`` ids of feature f (read only while a scheme
-        counts: its first steps)."""
+        transform. ``values [N]``: the ids of the features ``keys`` laid end to end, ``counts [F]``
+        of each; ``feature_ids(f)``: the ``[N_f]`` ids of feature f, for schemes that see ids their
+        own way (FIITED). Id counts of every counting table are added at once (:meth:`_count`)."""
         self.materialize()
+        counting = []
         for t in self._tables:
             impl = self._schemes[t.name]
             if impl.step(self.training):
                 for name, rows in impl.event(self.tables(t.name)).items():
                     self._reset_rows(name, rows, impl)
             if impl.sees_ids and self.training:
-                impl.see_features([feature_ids(f) for f in t.feature_names], self._sync_group())
+                if t.name in self._count_layout():
+                    counting.append(t.name)
+                else:
+                    impl.see_features([feature_ids(f) for f in t.feature_names], self._sync_group())
             if not self.training and impl.data_driven and t.name not in self._warned and not impl.fitted():
                 self._warned.add(t.name)
                 warnings.warn(unfitted_message(t.name, impl), stacklevel=5)
+        if counting:
+            self._count(tuple(counting), keys, values, counts)
+
+    def _count_layout(self) -> Dict[str, int]:
+        """Table -> the start of its ``counts`` buffer in the module's flat count tensor (the
+        tables whose scheme counts ids while training, :meth:`~torchrec_compress.schemes.
+        lifecycle.Scheduled.count_offset`), in table order; the last slot takes ids not counted."""
+        if "_count_starts" not in self.__dict__:
+            starts, at = {}, 0
+            for t in self._tables:
+                impl = self._schemes[t.name]
+                if hasattr(impl, "count_offset") and "counts" in impl.initial_buffers():
+                    starts[t.name] = at
+                    at += impl.initial_buffers()["counts"].numel()
+            self._count_starts, self._count_size = starts, at + 1
+        return self._count_starts
+
+    def _count_flat(self) -> torch.Tensor:
+        """The flat ``[sum of counts + 1]`` int32 tensor whose slices ARE the tables' ``counts``
+        buffers (so one ``index_add_`` counts every table); re-made, keeping the counts, when a
+        buffer is no longer its slice (``.to()``, DMP's placement)."""
+        flat = self.__dict__.get("_counts_flat")
+        layout = self._count_layout()
+        if flat is None or any(self.maps[n]._buffers["counts"].data_ptr() != flat.data_ptr() + 4 * a for n, a in layout.items()):
+            device = self.maps[next(iter(layout))].counts.device
+            flat = torch.zeros(self._count_size, dtype=torch.int32, device=device)
+            for n, a in layout.items():
+                state = self.maps[n]
+                part = flat.narrow(0, a, state.counts.numel())
+                part.copy_(state.counts)
+                state._buffers["counts"] = part
+            self._counts_flat = flat
+        return flat
+
+    @torch.no_grad()
+    def _count(self, tables: Tuple[str, ...], keys: List[str], values: torch.Tensor, counts: torch.Tensor) -> None:
+        """Count the ids of every feature of ``tables`` in one ``index_add_`` (one all-gather of
+        (id, count) pairs over the ranks when sharded): feature f's id x at its table's start +
+        ``count_offset`` + x; the other features' ids go to the flat tensor's last slot."""
+        flat = self._count_flat()
+        key = ("count", tables, tuple(keys), values.device)
+        cache = self.__dict__.setdefault("_count_cache", {})
+        if key not in cache:
+            layout, trash = self._count_layout(), self._count_size - 1
+            rows = []
+            for f in keys:
+                t = self._feature_table[f]
+                if t.name in tables:
+                    rows.append((1, layout[t.name] + self._schemes[t.name].count_offset(t.feature_names.index(f))))
+                else:
+                    rows.append((0, trash))
+            cache[key] = torch.tensor(rows, dtype=torch.int64, device=values.device).t().contiguous()  # [2, F]
+        scale, shift = torch.repeat_interleave(cache[key], counts, dim=1, output_size=values.numel()).to(flat.device)
+        at = values.to(flat.device, torch.int64) * scale + shift
+        group = self._sync_group()
+        if world(group) == 1:  # index_add sums the duplicates itself: no unique (a sort)
+            flat.index_add_(0, at, torch.ones_like(at, dtype=flat.dtype))
+        else:
+            ids, n = all_gather_id_counts(at, group)
+            flat.index_add_(0, ids, n.to(flat.dtype))
 
     def combine(self, state: "SplitState", pooled_out: Optional[KeyedTensor], per_id_out: Optional[KeyedTensor]) -> KeyedTensor:
         """Inner lookups (``pooled``: ``[B, d_p]`` per virtual feature; ``per_id``: ``[S, d_p]``,
@@ -331,7 +398,7 @@ class CompressedEmbeddingBagCollection(nn.Module):
                 x = blocks["pooled"][gi] if blocks["pooled"] is not None else \
                     _select_columns(pooled_out.values(), plan.columns(("pooled", gi), pooled_out, g.keys()))
                 parts = [t.view(batch, g.size, d) for t, d in zip(_split(x, widths), g.part_dims)]  # views [B, F_g, d_p]
-                out = g.scheme.combine(parts, None, None)  # [B, F_g, d]
+                out = g.scheme.combine(parts, None, g.stacked_parameters())  # [B, F_g, d]
                 if gs is not None:  # a ragged scheme's MEAN: the inner tables summed
                     out = out / gs.t().clamp(min=1).unsqueeze(2).to(out.dtype)
                 outs.append(out.reshape(batch, g.size * g.dim))
@@ -620,7 +687,7 @@ def _schedule_reloaded(module: "SchemeState", incompatible_keys: object) -> None
     """After load_state_dict: the schedule re-reads its buffers (it may be mid-phase again)."""
     impl = module._impl[0]
     if hasattr(impl, "_done"):
-        impl._done, impl._idle, impl._fitted = False, 0, False
+        impl._done, impl._pending, impl._fitted = False, 0, False
 
 
 def scheme_parameters(model: nn.Module) -> List[nn.Parameter]:

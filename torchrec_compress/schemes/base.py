@@ -176,6 +176,12 @@ class TableScheme:
         when one of :meth:`map_buffers` changes."""
         return {}
 
+    def batch_parameters(self) -> Dict[str, torch.Tensor]:
+        """Small trainable tensors a batched pooled :meth:`combine` reads (e.g. MixedDim's
+        projection): the group stacks each name's over its features (``c[name] [F_g, ...]``,
+        each feature its table's), one ``stack`` per name and forward."""
+        return {}
+
     def map_buffers(self) -> List[torch.Tensor]:
         """The buffers :meth:`batch_maps` are made from (their version says when to rebuild)."""
         return []

@@ -32,10 +32,11 @@ class Scheduled(TableScheme):
         super().__init__(table, config)
         self._counting = False
         self._fitted = False  # a host-side memo once the stage says fitted (no read per forward afterwards)
-        # once fitted with every event behind it the schedule is over: steps are counted on the
-        # host (no op, no read per forward) and folded into the buffer when it is read or saved
+        # steps are counted on the host (no op, no read per forward) and folded into the buffer
+        # when it is read or saved (flush_steps); once fitted with every event behind it the
+        # schedule is over (_done: nothing else to decide)
         self._done = False
-        self._idle = 0
+        self._pending = 0
 
     # --- what a subclass gives ------------------------------------------------------------
     @property
@@ -80,16 +81,13 @@ class Scheduled(TableScheme):
             self._counting = False
             return False
         if self._done:
-            self._idle += 1
+            self._pending += 1
             return False
-        b = self.buffers
-        n = self._host_int("steps")
+        n = self.steps_taken()
+        self._pending += 1
         if n > max(self.events(), default=-1) and self.fitted():
             self._done, self._counting = True, False
-            self._idle += 1
             return False
-        b.steps.add_(1)
-        self._memo["steps"] = ((id(b.steps), b.steps._version), n + 1)
         self._step = n
         self._counting = n < self.count_steps and self.stage == 0
         return n in self.events()
@@ -97,6 +95,15 @@ class Scheduled(TableScheme):
     @property
     def sees_ids(self) -> bool:  # only while counting
         return self._counting
+
+    def steps_taken(self) -> int:
+        """Training forwards so far (the buffer and the steps not yet folded into it)."""
+        return self._host_int("steps") + self._pending
+
+    def count_offset(self, field: int) -> int:
+        """Where the ids of the table's feature ``field`` are counted: id x at ``counts[offset + x]``
+        (the module counts every table's ids in one op, into its flat count tensor)."""
+        return 0
 
     @torch.no_grad()
     def see(self, values: torch.Tensor, group: Optional[dist.ProcessGroup]) -> None:
@@ -111,13 +118,13 @@ class Scheduled(TableScheme):
 
     def flush_steps(self) -> None:
         """Fold the steps counted on the host into the ``steps`` buffer (before it is read or saved)."""
-        if self._idle:
-            self.buffers.steps.add_(self._idle)
-            self._idle = 0
+        if self._pending:
+            self.buffers.steps.add_(self._pending)
+            self._pending = 0
 
     def status(self) -> Dict[str, object]:
         self.flush_steps()
-        return {"stage": self.STAGES[self.stage], "step": int(self.buffers.steps)}
+        return {"stage": self.STAGES[self.stage], "step": self.steps_taken()}
 
     def counted(self) -> torch.Tensor:
         """``[v]`` int64 counts gathered so far (zeros when the scheme does not count)."""

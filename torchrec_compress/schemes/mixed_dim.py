@@ -16,12 +16,12 @@ than the scheme rows beside it (its achieved ratio, e.g. 3.94x, says so), which 
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional
+from typing import Dict, Hashable, List, Optional
 
 import torch
 
 from ..config import SchemeConfig, _check_positive_int, register_scheme
-from .base import PhysicalTable, TableScheme, uniform_init
+from .base import Constants, PhysicalTable, TableScheme, uniform_init
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +46,7 @@ class MixedDim(SchemeConfig):
 @register_scheme(MixedDim)
 class MixedDimScheme(TableScheme):
     presets = {"md": lambda r, d: MixedDim(ratio=r, slack=0.05)}
+    identity_transform = True
 
     def __init__(self, table, config: MixedDim) -> None:
         super().__init__(table, config)
@@ -67,11 +68,20 @@ class MixedDimScheme(TableScheme):
         g = torch.Generator().manual_seed(self.config.seed)
         return {"proj": torch.randn(self.dim, self.table.embedding_dim, generator=g) / self.dim ** 0.5}
 
-    def transform(self, values: torch.Tensor) -> List[torch.Tensor]:
+    def batch_key(self) -> Hashable:
+        return ("md", self.table.embedding_dim, self.dim)
+
+    def batch_parameters(self) -> Dict[str, torch.Tensor]:
+        return {"proj": self.buffers.proj}
+
+    def transform(self, values: torch.Tensor, c: Optional[Constants] = None) -> List[torch.Tensor]:
         return [values]
 
-    def combine(self, parts: List[torch.Tensor], values: torch.Tensor) -> torch.Tensor:
-        """Pooled ``[B, d']`` -> ``[B, d]`` = bag @ P."""
+    def combine(self, parts: List[torch.Tensor], values: Optional[torch.Tensor], c: Optional[Constants] = None) -> torch.Tensor:
+        """Pooled ``[B, d']`` -> ``[B, d]`` = bag @ P; in a batch ``[B, F_g, d']`` with
+        ``c["proj"] [F_g, d', d]`` (each feature's table's P) -> ``[B, F_g, d]``, one batched matmul."""
+        if c is not None and "proj" in c:
+            return torch.einsum("bfs,fsd->bfd", parts[0], c["proj"])
         return parts[0] @ self.buffers.proj
 
     # --- the plain-torch reference of the paper's equation (the tests compare against it) ----

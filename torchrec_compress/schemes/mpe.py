@@ -423,7 +423,7 @@ class MPEScheme(Scheduled):
         physical table, dropped ids removed."""
         if self.stage != RETRAIN:
             raise ValueError(f"MPE: table {self.table.name!r} has not chosen its precisions yet (stage "
-                             f"{['count', 'search'][self.stage]}, step {int(self.buffers.steps)} of "
+                             f"{['count', 'search'][self.stage]}, step {self.steps_taken()} of "
                              f"{self.config.fit_steps + self.config.search_steps}); train longer or lower fit_steps/search_steps")
         d, v = self.table.embedding_dim, self.table.num_embeddings
         chosen = self.chosen_bits()

@@ -161,6 +161,9 @@ class SaecScheme(Scheduled):
         offsets = torch.arange(self.fields, device=flat.device) * self.table.num_embeddings
         self.see(flat + offsets.repeat_interleave(sizes, output_size=flat.numel()), group)
 
+    def count_offset(self, field: int) -> int:
+        return field * self.table.num_embeddings if self.fields > 1 else 0
+
     def counted(self) -> torch.Tensor:
         """``[F, v]`` int64 counts per field gathered so far (``[v]`` for one field)."""
         c = super().counted()
