@@ -83,6 +83,12 @@ class Group:
         own = [impl.batch_parameters() for impl in self.tables]
         return {n: torch.stack([own[t][n] for t in self.table_index]) for n in names}
 
+    def table_parameters(self) -> Dict[str, torch.Tensor]:
+        """Each of the tables' :meth:`~torchrec_compress.schemes.base.TableScheme.batch_parameters`
+        stacked over the group's tables, ``[T, ...]`` (``c["_table"]`` indexes it per id)."""
+        own = [impl.batch_parameters() for impl in self.tables]
+        return {n: torch.stack([o[n] for o in own]) for n in own[0]}
+
     def full_constants(self, features: Sequence[str], device: torch.device) -> Dict[str, torch.Tensor]:
         """Each constant ``[F]`` over ``features`` (every feature of the module): the group's
         own for its features, its first feature's elsewhere (valid values for the masked ids

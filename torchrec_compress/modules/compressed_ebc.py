@@ -410,7 +410,7 @@ class CompressedEmbeddingBagCollection(nn.Module):
             counts = state.counts.narrow(0, g.start, g.size)
             pos = torch.arange(vals.numel(), device=vals.device) - (counts.cumsum(0) - counts)[fidx]  # [n] row in its feature
             parts = [t.reshape(rows.shape[0], g.size, d)[pos, fidx] for t, d in zip(_split(x, widths), g.part_dims)]
-            per = g.scheme.combine(parts, vals, c)  # [n, d]
+            per = g.scheme.combine_group(g.tables, parts, vals, {**c, **g.table_parameters()})  # [n, d]
             outs.append(_pool_group(per, lens, w, g.pooling, batch))
         for p in range(plan.single_start, len(plan.features)):
             f = plan.features[p]

@@ -182,6 +182,13 @@ class TableScheme:
         each feature its table's), one ``stack`` per name and forward."""
         return {}
 
+    def combine_group(self, tables: List["TableScheme"], parts: List[torch.Tensor], values: torch.Tensor,
+                      c: Constants) -> torch.Tensor:
+        """A per-value batch's :meth:`combine` (``tables``: each of its tables' schemes once, in
+        the order of ``c["_table"]``; ``c`` also holds their :meth:`batch_parameters` stacked
+        ``[T, ...]``). Default: :meth:`combine`."""
+        return self.combine(parts, values, c)
+
     def map_buffers(self) -> List[torch.Tensor]:
         """The buffers :meth:`batch_maps` are made from (their version says when to rebuild)."""
         return []

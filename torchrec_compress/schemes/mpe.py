@@ -44,13 +44,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Hashable, List, Optional, Tuple
 
 import torch
 
 from ..config import SchemeConfig, _check_positive_int, _check_steps, register_scheme
 from ..ops import universal_hash
-from .base import PhysicalTable, TableAccess, uniform_draw, uniform_init
+from .base import Constants, PhysicalTable, TableAccess, TableScheme, uniform_draw, uniform_init
 from .lifecycle import Scheduled
 from .mixed_precision import MixedPrecision
 
@@ -106,6 +106,32 @@ def lsq_plus(w: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, bits: int
     a, b = grad_scaled(alpha, grad_scale), grad_scaled(beta, grad_scale)
     v = ((w - b) / a).clamp(-levels(bits), levels(bits) - 1)  # clamped before rounding, as the authors' mask
     return (v + (v.round() - v).detach()) * a + b
+
+
+def lsq_plus_widths(w: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, bits: torch.Tensor, grad_scale: torch.Tensor,
+                    widths: Tuple[int, ...]) -> torch.Tensor:
+    """:func:`lsq_plus` of every row at K widths at once: rows ``w [N, d]``, steps ``alpha [*, K]``
+    (> 0), offsets ``beta [*, d]``, widths ``bits [*, K]`` (int64), LSQ gradient scales
+    ``grad_scale [*, K]`` (``*``: N or 1) -> ``[N, K, d]``, Q_{bits[i, k]}(w[i]) with step
+    ``alpha[i, k]`` (0 bits: zeros; 16: the fp16 cast; 32: ``w``). ``widths``: the widths
+    ``bits`` may hold (host-side: the special cases cost ops only when present). A fixed
+    number of ops for any K and any mix of tables (each row its own table's steps)."""
+    lv = torch.pow(2.0, bits.clamp(1, 8).to(w.dtype) - 1).unsqueeze(-1)  # [*, K, 1] 2^(b-1)
+    s = grad_scale.to(w.dtype).unsqueeze(-1)  # [*, K, 1]
+    a = grad_scaled(alpha.unsqueeze(-1), s)  # [*, K, 1]
+    b = beta.unsqueeze(-2)
+    b = b * s + (b - b * s).detach()  # [*, K, d]: each width's gradient scale for the offsets
+    x = w.unsqueeze(1)  # [N, 1, d]
+    v = torch.clamp((x - b) / a, -lv, lv - 1)  # clamped before rounding, as the authors' mask
+    q = (v + (v.round() - v).detach()) * a + b  # [N, K, d]
+    special = bits.unsqueeze(-1)
+    if 16 in widths:
+        q = torch.where(special == 16, x + (x.half().float() - x).detach(), q)
+    if 32 in widths:
+        q = torch.where(special == 32, x.expand_as(q), q)
+    if 0 in widths:
+        q = torch.where(special == 0, torch.zeros((), dtype=q.dtype, device=q.device), q)
+    return q
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,43 +267,117 @@ class MPEScheme(Scheduled):
         return [PhysicalTable("__full", self.table.num_embeddings, self.table.embedding_dim, uniform_init(self.table))]
 
     # --- the three steps -----------------------------------------------------------------
-    def transform(self, values: torch.Tensor) -> List[torch.Tensor]:
+    identity_transform = True
+
+    def batch_key(self) -> Hashable:
+        # tables that follow the same schedule share one batch (they are in the same stage;
+        # combine_group still handles a mix, e.g. after fit_ of only some of them)
+        c = self.config
+        return ("mpe", self.table.embedding_dim, self.candidates, self.G, c.temperature, c.fit_steps, c.search_steps)
+
+    def batch_parameters(self) -> Dict[str, torch.Tensor]:
+        b = self.buffers
+        return {"logits": b.logits, "alpha": b.alpha, "beta": b.beta}
+
+    def batch_maps(self, index: int) -> Dict[str, torch.Tensor]:
+        """Laid end to end over a batch's tables: each id's global group (``group_of`` + the
+        table's first group), and per group its width, penalty weight and size; per table its
+        row budget, penalty weight and the K widths' LSQ gradient scales."""
+        b = self.buffers
+        dev = b.group_of.device
+        return {"group_of": b.group_of.long() + index * self.G, "bits": b.bits.long(), "group_weight": b.group_weight,
+                "group_size": self.group_sizes().to(b.group_weight.dtype),
+                "row_target": torch.tensor([self.row_target], device=dev), "cost": torch.tensor([self.config.penalty], device=dev),
+                "scale": torch.tensor(self.grad_scales, device=dev)}
+
+    def map_buffers(self) -> List[torch.Tensor]:
+        return [self.buffers.group_of, self.buffers.bits, self.buffers.group_weight]
+
+    def transform(self, values: torch.Tensor, c: Optional[Constants] = None) -> List[torch.Tensor]:
         return [values]
 
-    def _quantized(self, w: torch.Tensor) -> List[torch.Tensor]:
-        """Q_b(w) ``[N, d]`` for every candidate b."""
-        alpha = self.buffers.alpha.abs() + 1e-10
-        return [lsq_plus(w, alpha[k], self.buffers.beta, b, s) for k, (b, s) in enumerate(zip(self.candidates, self.grad_scales))]
+    def _own(self, values: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """This table alone as a batch of one (``combine_group``'s ``c``)."""
+        c: Dict[str, torch.Tensor] = dict(self.batch_maps(0))
+        c.update({n: p.unsqueeze(0) for n, p in self.batch_parameters().items()})
+        c["group_of_start"] = torch.zeros((), dtype=torch.int64, device=values.device)
+        c["_table"] = torch.zeros(values.shape[0], dtype=torch.int64, device=values.device)
+        return c
+
+    def _widths(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(candidate widths ``[K]`` int64, their stored bits per element ``[K]``, each width's
+        index in the candidates ``[33]``), cached per device."""
+        cache = self.__dict__.setdefault("_width_tensors", {})
+        if device not in cache:
+            index = torch.zeros(33, dtype=torch.int64)
+            index[list(self.candidates)] = torch.arange(len(self.candidates))
+            cache[device] = (torch.tensor(self.candidates, device=device),
+                             torch.tensor([self.eff_bits(b) for b in self.candidates], device=device), index.to(device))
+        return cache[device]
 
     def _at_widths(self, w: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
         """Q_{bits[i]}(w[i]) for rows ``w [N, d]`` at widths ``bits [N]`` (0: zeros)."""
-        out = torch.zeros_like(w)
-        for b, q in zip(self.candidates, self._quantized(w)):
-            if b:
-                out = torch.where((bits == b).unsqueeze(1), q, out)
-        return out
+        c = self._own(bits)
+        k = self._widths(w.device)[2][bits.long()]
+        alpha = c["alpha"][0].abs() + 1e-10
+        return lsq_plus_widths(w, alpha[k].unsqueeze(1), c["beta"], bits.long().unsqueeze(1), c["scale"][k].unsqueeze(1),
+                               self.candidates).squeeze(1)
 
-    def _unused(self) -> torch.Tensor:
-        # DDP's static graph wants every parameter in every step
-        b = self.buffers
-        return 0.0 * (b.logits.sum() + b.alpha.sum() + b.beta.sum())
-
-    def combine(self, parts: List[torch.Tensor], values: torch.Tensor) -> torch.Tensor:
+    def combine(self, parts: List[torch.Tensor], values: torch.Tensor, c: Optional[Constants] = None) -> torch.Tensor:
         """``[N, d]`` fp32 rows -> ``[N, d]`` quantized rows (the width mixture while searching)."""
+        return self.combine_group([self], parts, values, self._own(values) if c is None else c)
+
+    def combine_group(self, tables: List["TableScheme"], parts: List[torch.Tensor], values: torch.Tensor,
+                      c: Constants) -> torch.Tensor:
+        """The rows ``w = parts[0] [n, d]`` of ids ``values [n]`` of the batch's ``tables`` (id
+        i of table ``c["_table"][i]``) -> ``[n, d]``: counting, w; searching, SUM_b
+        softmax(gamma_g / tau)_b Q_b(w) over every width at once (:func:`lsq_plus_widths`,
+        b = 0 adds nothing); retraining, Q_{b_g}(w). ``c``: the tables' maps laid end to end
+        and their parameters stacked ``[T, ...]``. A fixed number of ops per stage present."""
         w = parts[0]
-        stage = self.stage
-        if stage == COUNT:  # plain fp32 training while the ids are counted
-            return w + self._unused()
-        g = self.buffers.group_of[values].long()
-        if stage == SEARCH:
-            probs = torch.softmax(self.buffers.logits[g] / self.config.temperature, dim=1)  # [N, K]
-            out = sum((probs[:, k:k + 1] * q for k, q in enumerate(self._quantized(w)) if self.candidates[k]),
-                      torch.zeros_like(w) + self._unused())
-            if self._penalize and torch.is_grad_enabled() and out.requires_grad:
-                self._penalize = False  # once per training step, whatever the number of features
-                out = _AddToLoss.apply(out, self.penalty())
-            return out
-        return self._at_widths(w, self.buffers.bits[g].long()) + self._unused()
+        T, K = len(tables), len(self.candidates)
+        logits, alpha, beta = c["logits"], c["alpha"].abs() + 1e-10, c["beta"]  # [T, G, K], [T, K], [T, d]
+        unused = 0.0 * (logits.sum() + alpha.sum() + beta.sum())  # DDP's static graph wants every parameter in every step
+        stages = [t.stage for t in tables]
+        tidx = c["_table"]
+        gg = c["group_of"][values + c["group_of_start"]]  # [n] each id's group, over the batch's tables
+        scale = c["scale"].view(T, K)
+        cands, _, index = self._widths(w.device)
+        out = None
+        for stage in sorted(set(stages)):
+            if stage == COUNT:  # plain fp32 training while the ids are counted
+                rows = w
+            elif stage == SEARCH:
+                probs = torch.softmax(logits.view(T * self.G, K)[gg] / self.config.temperature, dim=1)  # [n, K]
+                q = lsq_plus_widths(w, alpha[tidx], beta[tidx], cands.unsqueeze(0), scale[tidx], self.candidates)
+                rows = torch.einsum("nk,nkd->nd", probs * (cands > 0).to(probs.dtype), q)
+                if tables[0]._penalize and torch.is_grad_enabled() and rows.requires_grad:
+                    for t in tables:
+                        t._penalize = False  # once per training step, whatever the number of features
+                    searching = torch.tensor([s == SEARCH for s in stages], device=w.device)
+                    rows = _AddToLoss.apply(rows, self._penalty_of(T, c, searching))
+            else:
+                bits = c["bits"][gg]  # [n]
+                k = index[bits].unsqueeze(1)  # [n, 1]
+                rows = lsq_plus_widths(w, alpha[tidx].gather(1, k), beta[tidx], bits.unsqueeze(1), scale[tidx].gather(1, k),
+                                       self.candidates).squeeze(1)
+            if len(stages) == 1 or len(set(stages)) == 1:
+                out = rows
+            else:  # tables in different stages (fitted apart): each id its own table's
+                mine = torch.tensor([s == stage for s in stages], device=w.device)[tidx].unsqueeze(1)
+                out = rows if out is None else torch.where(mine, rows, out)
+        return out + unused
+
+    def _penalty_of(self, T: int, c: Constants, searching: torch.Tensor) -> torch.Tensor:
+        """SUM over the searching tables of penalty * SUM_g SUM_b p_gb b / cnt_g, each while its
+        expected bits exceed its budget (no host sync): one batch of ``T`` tables' maps ``c``."""
+        cands, eff, _ = self._widths(c["logits"].device)
+        probs = torch.softmax(c["logits"] / self.config.temperature, dim=2)  # [T, G, K]
+        reg = (probs * cands.to(probs.dtype) * c["group_weight"].view(T, self.G, 1)).sum(dim=(1, 2))  # [T]
+        n = c["group_size"].view(T, self.G)
+        expected = ((probs @ eff) * n).sum(dim=1) / n.sum(dim=1)  # [T] E[stored bits per element]
+        over = (expected > c["row_target"]) & searching
+        return (c["cost"] * reg * over.to(reg.dtype)).sum()
 
     # --- memory ----------------------------------------------------------------------------
     def group_sizes(self) -> torch.Tensor:
@@ -304,11 +404,8 @@ class MPEScheme(Scheduled):
         (0 within it, and once retraining): the search's memory term."""
         if self.stage != SEARCH:
             return torch.zeros((), device=self.buffers.logits.device)
-        probs = torch.softmax(self.buffers.logits / self.config.temperature, dim=1)
-        bits = torch.tensor(self.candidates, dtype=probs.dtype, device=probs.device)
-        reg = (probs * bits * self.buffers.group_weight.unsqueeze(1)).sum()
-        over = (self.expected_bits(probs) > self.row_target).to(reg.dtype)  # no host sync
-        return self.config.penalty * reg * over
+        c = self._own(self.buffers.logits)
+        return self._penalty_of(1, c, torch.ones(1, dtype=torch.bool, device=self.buffers.logits.device))
 
     # --- the procedure ---------------------------------------------------------------------
     def before_combine(self, training: bool) -> None:
