@@ -72,10 +72,10 @@ def test_bench_speed_step_counts_cli(tmp_path, capsys):
     out = tmp_path / "c.json"
     main(["bench", "speed", "--step-counts", "--schemes", "hashing", "--out", str(out)])
     res = json.loads(out.read_text())
-    assert set(res["rows"]) == {"stock", "hashing"} and "F26_warm2" in capsys.readouterr().out
+    assert set(res["rows"]) == {"stock", "hashing"} and "F26_warm3" in capsys.readouterr().out
     for name, r in res["rows"].items():
-        assert r["F26_warm2"]["ops"] == r["F52_warm2"]["ops"] == r["F52_warm200"]["ops"], (name, r)
-        assert r["F26_warm2"]["syncs"] <= res["rows"]["stock"]["F26_warm2"]["syncs"]
+        assert r["F26_warm3"]["ops"] == r["F52_warm3"]["ops"] == r["F52_warm201"]["ops"], (name, r)
+        assert r["F26_warm3"]["syncs"] <= res["rows"]["stock"]["F26_warm3"]["syncs"]
 
 
 def test_bench_speed_two_ranks(tmp_path, capsys):

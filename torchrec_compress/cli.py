@@ -103,7 +103,7 @@ def _parser(argv: Optional[List[str]] = None) -> argparse.ArgumentParser:
     bs.add_argument("--ranks", type=_positive_int, default=1, help="training steps on this many gloo ranks (no inference)")
     bs.add_argument("--step-counts", action="store_true",
                     help="instead: host syncs and ops per training step of each scheme, 26 vs 52 features, while its "
-                         "procedure runs (2 warm-up steps) and after it (200)")
+                         "procedure runs (3 warm-up steps) and after it (201; both between FIITED's re-planning events)")
     bi = bsub.add_parser("inference", help="lookups/s of exported quantized tables vs stock TorchRec FP32/FP16",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     bi.add_argument("--max-rows", type=_positive_int, default=1_000_000, help="cap on the Criteo Kaggle table sizes")

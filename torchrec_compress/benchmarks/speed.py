@@ -160,10 +160,12 @@ def scaling_counts(name: str, n_features: int, batch: int = 8, warm: int = 2, di
     return step_counts(step, data[1])
 
 
-def bench_step_counts(schemes: Sequence[str], features: Sequence[int] = (26, 52), warms: Sequence[int] = (2, 200)) -> Dict[str, object]:
+def bench_step_counts(schemes: Sequence[str], features: Sequence[int] = (26, 52), warms: Sequence[int] = (3, 201)) -> Dict[str, object]:
     """Host syncs and ops per training step of every scheme and stock, for each number of
-    features and after each number of warm-up steps (2: the procedures still count / search;
-    200: FreqThreshold, Saec, MPE past their last event, FIITED between re-plans)."""
+    features and after each number of warm-up steps (3: the procedures still count / search;
+    201: FreqThreshold, Saec, MPE past their last event). Both measured steps fall between
+    FIITED's re-planning events (after 1, 2, 4, ... steps, then every ``interval``): a step
+    after 2 or 200 would be one."""
     rows: Dict[str, Dict[str, Dict[str, int]]] = {}
     with local_process_group():
         for name in ["stock", *schemes]:

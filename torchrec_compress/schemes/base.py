@@ -76,9 +76,10 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def bag_index(lengths: torch.Tensor) -> torch.Tensor:
-    """``[B]`` bag lengths -> ``[N]`` the bag of every value (0, 0, 1, 2, 2, ...)."""
-    return torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths.long())
+def bag_index(lengths: torch.Tensor, n: Optional[int] = None) -> torch.Tensor:
+    """``[B]`` bag lengths -> ``[N]`` the bag of every value (0, 0, 1, 2, 2, ...); ``n`` = N when
+    the caller knows it (no host read of ``lengths.sum()``)."""
+    return torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths.long(), output_size=n)
 
 
 def ragged_parts(
@@ -86,14 +87,20 @@ def ragged_parts(
 ) -> List[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
     """For ragged schemes' :meth:`TableScheme.route`: per physical part k, the ``rows [N]`` (or
     ``rows[:, k]`` when 2-D) of the ids selected by ``masks[k] [N]``, their per-bag counts
-    ``[B]`` and weights."""
+    ``[B]`` and weights. All K parts in one pass: one ``index_add_`` for the ``[K, B]`` counts,
+    one masked select for the rows, one host read of the K sizes (to split them)."""
     lengths, weights = jt.lengths(), jt.weights_or_none()
-    bag = bag_index(lengths)
-    out = []
-    for k, m in enumerate(masks):
-        counts = torch.zeros_like(lengths).index_add_(0, bag[m], torch.ones_like(bag[m]).to(lengths.dtype))
-        out.append(((rows[:, k] if rows.dim() == 2 else rows)[m], counts, None if weights is None else weights[m]))
-    return out
+    n, b, k = jt.values().numel(), lengths.numel(), len(masks)
+    m = torch.stack(masks)  # [K, N]
+    bag = bag_index(lengths, n)
+    at = torch.where(m, bag.unsqueeze(0) + (torch.arange(k, device=bag.device) * b).unsqueeze(1), k * b)  # [K, N]; k * b: not routed
+    counts = torch.zeros(k * b + 1, dtype=lengths.dtype, device=lengths.device).index_add_(
+        0, at.reshape(-1), torch.ones(k * n, dtype=lengths.dtype, device=lengths.device))[: k * b].view(k, b)
+    per_part = (rows.t() if rows.dim() == 2 else rows.unsqueeze(0).expand(k, n))[m]  # part-major
+    sizes = counts.sum(dim=1).tolist()
+    parts = per_part.split(sizes)
+    ws = weights.unsqueeze(0).expand(k, n)[m].split(sizes) if weights is not None else [None] * k
+    return [(r, counts[i], w) for i, (r, w) in enumerate(zip(parts, ws))]
 
 
 def round_dim_ok(dim: int) -> bool:

@@ -254,7 +254,7 @@ class FIITEDScheme(TableScheme):
         gathered over ``group`` when sharded)."""
         values, lengths, weights = jt.values(), jt.lengths(), jt.weights_or_none()
         norms = grad.detach().float().view(grad.shape[0], self.c, self.s).norm(dim=2)  # [B, C]
-        bag = bag_index(lengths)
+        bag = bag_index(lengths, values.numel())
         per = norms[bag]  # [N, C]
         if weights is not None:
             per = per * weights.abs().unsqueeze(1)
@@ -265,11 +265,13 @@ class FIITEDScheme(TableScheme):
         kept, per = slots >= 0, per.reshape(-1)
         keys = self._keys(values).reshape(-1)
         b = self.buffers
-        # one flat delta [pool + depth * width]: kept chunks by slot, pruned ones into the sketch
-        delta = torch.zeros(self.pool + SKETCH_DEPTH * self.width, device=per.device)
-        delta.index_add_(0, slots[kept], per[kept])
-        for r, cell in enumerate(self._cells(keys[~kept])):
-            delta.index_add_(0, self.pool + r * self.width + cell, per[~kept])
+        # one flat delta [pool + depth * width + 1]: kept chunks by slot, pruned ones into every sketch
+        # row, in one index_add_ (where, not masks: no host read of how many are kept); the last cell
+        # takes what a key does not add to
+        trash = self.pool + SKETCH_DEPTH * self.width
+        at = [torch.where(kept, slots, trash)] + [torch.where(kept, trash, self.pool + r * self.width + cell)
+                                                  for r, cell in enumerate(self._cells(keys))]
+        delta = torch.zeros(trash + 1, device=per.device).index_add_(0, torch.cat(at), per.repeat(1 + SKETCH_DEPTH))[:trash]
         if group is not None and dist.get_world_size(group) > 1:
             dist.all_reduce(delta, group=group)
             delta /= dist.get_world_size(group)  # averaged over ranks, as TorchRec averages embedding gradients
