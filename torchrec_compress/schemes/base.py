@@ -154,6 +154,24 @@ class TableScheme:
                 "FBGEMM kernels need a positive multiple of 4"
             )
 
+    # --- host counters (``host_buffers``): read once per change, not once per step ---------
+    def _host_int(self, name: str) -> int:
+        """A 0-dim counter buffer's value, read once per change: the buffer's version (bumped
+        by every in-place write: the scheme's own, load_state_dict, DCP's load) says when."""
+        b = getattr(self.buffers, name)
+        key = (id(b), b._version)
+        memo = self.__dict__.setdefault("_memo", {}).get(name)
+        if memo is None or memo[0] != key:
+            memo = (key, int(b))
+            self._memo[name] = memo
+        return memo[1]
+
+    def _set_host(self, name: str, value: int) -> None:
+        """Write a counter buffer and remember what it holds now (no read back)."""
+        b = getattr(self.buffers, name)
+        b.fill_(value)
+        self.__dict__.setdefault("_memo", {})[name] = ((id(b), b._version), int(value))
+
     # --- the three steps -------------------------------------------------------------
     def physical_tables(self) -> List[PhysicalTable]:
         raise NotImplementedError

@@ -291,7 +291,7 @@ class FIITEDScheme(TableScheme):
             ids = all_gather_ids(ids, group)
         self._remember(ids)
         a, b = self.config.admit, self.buffers
-        n = int(b.n_kept)
+        n = self._host_int("n_kept")
         if n == 0:  # DMP materializes buffers left on meta as zeros: the padding must sort last for searchsorted
             b.keys.fill_(torch.iinfo(self.key_dtype).max)
         if not a or n + a > self.pool:
@@ -314,7 +314,7 @@ class FIITEDScheme(TableScheme):
         """Merge sorted new ``keys`` (absent from the address structure) and their ``slots``
         into the sorted arrays in linear time (no re-sort)."""
         b = self.buffers
-        n, m = int(b.n_kept), keys.numel()
+        n, m = self._host_int("n_kept"), keys.numel()
         old = b.keys[:n].to(torch.int64)
         at = torch.searchsorted(old, keys)  # [m] old keys before each new one
         before = torch.zeros(n + 1, dtype=torch.int64, device=keys.device).index_add_(0, at, torch.ones_like(at))
@@ -324,16 +324,16 @@ class FIITEDScheme(TableScheme):
         new_keys[dst_old], new_slots[dst_old] = b.keys[:n], b.slots[:n]
         new_keys[dst_new], new_slots[dst_new] = keys.to(b.keys.dtype), slots.to(b.slots.dtype)
         b.keys[: n + m], b.slots[: n + m] = new_keys, new_slots
-        b.n_kept.fill_(n + m)
+        self._set_host("n_kept", n + m)
         self._routed = None
 
     def _remember(self, ids: torch.Tensor) -> None:
         """Append ``ids`` to the seen buffer; when full, keep the ids of highest utility."""
         b = self.buffers
-        n = int(b.n_seen)
+        n = self._host_int("n_seen")
         if n + ids.numel() <= self.seen_cap:
             b.seen[n:n + ids.numel()] = ids
-            b.n_seen.fill_(n + ids.numel())
+            self._set_host("n_seen", n + ids.numel())
             return
         merged = torch.unique(torch.cat([b.seen[:n], ids]))
         if merged.numel() > self.seen_cap:
@@ -341,7 +341,7 @@ class FIITEDScheme(TableScheme):
             keep = torch.sort(-score, stable=True).indices[: self.seen_cap]
             merged = merged[keep].sort().values
         b.seen[: merged.numel()] = merged
-        b.n_seen.fill_(merged.numel())
+        self._set_host("n_seen", merged.numel())
 
     def status(self) -> Dict[str, object]:
         return {"kept_chunks": int(self.buffers.n_kept), "events": int(self.buffers.events)}
@@ -353,10 +353,10 @@ class FIITEDScheme(TableScheme):
         if not training:
             return False
         b = self.buffers
-        n, interval = int(b.steps), self.config.interval
+        n, interval = self._host_int("steps"), self.config.interval
         # warm-up: events after 1, 2, 4, ... steps fill the empty pool quickly; then every interval
         due = n > 0 and (n % interval == 0 or (n < interval and n & (n - 1) == 0))
-        b.steps.add_(1)
+        self._set_host("steps", n + 1)
         return due
 
     @torch.no_grad()
@@ -364,9 +364,9 @@ class FIITEDScheme(TableScheme):
         """Prune and grow within the pool. Returns ``{pool table: granted and freed slots}`` (to be zeroed)."""
         b = self.buffers
         self._routed = None  # the assignment changes
-        c, n = self.c, int(b.n_kept)
+        c, n = self.c, self._host_int("n_kept")
         old_keys, old_slots = b.keys[:n].to(torch.int64), b.slots[:n].to(torch.int64)
-        cand = torch.unique(torch.cat([old_keys // c, b.seen[: int(b.n_seen)]]))
+        cand = torch.unique(torch.cat([old_keys // c, b.seen[: self._host_int("n_seen")]]))
         raw = self.utility(cand)  # [M, C]
         held = self.slots_of(cand) >= 0
         u = torch.cummin(torch.where(held, raw * self.config.hysteresis, raw), dim=1).values.reshape(-1)  # [M * C], x-major
@@ -403,11 +403,11 @@ class FIITEDScheme(TableScheme):
         b.keys[:m] = chosen.to(self.key_dtype)
         b.slots.fill_(-1)
         b.slots[:m] = slots.to(torch.int32)
-        b.n_kept.fill_(m)
+        self._set_host("n_kept", m)
         b.utility.mul_(self.config.decay)
         b.slot_utility.mul_(self.config.decay)
-        b.n_seen.zero_()
-        b.events.add_(1)
+        self._set_host("n_seen", 0)
+        self._set_host("events", self._host_int("events") + 1)
         # granted and freed slots restart from the table's init (reset_values); admission (see) takes free ones as they are
         return {f"{self.table.name}__pool": torch.unique(torch.cat([granted, freed]))}
 
@@ -416,7 +416,7 @@ class FIITEDScheme(TableScheme):
         the same on every rank (seeded by the config's seed and the event count); else zeros."""
         if self.config.fresh_chunks == "zero":
             return None
-        return uniform_draw(self.table, rows.numel(), dim, self.config.seed * 1_000_003 + int(self.buffers.events)).to(rows.device)
+        return uniform_draw(self.table, rows.numel(), dim, self.config.seed * 1_000_003 + self._host_int("events")).to(rows.device)
 
     def kept_chunks(self) -> torch.Tensor:
         """``[v]`` int64: c(x), the chunks each id keeps now."""

@@ -55,17 +55,6 @@ class Scheduled(TableScheme):
             out["counts"] = torch.zeros(self.table.num_embeddings, dtype=torch.int32)
         return out
 
-    def _host_int(self, name: str) -> int:
-        """A 0-dim counter buffer's value, read once per change: the buffer's version (bumped
-        by every in-place write: the scheme's own, load_state_dict, DCP's load) says when."""
-        b = getattr(self.buffers, name)
-        key = (id(b), b._version)
-        memo = self.__dict__.setdefault("_memo", {}).get(name)
-        if memo is None or memo[0] != key:
-            memo = (key, int(b))
-            self._memo[name] = memo
-        return memo[1]
-
     @property
     def stage(self) -> int:
         return self._host_int("stage")
