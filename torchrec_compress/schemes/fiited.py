@@ -352,7 +352,6 @@ class FIITEDScheme(TableScheme):
         steps (the pool starts empty), then every ``interval`` steps."""
         if not training:
             return False
-        b = self.buffers
         n, interval = self._host_int("steps"), self.config.interval
         # warm-up: events after 1, 2, 4, ... steps fill the empty pool quickly; then every interval
         due = n > 0 and (n % interval == 0 or (n < interval and n & (n - 1) == 0))
