@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from typing import Any, Callable, List
 
@@ -25,6 +26,13 @@ def _worker(rank: int, world: int, port: int, fn: Callable[..., Any], args: tupl
         dist.barrier()  # no rank tears gloo down while another still waits in a collective (SIGABRT at exit)
     finally:
         dist.destroy_process_group()
+    # Only reached on success (an exception propagates to mp.spawn's error file). Skip the
+    # interpreter's teardown: a C++ thread still joinable in a static destructor (gloo/TCPStore)
+    # has aborted a worker *after* its result was saved ("terminate called without an active
+    # exception", SIGABRT in CI), failing a test whose numbers were all in.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_on_ranks(fn: Callable[..., Any], *args: Any, world_size: int = 2, backend: str = "gloo") -> List[Any]:
