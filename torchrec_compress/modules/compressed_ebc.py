@@ -250,8 +250,8 @@ class CompressedEmbeddingBagCollection(nn.Module):
                 for s, i in zip(suffixes, impl.transform(jt.values())):
                     per_id.add([f"{f}{s}"], i, None, None, [host[p]])
                 continue
-            for s, (i, lens, w) in zip(suffixes, impl.route(jt)):
-                pooled.add([f"{f}{s}"], i, lens, w, None if impl.ragged else [host[p]])
+            i, lens, w = impl.route(jt)
+            pooled.add([f"{f}{s}" for s in suffixes], i, lens, w, None if impl.ragged else [host[p]] * len(suffixes))
         return state, pooled.kjt(batch), self._per_id_kjt(per_id)
 
     def _direct_split(self, plan: Plan, keys: List[str], values: torch.Tensor, lengths: torch.Tensor, lengths2d: torch.Tensor,
@@ -778,11 +778,13 @@ class _InnerBatch:
         self.counts: List[int] = []
         self.known = True  # every key's id count is known on the host
 
-    def add(self, keys: List[str], values: torch.Tensor, lengths: Union[None, torch.Tensor, List[torch.Tensor]],
+    def add(self, keys: List[str], values: Union[torch.Tensor, List[torch.Tensor]],
+            lengths: Union[None, torch.Tensor, List[torch.Tensor]],
             weights: Union[None, torch.Tensor, List[torch.Tensor]], counts: Optional[List[int]]) -> None:
-        """``lengths`` / ``weights``: one tensor, or several laid end to end (no copy until the KJT's)."""
+        """``values`` / ``lengths`` / ``weights``: one tensor, or several laid end to end (no copy
+        until the KJT's)."""
         self.keys += keys
-        self.values.append(values)
+        self.values += values if isinstance(values, list) else [values]
         if lengths is not None:
             self.lengths += lengths if isinstance(lengths, list) else [lengths]
         if self.weighted:

@@ -30,6 +30,9 @@ _BYTES_PER_ELEMENT = {DataType.FP32: 4, DataType.FP16: 2, DataType.BF16: 2}
 
 # a scheme's constants: ints for one table, or [N] int64 tensors (each id its own table's)
 Constants = Dict[str, Union[int, torch.Tensor]]
+# (ids, lengths, weights) of a feature's virtual features laid end to end: each one tensor or a list
+Routed = Tuple[Union[torch.Tensor, List[torch.Tensor]], Union[torch.Tensor, List[torch.Tensor]],
+               Union[None, torch.Tensor, List[torch.Tensor]]]
 
 
 @dataclass(frozen=True)
@@ -82,25 +85,21 @@ def bag_index(lengths: torch.Tensor, n: Optional[int] = None) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths.long(), output_size=n)
 
 
-def ragged_parts(
-    jt: JaggedTensor, rows: torch.Tensor, masks: List[torch.Tensor]
-) -> List[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
-    """For ragged schemes' :meth:`TableScheme.route`: per physical part k, the ``rows [N]`` (or
-    ``rows[:, k]`` when 2-D) of the ids selected by ``masks[k] [N]``, their per-bag counts
-    ``[B]`` and weights. All K parts in one pass: one ``index_add_`` for the ``[K, B]`` counts,
-    one masked select for the rows, one host read of the K sizes (to split them)."""
+def ragged_parts(jt: JaggedTensor, rows: torch.Tensor, masks: List[torch.Tensor]) -> Routed:
+    """For ragged schemes' :meth:`TableScheme.route`: the K physical parts' ``rows [N]`` (or
+    ``rows[:, k]`` when 2-D) of the ids selected by ``masks[k] [N]``, laid end to end part by
+    part, with their ``[K * B]`` per-bag counts (part-major) and weights. One ``index_add_`` of
+    the masks for the counts, one masked select: no host read (the parts' sizes stay on the
+    device; the inner KJT learns them when it needs them, once for all features)."""
     lengths, weights = jt.lengths(), jt.weights_or_none()
     n, b, k = jt.values().numel(), lengths.numel(), len(masks)
     m = torch.stack(masks)  # [K, N]
-    bag = bag_index(lengths, n)
-    at = torch.where(m, bag.unsqueeze(0) + (torch.arange(k, device=bag.device) * b).unsqueeze(1), k * b)  # [K, N]; k * b: not routed
-    counts = torch.zeros(k * b + 1, dtype=lengths.dtype, device=lengths.device).index_add_(
-        0, at.reshape(-1), torch.ones(k * n, dtype=lengths.dtype, device=lengths.device))[: k * b].view(k, b)
+    at = bag_index(lengths, n).unsqueeze(0) + (torch.arange(k, device=lengths.device) * b).unsqueeze(1)  # [K, N]
+    counts = torch.zeros(k * b, dtype=lengths.dtype, device=lengths.device).index_add_(
+        0, at.reshape(-1), m.reshape(-1).to(lengths.dtype))
     per_part = (rows.t() if rows.dim() == 2 else rows.unsqueeze(0).expand(k, n))[m]  # part-major
-    sizes = counts.sum(dim=1).tolist()
-    parts = per_part.split(sizes)
-    ws = weights.unsqueeze(0).expand(k, n)[m].split(sizes) if weights is not None else [None] * k
-    return [(r, counts[i], w) for i, (r, w) in enumerate(zip(parts, ws))]
+    ws = weights.unsqueeze(0).expand(k, n)[m] if weights is not None else None
+    return per_part, counts, ws
 
 
 def round_dim_ok(dim: int) -> bool:
@@ -227,10 +226,14 @@ class TableScheme:
     def feature_suffixes(self) -> List[str]:
         return [s for p in self.physical_tables() for s in p.feature_suffixes()]
 
-    def route(self, jt: JaggedTensor) -> List[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
-        """(ids, lengths, weights) per virtual feature for the pooled path. Default: every
-        id goes to every physical table (``transform``); ragged schemes send each id to one."""
-        return [(ids, jt.lengths(), jt.weights_or_none()) for ids in self.transform(jt.values())]
+    def route(self, jt: JaggedTensor) -> Routed:
+        """The pooled path's inner ids of this feature's K virtual features (:meth:`feature_suffixes`
+        order), laid end to end: ``(ids, lengths, weights)``, each one tensor (part-major: part k's
+        ids, then part k+1's; lengths ``[K * B]``) or a list of K. Default: every id goes to every
+        physical table (:meth:`transform`); ragged schemes send each id to some (:func:`ragged_parts`)."""
+        ids = self.transform(jt.values())
+        w = jt.weights_or_none()
+        return ids, [jt.lengths()] * len(ids), None if w is None else [w] * len(ids)
 
     def combine(self, parts: List[torch.Tensor], values: Optional[torch.Tensor], c: Optional[Constants] = None) -> torch.Tensor:
         """Lookups -> embeddings: pooled parts ``[B, d_p]`` -> ``[B, d]`` (in a batch ``[B, F_g, d_p]``

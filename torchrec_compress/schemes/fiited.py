@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -63,7 +63,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor
 from ..config import SchemeConfig, _check_positive_int, register_scheme
 from ..ops import universal_hash
 from ..distributed.collectives import all_gather_ids
-from .base import PhysicalTable, TableScheme, bag_index, constant_init, ragged_parts, uniform_draw, uniform_init
+from .base import PhysicalTable, Routed, TableScheme, bag_index, constant_init, ragged_parts, uniform_draw, uniform_init
 
 SKETCH_DEPTH = 2
 MIN_SKETCH_WIDTH = 64
@@ -207,8 +207,8 @@ class FIITEDScheme(TableScheme):
         hit = (b.keys[pos] == q) & (pos < b.n_kept)  # only n_kept are real (the padding of a DMP-materialized map is 0 until see())
         return torch.where(hit, b.slots[pos].to(torch.int64), torch.full_like(pos, -1))
 
-    def route(self, jt: JaggedTensor) -> List[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
-        """Per chunk position k: (pool slots of the bag's ids that keep chunk k, per-bag counts, weights)."""
+    def route(self, jt: JaggedTensor) -> Routed:
+        """Per chunk position k, laid end to end: the pool slots of the bag's ids that keep chunk k, per-bag counts, weights."""
         values = jt.values()
         slots = self.slots_of(values)
         self._routed = (values, slots)  # observe() of the same ids reuses it (an event clears it)

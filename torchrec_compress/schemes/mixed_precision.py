@@ -9,13 +9,13 @@ b-bit table gets only the bag's b-bit ids, and the pooled parts add up to the ba
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from ..config import SchemeConfig, register_scheme
-from .base import PhysicalTable, TableScheme, ragged_parts
+from .base import PhysicalTable, Routed, TableScheme, ragged_parts
 
 EXPORT_DTYPE = {2: "int2", 4: "int4", 8: "int8", 16: "fp16", 32: "fp32"}
 DROPPED = 255
@@ -61,8 +61,8 @@ class MixedPrecisionScheme(TableScheme):
             for bits, rows in self.config.rows_per_bits
         ]
 
-    def route(self, jt: JaggedTensor) -> List[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
-        """Per kept precision k: (rows of the bag's ids stored at k, per-bag counts, weights)."""
+    def route(self, jt: JaggedTensor) -> Routed:
+        """Per kept precision k, laid end to end: rows of the bag's ids stored at k, per-bag counts, weights."""
         values = jt.values()
         G = self.config.ranked_groups
         if G:

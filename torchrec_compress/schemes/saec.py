@@ -38,7 +38,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from ..config import SchemeConfig, _check_positive_int, _check_steps, register_scheme
 from ..ops import universal_hash
-from .base import Constants, PhysicalTable, TableAccess, ragged_parts, uniform_init
+from .base import Constants, PhysicalTable, Routed, TableAccess, ragged_parts, uniform_init
 from .lifecycle import Scheduled
 
 
@@ -128,7 +128,7 @@ class SaecScheme(Scheduled):
         rows = (self.buffers.cluster_of[values] if c is None else c["cluster_of"][values + c["cluster_of_start"]]).to(torch.int64)
         return [values, rows] if self.config.warm_steps else [rows]
 
-    def route(self, jt: JaggedTensor):
+    def route(self, jt: JaggedTensor) -> Routed:
         """While warming up every id reads its own row of the warm-up table, then its centroid."""
         if not self.config.warm_steps:
             return super().route(jt)
