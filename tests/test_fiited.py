@@ -466,3 +466,28 @@ def test_fresh_chunks_start_from_the_tables_init_by_default():
     assert want is not None and (want >= lo).all() and (want <= hi).all()
     torch.testing.assert_close(w[granted].detach(), want)  # exactly the seeded draw
     assert impl.reset_values("t__pool", torch.tensor(granted), 4).equal(want)  # reproducible
+
+
+def test_one_observe_pass_over_all_tables_equals_each_tables_own():
+    """The module hooks its output once: FIITED tables of one chunk shape share one
+    ``observe_batch`` (one index_add_), whose utilities equal each table's own ``observe``
+    of its output columns (pools, sketch widths, seeds and poolings differ; t3 has another C)."""
+    tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=16, num_embeddings=40 + 10 * i, feature_names=[f"f{i}"],
+                                 pooling=PoolingType.MEAN if i == 1 else PoolingType.SUM) for i in range(4)]
+    cfgs = {"t0": FIITED(pool=30, chunks=2, seed=0), "t1": FIITED(pool=50, chunks=2, seed=3),
+            "t2": FIITED(pool=20, chunks=2, sketch=2.0, seed=1, admit=0), "t3": FIITED(pool=30, chunks=4, seed=2)}
+    m = CompressedEmbeddingBagCollection(tables, cfgs)
+    ref = copy.deepcopy(m)
+    m.train(), ref.train()
+    for step in range(4):  # events after steps 1 and 2: the utilities decide them
+        kjt = random_bags(tables, 6, seed=step).kjt()
+        g = torch.randn(6, 64, generator=torch.Generator().manual_seed(step))
+        (m(kjt).values() * g).sum().backward()
+        ref(kjt)  # the same forward (see, admissions, events), no backward: observe by hand below
+        for i, t in enumerate(tables):
+            ref.scheme(t.name).observe(g[:, 16 * i:16 * (i + 1)], kjt[f"f{i}"], None)
+        for t in tables:
+            a, b = m.scheme(t.name).buffers, ref.scheme(t.name).buffers
+            for name in ("slot_utility", "utility", "keys", "slots", "n_kept"):
+                torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-6, atol=0, msg=f"{t.name}.{name} step {step}")
+        assert ref.scheme("t0").buffers.slot_utility.abs().sum() > 0

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
-from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -412,6 +412,7 @@ class CompressedEmbeddingBagCollection(nn.Module):
             parts = [t.reshape(rows.shape[0], g.size, d)[pos, fidx] for t, d in zip(_split(x, widths), g.part_dims)]
             per = g.scheme.combine_group(g.tables, parts, vals, {**c, **g.table_parameters()})  # [n, d]
             outs.append(_pool_group(per, lens, w, g.pooling, batch))
+        observers: List[Tuple[TableScheme, JaggedTensor, int, int]] = []  # (impl, jt, first column, width)
         for p in range(plan.single_start, len(plan.features)):
             f = plan.features[p]
             t = self._feature_table[f]
@@ -423,13 +424,15 @@ class CompressedEmbeddingBagCollection(nn.Module):
                 if impl.ragged and t.pooling == PoolingType.MEAN:
                     out = out / jt.lengths().clamp(min=1).unsqueeze(1).to(out.dtype)
                 if impl.observes_gradients and self.training and out.requires_grad:
-                    out.register_hook(functools.partial(_observe, impl, jt, self._sync_group()))
+                    observers.append((impl, jt, sum(o.shape[1] for o in outs), out.shape[1]))
                 outs.append(out)
                 continue
             n = jt.values().numel()
             per = impl.combine([single[f"{f}{s}"][:n] for s in suffixes], jt.values())
             outs.append(_pool_group(per, jt.lengths().view(1, -1), jt.weights() if self._is_weighted else None, t.pooling, batch))
         values = _cat(outs, dim=1)
+        if observers:  # one hook for every observing table (FIITED: one pass over all its tables)
+            values.register_hook(functools.partial(_observe, observers, self._sync_group()))
         reorder = plan.output_columns(values.device)
         if reorder is not None:  # a permutation of the columns: its backward is the inverse gather
             values = _PermuteColumns.apply(values, *reorder)
@@ -727,8 +730,22 @@ def unfitted_message(table: str, impl: TableScheme) -> str:
             f"torchrec_compress.fit_(model, batches) first")
 
 
-def _observe(impl: TableScheme, jt: JaggedTensor, group: Optional[dist.ProcessGroup], grad: torch.Tensor) -> None:
-    impl.observe(grad, jt, group)
+def _observe(observers: List[Tuple[TableScheme, JaggedTensor, int, int]], group: Optional[dist.ProcessGroup],
+             grad: torch.Tensor) -> None:
+    """Backward hook on the combined output ``grad [B, C]``: each observing table's columns, tables
+    of one :meth:`~TableScheme.observe_key` together (``[B, T, d]``) in one ``observe_batch``."""
+    by_key: Dict[Any, List[Tuple[TableScheme, JaggedTensor, int, int]]] = {}
+    for o in observers:
+        by_key.setdefault(o[0].observe_key(), []).append(o)
+    for obs in by_key.values():
+        impls, jts = [o[0] for o in obs], [o[1] for o in obs]
+        width, start = obs[0][3], obs[0][2]
+        if all(o[2] == start + i * width for i, o in enumerate(obs)):  # side by side: a view
+            g = grad.narrow(1, start, width * len(obs))
+        else:
+            cols = torch.cat([torch.arange(o[2], o[2] + width) for o in obs]).to(grad.device)
+            g = grad.index_select(1, cols)
+        type(impls[0]).observe_batch(impls, g.reshape(grad.shape[0], len(obs), width), jts, group)
 
 
 def _check_unique(names: List[str], what: str) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Dict, Hashable, List, Optional, Protocol, Tuple, Union
+from typing import Callable, Dict, Hashable, List, Optional, Protocol, Sequence, Tuple, Union
 
 import torch
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
@@ -293,6 +293,18 @@ class TableScheme:
 
     def observe(self, grad: torch.Tensor, jt: JaggedTensor, group: Optional["torch.distributed.ProcessGroup"]) -> None:
         """Backward hook on the pooled output ``grad [B, d]`` of feature ``jt`` (summed over ``group`` when sharded)."""
+
+    def observe_key(self) -> Hashable:
+        """Observing tables with the same key share one :meth:`observe_batch` (default: each its own)."""
+        return id(self)
+
+    @staticmethod
+    def observe_batch(impls: Sequence["TableScheme"], grad: torch.Tensor, jts: Sequence[JaggedTensor],
+                      group: Optional["torch.distributed.ProcessGroup"]) -> None:
+        """Backward hook on T features' pooled outputs ``grad [B, T, d]`` (tables of one
+        :meth:`observe_key`). Default: :meth:`observe` of each."""
+        for t, (impl, jt) in enumerate(zip(impls, jts)):
+            impl.observe(grad[:, t], jt, group)
 
     # --- state outside the tables (id maps) -------------------------------------------
     def initial_buffers(self) -> Dict[str, torch.Tensor]:

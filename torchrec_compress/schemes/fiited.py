@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Dict, List, Optional
+from typing import Dict, Hashable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -61,7 +61,7 @@ from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from ..config import SchemeConfig, _check_positive_int, register_scheme
-from ..ops import universal_hash
+from ..ops import hash_ab, hash_params, universal_hash
 from ..distributed.collectives import all_gather_ids
 from .base import PhysicalTable, Routed, TableScheme, bag_index, constant_init, ragged_parts, uniform_draw, uniform_init
 
@@ -228,7 +228,7 @@ class FIITEDScheme(TableScheme):
         slots of the address structure, the kept chunks' utilities, the sketch of the pruned
         ones, the seen-id buffer and the counters."""
         chunk = self.table_bytes() // self.pool  # one pool row: d / C values
-        return int(self.buffers.n_kept) * chunk
+        return self._host_int("n_kept") * chunk
 
     # ------------------------------------------------------------------ utility
     def _cells(self, keys: torch.Tensor) -> List[torch.Tensor]:
@@ -247,36 +247,66 @@ class FIITEDScheme(TableScheme):
         slots = self.slots_of(ids)
         return torch.where(slots >= 0, self.buffers.slot_utility[slots.clamp(min=0)], est)
 
+    def observe_key(self) -> Hashable:
+        """Tables with the same key share one :meth:`observe_batch` (their chunk shapes match)."""
+        return ("fiited", self.c, self.s)
+
     @torch.no_grad()
     def observe(self, grad: torch.Tensor, jt: JaggedTensor, group: Optional[dist.ProcessGroup]) -> None:
-        """Backward hook on the table's pooled output ``grad [B, d]``: add every id's
-        per-chunk gradient magnitude to the sketch and remember the ids (summed /
-        gathered over ``group`` when sharded)."""
-        values, lengths, weights = jt.values(), jt.lengths(), jt.weights_or_none()
-        norms = grad.detach().float().view(grad.shape[0], self.c, self.s).norm(dim=2)  # [B, C]
-        bag = bag_index(lengths, values.numel())
+        """Backward hook on the table's pooled output ``grad [B, d]`` (:meth:`observe_batch` of one)."""
+        self.observe_batch([self], grad.view(grad.shape[0], 1, -1), [jt], group)
+
+    @staticmethod
+    @torch.no_grad()
+    def observe_batch(impls: Sequence["FIITEDScheme"], grad: torch.Tensor, jts: Sequence[JaggedTensor],
+                      group: Optional[dist.ProcessGroup]) -> None:
+        """Backward hook on T tables' pooled outputs ``grad [B, T, d]`` (the same C and d / C):
+        add every id's per-chunk gradient magnitude ``|w| * ||dL/de_k(bag)||`` (/ bag length for
+        MEAN) to its table's utilities, kept chunks by pool slot, pruned ones into every sketch
+        row, in one ``index_add_`` over all T tables (and one all-reduce when sharded: averaged
+        over ``group``'s ranks, as TorchRec averages embedding gradients). Where, not masks: no
+        host read of how many chunks are kept."""
+        first, t_n, b_n = impls[0], len(impls), grad.shape[0]
+        c, s, device = first.c, first.s, grad.device
+        values = [jt.values() for jt in jts]
+        sizes = [v.numel() for v in values]
+        n = sum(sizes)
+        lengths = torch.cat([jt.lengths() for jt in jts])  # [T * B]: bag t * B + b
+        bag = bag_index(lengths, n)
+        norms = grad.detach().float().view(b_n, t_n, c, s).norm(dim=3).transpose(0, 1).reshape(t_n * b_n, c)
         per = norms[bag]  # [N, C]
-        if weights is not None:
-            per = per * weights.abs().unsqueeze(1)
-        if self.table.pooling == PoolingType.MEAN:
-            per = per / lengths.clamp(min=1)[bag].unsqueeze(1).to(per.dtype)
-        routed = getattr(self, "_routed", None)
-        slots = (routed[1] if routed is not None and routed[0] is values else self.slots_of(values)).reshape(-1)
-        kept, per = slots >= 0, per.reshape(-1)
-        keys = self._keys(values).reshape(-1)
-        b = self.buffers
-        # one flat delta [pool + depth * width + 1]: kept chunks by slot, pruned ones into every sketch
-        # row, in one index_add_ (where, not masks: no host read of how many are kept); the last cell
-        # takes what a key does not add to
-        trash = self.pool + SKETCH_DEPTH * self.width
-        at = [torch.where(kept, slots, trash)] + [torch.where(kept, trash, self.pool + r * self.width + cell)
-                                                  for r, cell in enumerate(self._cells(keys))]
-        delta = torch.zeros(trash + 1, device=per.device).index_add_(0, torch.cat(at), per.repeat(1 + SKETCH_DEPTH))[:trash]
+        weights = [jt.weights_or_none() for jt in jts]
+        if weights[0] is not None:
+            per = per * torch.cat(weights).abs().unsqueeze(1)
+        k = _ObserveConstants.of(impls, device)
+        if k.any_mean:
+            div = torch.where(k.mean.repeat_interleave(b_n), lengths.clamp(min=1), 1).to(per.dtype)
+            per = per / div[bag].unsqueeze(1)
+        slots = torch.cat([impl._routed_slots(v) for impl, v in zip(impls, values)]).reshape(-1)  # [N * C]
+        ids = torch.cat([v.to(torch.int64) for v in values])
+        keys = (ids.unsqueeze(1) * c + torch.arange(c, device=device)).reshape(-1)
+        t = torch.repeat_interleave(torch.arange(t_n, device=device), torch.tensor(sizes, device=device), output_size=n)
+        t = t.repeat_interleave(c)  # [N * C] each key's table
+        kept, off = slots >= 0, k.offset[t]
+        at = [torch.where(kept, off + slots, k.total)]
+        for r in range(SKETCH_DEPTH):
+            cell = hash_ab(keys, k.width[t], k.hash_a[r][t], k.hash_b[r][t])
+            at.append(torch.where(kept, k.total, off + k.pool[t] + r * k.width[t] + cell))
+        # one flat delta over the T tables' [pool + depth * width] blocks; the last cell takes
+        # what a key does not add to
+        delta = torch.zeros(k.total + 1, device=device).index_add_(0, torch.cat(at), per.reshape(-1).repeat(1 + SKETCH_DEPTH))
         if group is not None and dist.get_world_size(group) > 1:
             dist.all_reduce(delta, group=group)
-            delta /= dist.get_world_size(group)  # averaged over ranks, as TorchRec averages embedding gradients
-        b.slot_utility.add_(delta[: self.pool])
-        b.utility.add_(delta[self.pool:].view(SKETCH_DEPTH, self.width))
+            delta /= dist.get_world_size(group)
+        for impl, o in zip(impls, k.host_offsets):
+            b = impl.buffers
+            b.slot_utility.add_(delta[o:o + impl.pool])
+            b.utility.add_(delta[o + impl.pool:o + impl.pool + SKETCH_DEPTH * impl.width].view(SKETCH_DEPTH, impl.width))
+
+    def _routed_slots(self, values: torch.Tensor) -> torch.Tensor:
+        """``[N, C]`` slots of ``values``: the forward's (:meth:`route`), else looked up again."""
+        routed = getattr(self, "_routed", None)
+        return routed[1] if routed is not None and routed[0] is values else self.slots_of(values)
 
     @torch.no_grad()
     def see(self, values: torch.Tensor, group: Optional[dist.ProcessGroup]) -> None:
@@ -344,7 +374,7 @@ class FIITEDScheme(TableScheme):
         self._set_host("n_seen", merged.numel())
 
     def status(self) -> Dict[str, object]:
-        return {"kept_chunks": int(self.buffers.n_kept), "events": int(self.buffers.events)}
+        return {"kept_chunks": self._host_int("n_kept"), "events": self._host_int("events")}
 
     # ------------------------------------------------------------------ prune / grow
     def step(self, training: bool) -> bool:
@@ -420,7 +450,7 @@ class FIITEDScheme(TableScheme):
     def kept_chunks(self) -> torch.Tensor:
         """``[v]`` int64: c(x), the chunks each id keeps now."""
         b = self.buffers
-        x = b.keys[: int(b.n_kept)].to(torch.int64) // self.c
+        x = b.keys[: self._host_int("n_kept")].to(torch.int64) // self.c
         return torch.zeros(self.table.num_embeddings, dtype=torch.int64, device=x.device).index_add_(0, x, torch.ones_like(x))
 
     # --- the plain-torch reference of the paper's equation (the tests compare against it) ----
@@ -432,3 +462,30 @@ class FIITEDScheme(TableScheme):
         kept = {int(k): int(sl) for k, sl in zip(state["keys"][:n].tolist(), state["slots"][:n].tolist())}
         s = table.embedding_dim // c
         return torch.cat([pool[kept[x * c + k]] if x * c + k in kept else torch.zeros(s) for k in range(c)])
+
+
+class _ObserveConstants:
+    """Per-table constants of :meth:`FIITEDScheme.observe_batch` as ``[T]`` device tensors
+    (built once per set of tables and device): each table's block offset in the flat delta,
+    its pool, sketch width and hash pairs, MEAN pooling."""
+
+    def __init__(self, impls: Sequence[FIITEDScheme], device: torch.device) -> None:
+        blocks = [impl.pool + SKETCH_DEPTH * impl.width for impl in impls]
+        self.host_offsets = [sum(blocks[:i]) for i in range(len(blocks))]
+        self.total = sum(blocks)
+        as_t = lambda xs: torch.tensor(xs, dtype=torch.int64, device=device)  # noqa: E731
+        self.offset, self.pool, self.width = as_t(self.host_offsets), as_t([i.pool for i in impls]), as_t([i.width for i in impls])
+        pairs = [[hash_params(i.config.seed * 100 + r) for i in impls] for r in range(SKETCH_DEPTH)]
+        self.hash_a = [as_t([a for a, _ in p]) for p in pairs]
+        self.hash_b = [as_t([b for _, b in p]) for p in pairs]
+        means = [i.table.pooling == PoolingType.MEAN for i in impls]
+        self.any_mean = any(means)
+        self.mean = torch.tensor(means, device=device)
+
+    @staticmethod
+    def of(impls: Sequence[FIITEDScheme], device: torch.device) -> "_ObserveConstants":
+        cache = impls[0].__dict__.setdefault("_observe_constants", {})
+        key = (tuple(id(i) for i in impls), device)
+        if key not in cache:
+            cache[key] = _ObserveConstants(impls, device)
+        return cache[key]

@@ -137,7 +137,7 @@ class FreqThresholdScheme(Scheduled):
         fill = torch.full_like(frequent, torch.iinfo(self.id_dtype).max)
         fill[: ids.numel()] = ids.to(self.id_dtype).to(frequent.device)
         frequent.copy_(fill)
-        self.buffers.stage.fill_(self.FITTED)
+        self._set_host("stage", self.FITTED)
 
     def kept(self) -> int:
         """Ids that have a private row."""

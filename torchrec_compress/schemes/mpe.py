@@ -458,7 +458,7 @@ class MPEScheme(Scheduled):
         b.group_weight.copy_((cnt.min() / cnt).to(b.group_weight.dtype).to(b.group_weight.device))
         if weights is not None:
             b.alpha.copy_(self._steps_for(max(float(weights.detach().abs().mean()), 1e-8)).to(b.alpha.device))
-        b.stage.fill_(SEARCH)
+        self._set_host("stage", SEARCH)
         return self.group_sizes().cpu().tolist()
 
     @torch.no_grad()
@@ -501,7 +501,7 @@ class MPEScheme(Scheduled):
                         break
         bits = torch.tensor([cands[k] for k in pick], dtype=torch.int8)
         self.buffers.bits.copy_(bits.to(self.buffers.bits.device))
-        self.buffers.stage.fill_(RETRAIN)
+        self._set_host("stage", RETRAIN)
         return {b: int(n[bits == b].sum()) for b in cands if int(n[bits == b].sum())}
 
     def chosen_bits(self) -> torch.Tensor:

@@ -189,7 +189,7 @@ class SaecScheme(Scheduled):
         if tuple(embeddings.shape) != (v, d):
             raise ValueError(f"Saec: table {self.table.name!r}: embeddings have shape {tuple(embeddings.shape)}, expected {(v, d)}")
         tables.write("__centroids", self.cluster(embeddings.cpu(), counts.cpu(), tables.read("__centroids").cpu()))
-        self.buffers.stage.fill_(self.FITTED)
+        self._set_host("stage", self.FITTED)
 
     def inference(self, tables: TableAccess):
         """Deployed: the centroids and the map, without the warm-up table."""
