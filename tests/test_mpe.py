@@ -308,3 +308,43 @@ def test_ids_by_frequency_needs_no_per_id_map_and_exports_by_id_ranges():
     ref = torch.stack([stored[jt.values()[o:o + n]].sum(0) for o, n in zip(jt.offsets()[:-1].tolist(), jt.lengths().tolist())])
     torch.testing.assert_close(q(kjt).to_dict()["f"], ref, rtol=1e-5, atol=1e-5)
     assert quantized_memory_report(q).tables["t"].parts["t (maps)"] == 9 * 8  # no per-id bytes deployed
+
+
+def test_tables_of_one_batch_share_one_flat_parameter_per_name():
+    """MPE tables that batch together train one [T, ...] parameter per name (one optimizer
+    step, one DDP gradient); the state_dict keeps each table's own keys, which stay its row:
+    loading them changes the forward, training shows in them, and .to() / deepcopy relink."""
+    tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=8, num_embeddings=64, feature_names=[f"f{i}"]) for i in range(3)]
+    m = CompressedEmbeddingBagCollection(tables, {t.name: MPE(ratio=4, fit_steps=0, search_steps=50, groups=4) for t in tables})
+    flat = dict(m.named_parameters())
+    trainable = [n for n, p in flat.items() if p.requires_grad and not n.startswith(("pooled", "per_id"))]
+    assert sorted(trainable) == ["flat_parameters.f0.alpha", "flat_parameters.f0.beta", "flat_parameters.f0.logits"]
+    sd = m.state_dict()
+    assert "maps.t1.logits" in sd and not any(k.startswith("flat_parameters") for k in sd)
+    kjt = random_bags(tables, 4, seed=0).kjt()
+    m.train()
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.01)
+    (m(kjt).values() * torch.randn(4, 24, generator=torch.Generator().manual_seed(0))).sum().backward()
+    opt.step()
+    logits = m.flat_parameters.f0.logits
+    assert logits.detach().abs().sum() > 0  # the logits moved
+    for i in range(3):  # ... and every table's own parameter is its row
+        torch.testing.assert_close(m.state_dict()[f"maps.t{i}.logits"], logits.detach()[i], rtol=0, atol=0)
+    # loading a table's own key is what the forward reads next (the search's forward: every width)
+    with torch.no_grad():
+        before = m(kjt).values()
+    sd = copy.deepcopy(m.state_dict())
+    sd["maps.t2.beta"] = sd["maps.t2.beta"] + 1.0
+    m.load_state_dict(sd)
+    with torch.no_grad():
+        after = m(kjt).values()
+    assert not torch.allclose(before[:, 16:], after[:, 16:]) and torch.equal(before[:, :16], after[:, :16])
+    torch.testing.assert_close(m.flat_parameters.f0.beta.detach()[2], sd["maps.t2.beta"], rtol=0, atol=0)
+    # a deep copy (its own storage) and .to() relink on the next forward
+    c = copy.deepcopy(m).to(torch.float64).to(torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(c(kjt).values(), m(kjt).values())
+    with torch.no_grad():
+        c.flat_parameters.f0.alpha.mul_(2.0)
+    assert torch.equal(c.state_dict()["maps.t0.alpha"], c.flat_parameters.f0.alpha.detach()[0])
+    assert not torch.equal(c.state_dict()["maps.t0.alpha"], m.state_dict()["maps.t0.alpha"])

@@ -86,6 +86,7 @@ class ShardedCompressedEmbeddingBagCollection(
             setattr(self, name, sharded)
             setattr(module, name, sharded)  # the logic's stride sync and combine see the sharded inner modules
         self.maps = module.maps
+        self.flat_parameters = module.flat_parameters
         self._logic = [module]  # transform / combine code; a list so it is not a submodule
         self._inner = [m for m in (self.pooled, self.per_id) if m is not None]
         self._lookups = [lk for m in self._inner for lk in m._lookups]

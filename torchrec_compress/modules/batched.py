@@ -80,14 +80,39 @@ class Group:
         names = list(self.tables[0].batch_parameters())
         if not names:
             return None
+        flat = self._flat(self.table_index)
+        if flat is not None:
+            return flat
         own = [impl.batch_parameters() for impl in self.tables]
         return {n: torch.stack([own[t][n] for t in self.table_index]) for n in names}
 
     def table_parameters(self) -> Dict[str, torch.Tensor]:
         """Each of the tables' :meth:`~torchrec_compress.schemes.base.TableScheme.batch_parameters`
         stacked over the group's tables, ``[T, ...]`` (``c["_table"]`` indexes it per id)."""
+        flat = self._flat(list(range(len(self.tables))))
+        if flat is not None:
+            return flat
         own = [impl.batch_parameters() for impl in self.tables]
         return {n: torch.stack([o[n] for o in own]) for n in own[0]}
+
+    def _flat(self, which: List[int]) -> Optional[Dict[str, torch.Tensor]]:
+        """The rows ``which`` (indices into ``tables``) of the tables' family parameter
+        (``FlatParameters``): the parameter itself when they are all of it in order, else one
+        ``index_select`` per name; None when the tables are not one family."""
+        fams = [getattr(getattr(impl, "buffers", None), "_family", None) for impl in self.tables]
+        if not fams or fams[0] is None or any(f is None or f[0] is not fams[0][0] for f in fams):
+            return None
+        flat = fams[0][0]
+        rows = [fams[t][1] for t in which]
+        names = list(flat._parameters)
+        if rows == list(range(len(flat._states))):
+            return {n: flat.rows(n) for n in names}
+        device = flat.rows(names[0]).device
+        key = ("flat", tuple(rows), device)
+        if key not in self._device:
+            self._device[key] = torch.tensor(rows, dtype=torch.int64, device=device)
+        idx = self._device[key]
+        return {n: flat.rows(n).index_select(0, idx) for n in names}
 
     def full_constants(self, features: Sequence[str], device: torch.device) -> Dict[str, torch.Tensor]:
         """Each constant ``[F]`` over ``features`` (every feature of the module): the group's

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Hashable, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -142,6 +142,17 @@ class CompressedEmbeddingBagCollection(nn.Module):
             impl = self._schemes[t.name]
             if impl.initial_buffers() or impl.initial_parameters():
                 self.maps[t.name] = SchemeState(impl, device)
+        # the small trainable tensors of tables that batch together, one flat [T, ...] parameter
+        # per name: one optimizer step and one DDP gradient per family, not one per table
+        self.flat_parameters = nn.ModuleDict()
+        families: Dict[Hashable, List[SchemeState]] = {}
+        for t in tables:
+            impl = self._schemes[t.name]
+            if t.name in self.maps and impl.batch_key() is not None and impl.batch_parameters():
+                families.setdefault((type(impl).__name__, impl.batch_key()), []).append(self.maps[t.name])
+        for states in families.values():
+            if FlatParameters.fits(states):
+                self.flat_parameters[f"f{len(self.flat_parameters)}"] = FlatParameters(states)
         # follows .to(); lets forward() check the input device without touching sharded tables
         self.register_buffer("_device_probe", torch.empty(0, device=device), persistent=False)
         self._materialized = False  # scheme state checked after DMP's materialization (materialize())
@@ -639,7 +650,9 @@ class CompressedEmbeddingBagCollection(nn.Module):
 
 
 class SchemeState(nn.Module):
-    """A scheme's maps (buffers) and small parameters, registered under ``maps.<table>``."""
+    """A scheme's maps (buffers) and small parameters, registered under ``maps.<table>`` (a
+    table in a :class:`FlatParameters` family: its parameters are frozen views of its row
+    there; the forward reads :meth:`trainable`)."""
 
     def __init__(self, impl: TableScheme, device: Optional[torch.device]) -> None:
         super().__init__()
@@ -655,6 +668,15 @@ class SchemeState(nn.Module):
         self.register_buffer("ready", torch.ones((), dtype=torch.int8, device=device))
         self.register_state_dict_pre_hook(_flush_steps)
         self.register_load_state_dict_post_hook(_schedule_reloaded)
+        self._family: Optional[Tuple["FlatParameters", int]] = None
+
+    def trainable(self, name: str) -> torch.Tensor:
+        """The small parameter ``name`` as the forward must read it: row t of its family's flat
+        parameter (the gradient goes there), else the table's own."""
+        if self._family is not None:
+            flat, i = self._family
+            return flat.rows(name)[i]
+        return getattr(self, name)
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
         """``.to()``, ``.cuda()``, ``to_empty()``, DMP's placement: everything but the host counters."""
@@ -679,6 +701,65 @@ class SchemeState(nn.Module):
             self.reset_parameters()
 
 
+class FlatParameters(nn.Module):
+    """One ``[T, ...]`` parameter per name for T tables whose schemes batch together (MPE's
+    logits, LSQ+ steps and offsets; MixedDim's projections): the forward, the optimizer and
+    DDP see it alone. Each table's own parameter stays in its ``SchemeState`` (the state_dict,
+    DCP and ``load_state_dict`` see those, names unchanged) as a frozen view of row t, so
+    writing one writes the other; it holds the values when the link breaks (``.to()``, DMP's
+    materialization, deepcopy) and :meth:`link` restores it. Not in the state_dict itself."""
+
+    def __init__(self, states: List["SchemeState"]) -> None:
+        super().__init__()
+        self._states = list(states)  # a list: not submodules (they live under ``maps``)
+        for name in list(states[0]._impl[0].batch_parameters()):
+            own = [st._parameters[name] for st in states]
+            self.register_parameter(name, nn.Parameter(torch.stack([p.detach() for p in own]).clone()))
+            for p in own:
+                p.requires_grad_(False)
+        for i, st in enumerate(states):
+            st._family = (self, i)
+        self._register_state_dict_hook(_drop_own_keys)
+
+    @staticmethod
+    def fits(states: List["SchemeState"]) -> bool:
+        names = list(states[0]._impl[0].batch_parameters())
+        return len(states) > 1 and all(
+            n in st._parameters and st._parameters[n].shape == states[0]._parameters[n].shape
+            and st._parameters[n].dtype == states[0]._parameters[n].dtype for st in states for n in names)
+
+    @torch.no_grad()
+    def link(self) -> None:
+        """Make every table's parameter row t of the flat one again where it is not (cheap: a
+        pointer compare per table and name when linked)."""
+        for name, flat in self._parameters.items():
+            own = [st._parameters[name] for st in self._states]
+            if flat.is_meta or any(p.is_meta for p in own):
+                continue
+            step = flat[0].numel() * flat.element_size()
+            if all(p.device == flat.device and p.data_ptr() == flat.data_ptr() + i * step for i, p in enumerate(own)):
+                continue
+            flat.copy_(torch.stack([p.detach().to(flat.device) for p in own]))
+            for i, p in enumerate(own):
+                p.data = flat.data[i]
+
+    def rows(self, name: str) -> torch.Tensor:
+        """``[T, ...]``: the parameter itself (what the forward reads)."""
+        self.link()
+        return self._parameters[name]
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        """Nothing of its own to load: the tables' parameters carry the values."""
+
+    def reset_parameters(self) -> None:
+        """DMP's materialization: :meth:`link` copies the tables' (re-initialized) values."""
+
+
+def _drop_own_keys(module: FlatParameters, state_dict: Dict[str, torch.Tensor], prefix: str, local_metadata: object) -> None:
+    for name in module._parameters:
+        state_dict.pop(prefix + name, None)
+
+
 def _flush_steps(module: "SchemeState", prefix: str, keep_vars: bool) -> None:
     """Before a state_dict: the steps a finished schedule counted on the host go into its buffer."""
     flush = getattr(module._impl[0], "flush_steps", None)
@@ -696,7 +777,7 @@ def _schedule_reloaded(module: "SchemeState", incompatible_keys: object) -> None
 def scheme_parameters(model: nn.Module) -> List[nn.Parameter]:
     """The schemes' own small trainable tensors (e.g. MPE's precision logits) in ``model``
     (sharded or not): what training gives its own learning rate."""
-    return [p for m in model.modules() if isinstance(m, SchemeState) for p in m.parameters()]
+    return [p for m in model.modules() if isinstance(m, (SchemeState, FlatParameters)) for p in m.parameters() if p.requires_grad]
 
 
 def elementwise_tables(model: nn.Module) -> List[str]:
@@ -707,7 +788,10 @@ def elementwise_tables(model: nn.Module) -> List[str]:
 
 def scheme_lr_scales(model: nn.Module) -> Dict[int, float]:
     """``id(parameter)`` -> its scheme's ``parameter_lr_scale`` (x the dense learning rate)."""
-    return {id(p): m._impl[0].parameter_lr_scale for m in model.modules() if isinstance(m, SchemeState) for p in m.parameters()}
+    out = {id(p): m._impl[0].parameter_lr_scale for m in model.modules() if isinstance(m, SchemeState) for p in m.parameters()}
+    out.update({id(p): m._states[0]._impl[0].parameter_lr_scale for m in model.modules() if isinstance(m, FlatParameters)
+                for p in m.parameters()})
+    return out
 
 
 class _Tables:

@@ -72,7 +72,7 @@ class MixedDimScheme(TableScheme):
         return ("md", self.table.embedding_dim, self.dim)
 
     def batch_parameters(self) -> Dict[str, torch.Tensor]:
-        return {"proj": self.buffers.proj}
+        return {"proj": self.buffers.trainable("proj")}
 
     def transform(self, values: torch.Tensor, c: Optional[Constants] = None) -> List[torch.Tensor]:
         return [values]
@@ -82,7 +82,7 @@ class MixedDimScheme(TableScheme):
         ``c["proj"] [F_g, d', d]`` (each feature's table's P) -> ``[B, F_g, d]``, one batched matmul."""
         if c is not None and "proj" in c:
             return torch.einsum("bfs,fsd->bfd", parts[0], c["proj"])
-        return parts[0] @ self.buffers.proj
+        return parts[0] @ self.buffers.trainable("proj")
 
     # --- the plain-torch reference of the paper's equation (the tests compare against it) ----
     @staticmethod

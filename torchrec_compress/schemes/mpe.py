@@ -277,7 +277,7 @@ class MPEScheme(Scheduled):
 
     def batch_parameters(self) -> Dict[str, torch.Tensor]:
         b = self.buffers
-        return {"logits": b.logits, "alpha": b.alpha, "beta": b.beta}
+        return {n: b.trainable(n) for n in ("logits", "alpha", "beta")}
 
     def batch_maps(self, index: int) -> Dict[str, torch.Tensor]:
         """Laid end to end over a batch's tables: each id's global group (``group_of`` + the

@@ -116,7 +116,7 @@ def _parity_run(
     load_full_state_dict_(dmp.state_dict(), ref.state_dict())  # tables and id maps
     # data-parallel tables are not fused: TorchRec leaves them to the dense optimizer;
     # schemes' small parameters (MPE's logits, clip) are dense too, trained with SGD here
-    dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+    dense = {n: p for n, p in in_backward_optimizer_filter(dmp.named_parameters()) if p.requires_grad}
     mine = {id(p) for p in scheme_parameters(dmp)}
     dp_tables = [p for p in dense.values() if id(p) not in mine]
     scheme_params = [p for p in dense.values() if id(p) in mine]

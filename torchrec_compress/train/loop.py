@@ -118,7 +118,8 @@ def shard_for_training(
             model, device=device, sharders=sharders(pipelineable=pipelineable),
             plan=plan or uniform_plan(model, sharding_type, world, device_type=device.type, pipelineable=pipelineable),
         )
-    dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+    # frozen: a table's own view of its family's flat parameter (FlatParameters), trained through it
+    dense = {n: p for n, p in in_backward_optimizer_filter(dmp.named_parameters()) if p.requires_grad}
     scales = scheme_lr_scales(dmp)
     groups = [{"params": [p for p in dense.values() if id(p) not in scales]}]
     for scale in sorted(set(scales.values())):
