@@ -729,11 +729,12 @@ class FlatParameters(nn.Module):
             and st._parameters[n].dtype == states[0]._parameters[n].dtype for st in states for n in names)
 
     @torch.no_grad()
-    def link(self) -> None:
-        """Make every table's parameter row t of the flat one again where it is not (cheap: a
-        pointer compare per table and name when linked)."""
-        for name, flat in self._parameters.items():
-            own = [st._parameters[name] for st in self._states]
+    def link(self, name: Optional[str] = None) -> None:
+        """Make every table's parameter ``name`` (all names if None) row t of the flat one again
+        where it is not (cheap: a pointer compare per table when linked)."""
+        for n in (self._parameters if name is None else [name]):
+            flat = self._parameters[n]
+            own = [st._parameters[n] for st in self._states]
             if flat.is_meta or any(p.is_meta for p in own):
                 continue
             step = flat[0].numel() * flat.element_size()
@@ -745,7 +746,7 @@ class FlatParameters(nn.Module):
 
     def rows(self, name: str) -> torch.Tensor:
         """``[T, ...]``: the parameter itself (what the forward reads)."""
-        self.link()
+        self.link(name)
         return self._parameters[name]
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]

@@ -232,7 +232,11 @@ class FIITEDScheme(TableScheme):
 
     # ------------------------------------------------------------------ utility
     def _cells(self, keys: torch.Tensor) -> List[torch.Tensor]:
-        return [universal_hash(keys, self.width, self.config.seed * 100 + r) for r in range(SKETCH_DEPTH)]
+        return [universal_hash(keys, self.width, self._sketch_seed(r)) for r in range(SKETCH_DEPTH)]
+
+    def _sketch_seed(self, r: int) -> int:
+        """Seed of the sketch's r-th row hash (what :class:`_ObserveConstants` batches too)."""
+        return self.config.seed * 100 + r
 
     def utility(self, ids: torch.Tensor) -> torch.Tensor:
         """``[M]`` ids -> ``[M, C]`` utilities: exact for kept chunks, the count-mean-min
@@ -475,7 +479,7 @@ class _ObserveConstants:
         self.total = sum(blocks)
         as_t = lambda xs: torch.tensor(xs, dtype=torch.int64, device=device)  # noqa: E731
         self.offset, self.pool, self.width = as_t(self.host_offsets), as_t([i.pool for i in impls]), as_t([i.width for i in impls])
-        pairs = [[hash_params(i.config.seed * 100 + r) for i in impls] for r in range(SKETCH_DEPTH)]
+        pairs = [[hash_params(i._sketch_seed(r)) for i in impls] for r in range(SKETCH_DEPTH)]
         self.hash_a = [as_t([a for a, _ in p]) for p in pairs]
         self.hash_b = [as_t([b for _, b in p]) for p in pairs]
         means = [i.table.pooling == PoolingType.MEAN for i in impls]
