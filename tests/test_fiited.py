@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from torchrec import EmbeddingBagConfig, JaggedTensor, PoolingType
+from torchrec import EmbeddingBagConfig, JaggedTensor, KeyedJaggedTensor, PoolingType
 
 from torchrec_compress import FIITED, CompressedEmbeddingBagCollection
 from torchrec_compress.testing.data import Bags, random_bags
@@ -31,9 +31,9 @@ def _assign(impl, kept):
     """Set the address structure by hand: ``kept = {id: [slot of chunk 0, slot of chunk 1, ...]}``."""
     b = impl.buffers
     pairs = sorted((x * impl.c + k, s) for x, slots in kept.items() for k, s in enumerate(slots))
-    b.keys.fill_(torch.iinfo(b.keys.dtype).max)
+    b.keys.fill_(impl.sentinel)  # the table's keys sit at key_base among its family's (0 alone)
     b.slots.fill_(-1)
-    b.keys[: len(pairs)] = torch.tensor([p[0] for p in pairs], dtype=b.keys.dtype)
+    b.keys[: len(pairs)] = torch.tensor([p[0] for p in pairs], dtype=b.keys.dtype) + impl.key_base
     b.slots[: len(pairs)] = torch.tensor([p[1] for p in pairs], dtype=torch.int32)
     b.n_kept.fill_(len(pairs))
 
@@ -101,7 +101,7 @@ def test_utility_is_gradient_magnitude_per_access_by_hand():
     # id 4 (pruned): bag 0 only -> 2.5, 0.5, twice; sketched: within its cells' noise share
     noise = 2 * (2.5 + 0.5) / (impl.width - 1)
     assert (u[1] - torch.tensor([5.0, 1.0])).abs().max() <= noise + 1e-6 and (u[2] <= noise + 1e-6).all()
-    assert impl.buffers.seen[: int(impl.buffers.n_seen)].tolist() == [3, 4, 3, 4]  # each batch's unique ids, merged at the next event
+    assert impl.seen_ids().tolist() == [3, 4]  # the bitmap of ids seen since the last event
 
 
 def _reference_event(util, old, pool, hysteresis, position_decay=1.0, min_chunks=0, max_chunks=None):
@@ -131,7 +131,8 @@ def _reference_event(util, old, pool, hysteresis, position_decay=1.0, min_chunks
 def _state(impl):
     b = impl.buffers
     n = int(b.n_kept)
-    return {(int(k) // impl.c, int(k) % impl.c): int(s) for k, s in zip(b.keys[:n].tolist(), b.slots[:n].tolist())}
+    return {((int(k) - impl.key_base) // impl.c, (int(k) - impl.key_base) % impl.c): int(s)
+            for k, s in zip(b.keys[:n].tolist(), b.slots[:n].tolist())}
 
 
 @pytest.mark.parametrize("position_decay, min_chunks, max_chunks", [(1.0, 0, None), (0.5, 0, None), (1.0, 1, 3), (0.5, 2, 2)])
@@ -157,12 +158,8 @@ def test_events_match_python_reference_and_respect_the_budget(position_decay, mi
         # budget, uniqueness and the prefix property after every event
         assert len(after) <= impl.pool and len(set(after.values())) == len(after)
         assert all((x, k - 1) in after for x, k in after if k) and all(k < impl.top for _, k in after)
-        seen = impl.buffers.seen[: int(impl.buffers.n_seen)]  # remembered in the forward, after the event
-        assert set(seen.tolist()) <= set(ids.tolist())  # at most pool / C ids: those of highest utility
-        assert seen.numel() == min(ids.numel(), impl.seen_cap)
-        if ids.numel() > impl.seen_cap:
-            u_all = impl.utility(ids)[:, 0]
-            assert u_all[torch.isin(ids, seen)].min() >= u_all[~torch.isin(ids, seen)].max()
+        seen = impl.seen_ids()  # marked in the forward, after the event: every id of the batch
+        assert seen.tolist() == ids.tolist()
         (out * torch.randn_like(out)).sum().backward()
         with torch.no_grad():
             w -= 0.1 * w.grad
@@ -247,19 +244,20 @@ def test_memory_as_the_paper_counts_it_beside_ours():
     u = EmbeddingBagConfig(name="u", embedding_dim=16, num_embeddings=10, feature_names=["b"])
     m = CompressedEmbeddingBagCollection([t, u], {"t": FIITED(pool=30, chunks=2)})
     impl = m.scheme("t")
-    assert (impl.width, impl.seen_cap) == (64, 15)  # sketch: max(64, 0.5 * 30) cells per row; seen: 30 / 2 ids
+    assert (impl.width, impl.seen_bytes) == (64, 5)  # sketch: max(64, 0.5 * 30) cells per row; seen: 40 bits
     _assign(impl, {1: [0, 1], 5: [2], 7: [3]})  # 4 chunks kept
     rep = m.memory_report()
     pool = 30 * 8 * 4
-    # int32 keys + int32 slots + fp32 slot utilities (30 each), 2 x 64 fp32 sketch, 15 int32 seen ids, 4 int64 counters
-    meta = 30 * 4 + 30 * 4 + 30 * 4 + 2 * 64 * 4 + 15 * 4 + 4 * 8
+    # int64 keys + int32 slots + fp32 slot utilities (30 each), 2 x 64 fp32 sketch, a 40-bit seen bitmap,
+    # 4 int64 counters (n_kept, key_base, steps, events)
+    meta = 30 * 8 + 30 * 4 + 30 * 4 + 2 * 64 * 4 + 5 + 4 * 8
     ft = rep.tables["t"]
-    assert ft.parts == {"t__pool": pool, "t (maps)": meta} and ft.compressed_bytes == pool + meta == 1924
+    assert ft.parts == {"t__pool": pool, "t (maps)": meta} and ft.compressed_bytes == pool + meta == 1989
     assert ft.paper_bytes == 4 * 8 * 4 == 128  # the paper: 4 kept chunks of 8 floats
-    assert ft.ratio == pytest.approx(40 * 16 * 4 / 1924) and ft.paper_ratio == pytest.approx(2560 / 128)  # 1.33x vs 20x
+    assert ft.ratio == pytest.approx(40 * 16 * 4 / 1989) and ft.paper_ratio == pytest.approx(2560 / 128)  # 1.29x vs 20x
     assert rep.tables["u"].paper_bytes is None and rep.tables["u"].paper_ratio is None  # uncompressed: counted the same
     total = rep.total  # the other tables count in full in the paper's total too
-    assert (total.compressed_bytes, total.paper_bytes, total.uncompressed_bytes) == (1924 + 640, 128 + 640, 2560 + 640)
+    assert (total.compressed_bytes, total.paper_bytes, total.uncompressed_bytes) == (1989 + 640, 128 + 640, 2560 + 640)
     assert "ratio as its paper counts" in str(rep) and "20.00x" in str(rep)
     assert "paper" not in str(CompressedEmbeddingBagCollection([u]).memory_report())  # no column where no scheme has one
 
@@ -407,17 +405,93 @@ def test_events_zero_freed_rows_and_their_optimizer_state():
     assert (w[after[(29, 0)]] == 0).all()
 
 
-def test_insert_merges_like_a_sort():
-    m, t, impl = _module(pool=300, chunks=3, dim=12, rows=1000)
-    g = torch.Generator().manual_seed(0)
-    keys = torch.randperm(3000, generator=g)[:250]
-    old, new = keys[:120].sort().values, keys[120:].sort().values
-    impl._insert(old, torch.arange(120))
-    impl._insert(new, torch.arange(120, 250))
-    b = impl.buffers
-    slot_of = {**{int(k): j for j, k in enumerate(old)}, **{int(k): 120 + j for j, k in enumerate(new)}}
-    assert b.keys[:250].tolist() == sorted(slot_of) and b.slots[:250].tolist() == [slot_of[k] for k in sorted(slot_of)]
-    assert int(b.n_kept) == 250
+def _family_tables(n=3):
+    tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=12, num_embeddings=300 + 50 * i, feature_names=[f"f{i}", f"g{i}"][: 1 + i % 2],
+                                 pooling=PoolingType.MEAN if i == 1 else PoolingType.SUM) for i in range(n)]
+    cfgs = {f"t{i}": FIITED(pool=120 + 30 * i, chunks=3, seed=i, admit=2, interval=1000) for i in range(n)}
+    return tables, cfgs
+
+
+def test_admission_merges_into_every_tables_sorted_keys_like_a_sort():
+    """One admission pass over a family: each table's new ids (no chunk yet) take its lowest
+    free slots, lowest ids first, while its budget lasts; the flat keys stay sorted, every
+    table's segment holds exactly its old chunks and the admitted ones, and a full table admits none."""
+    tables, cfgs = _family_tables()
+    m = CompressedEmbeddingBagCollection(tables, cfgs)
+    impls = [m.scheme(t.name) for t in tables]
+    fam = impls[0].family
+    assert all(i.family is fam for i in impls) and [i.key_base for i in impls] == [0, 300 * 3 + 1, 300 * 3 + 1 + 350 * 3 + 1]
+    before = {}
+    for i, impl in enumerate(impls):
+        kept = _random_assignment(impl, 60, seed=i)
+        if i == 2:  # full: nothing to admit
+            kept = {x: [s] for x, s in zip(range(impl.pool), torch.randperm(impl.pool).tolist())}
+        _assign(impl, kept)
+        before[i] = _state(impl)
+    m.train()
+    m(random_bags(tables, 40, seed=3, max_len=3).kjt())  # step 0: no event, every table sees and admits
+    kjt = random_bags(tables, 40, seed=3, max_len=3).kjt()
+    for i, (t, impl) in enumerate(zip(tables, impls)):
+        ids = sorted({int(x) for f in t.feature_names for x in kjt[f].values()})
+        old = before[i]
+        new_ids = [x for x in ids if (x, 0) not in old][: (impl.pool - len(old)) // 2]
+        free = sorted(set(range(impl.pool)) - set(old.values()))
+        expected = dict(old)
+        for x in new_ids:
+            for k in range(2):
+                expected[(x, k)] = free.pop(0)
+        assert _state(impl) == expected, t.name
+        assert impl.seen_ids().tolist() == ids
+        b = impl.buffers
+        n = int(b.n_kept)
+        assert torch.equal(b.keys[:n], b.keys[:n].sort().values) and (b.keys[n:] == impl.sentinel).all()
+    assert _state(impls[2]) == before[2]
+    flat = fam.link()["keys"]
+    assert torch.equal(flat, flat.sort().values)  # one sorted array: one search finds any table's chunks
+
+
+def test_batched_family_equals_each_table_alone():
+    """Tables of one family (one flat address structure, one see, one route, one observe per
+    step) train exactly like the same tables each alone in its own module: outputs, address
+    structures, utilities, events (after steps 1, 2 and 4) and seen ids; a checkpoint of the
+    family loads into a module whose family is laid out otherwise."""
+    tables, cfgs = _family_tables()
+    cfgs = {k: dataclasses_replace(c, interval=5) for k, c in cfgs.items()}
+    torch.manual_seed(0)
+    m = CompressedEmbeddingBagCollection(tables, cfgs)
+    alone = [CompressedEmbeddingBagCollection([t], {t.name: cfgs[t.name]}) for t in tables]
+    for a, t in zip(alone, tables):
+        with torch.no_grad():
+            physical_weights(a)[f"{t.name}__pool"].copy_(physical_weights(m)[f"{t.name}__pool"])
+    m.train()
+    for step in range(6):
+        kjt = random_bags(tables, 8, seed=step, max_len=3).kjt()
+        out = m(kjt)
+        g = torch.randn_like(out.values())
+        (out.values() * g).sum().backward()
+        col = 0
+        for a, t in zip(alone, tables):
+            a.train()
+            sub = KeyedJaggedTensor.from_jt_dict({f: kjt[f] for f in t.feature_names})
+            o = a(sub).values()
+            torch.testing.assert_close(o, out.values()[:, col:col + o.shape[1]], msg=f"{t.name} step {step}")
+            (o * g[:, col:col + o.shape[1]]).sum().backward()
+            col += o.shape[1]
+            x, y = m.scheme(t.name), a.scheme(t.name)
+            assert _state(x) == _state(y) and torch.equal(x.seen_ids(), y.seen_ids()), f"{t.name} step {step}"
+            for name in ("slot_utility", "utility"):
+                torch.testing.assert_close(getattr(x.buffers, name), getattr(y.buffers, name), rtol=1e-5, atol=1e-6)
+        with torch.no_grad():  # the same plain SGD on both
+            for mod in (m, *alone):
+                for w in physical_weights(mod).values():
+                    w -= 0.1 * w.grad
+                    w.grad = None
+    assert int(m.scheme("t0").buffers.events) == 4
+    # a checkpoint's keys carry their key_base: loaded into another layout (t2 alone), they move
+    alone[2].load_state_dict({k.replace("maps.t2.", "maps.t2."): v for k, v in m.state_dict().items() if ".t2" in k or "t2__" in k},
+                             strict=False)
+    assert _state(alone[2].scheme("t2")) == _state(m.scheme("t2"))
+    assert int(alone[2].scheme("t2").buffers.key_base) == 0 and int(m.state_dict()["maps.t2.key_base"]) == m.scheme("t2").key_base
 
 
 def test_dmp_materialized_map_finds_admitted_ids_from_the_first_step():

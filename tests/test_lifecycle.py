@@ -237,8 +237,9 @@ def test_procedure_counters_stay_in_host_memory_on_any_device():
     m.to(torch.device("meta"))
     saec, fiited = m.scheme_states()["t"], m.scheme_states()["u"]
     assert saec.steps.device.type == saec.stage.device.type == "cpu" and int(saec.steps) == 2
-    assert all(getattr(fiited, n).device.type == "cpu" for n in ("n_kept", "n_seen", "steps", "events"))
-    assert saec.cluster_of.device.type == fiited.keys.device.type == "meta"
+    assert all(getattr(fiited, n).device.type == "cpu" for n in ("steps", "events"))
+    # FIITED's chunk counts are read by its batched device passes, not by the host: they move
+    assert saec.cluster_of.device.type == fiited.keys.device.type == fiited.n_kept.device.type == "meta"
     m2 = CompressedEmbeddingBagCollection(tables, {"t": Saec(clusters=6, warm_steps=3), "u": FIITED(ratio=2, chunks=2)},
                                           device=torch.device("meta"))
     assert m2.scheme_states()["t"].steps.device.type == "cpu" and m2.scheme_states()["t"].cluster_of.is_meta

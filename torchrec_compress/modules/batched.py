@@ -39,6 +39,7 @@ class Group:
     constants: List[Dict[str, int]]  # per feature
     tables: List[TableScheme] = field(default_factory=list)  # each table's scheme once, in order
     table_index: List[int] = field(default_factory=list)  # per feature: its table's index in ``tables``
+    routes: bool = False  # its scheme routes id by id (:meth:`~TableScheme.route_batch`), sees and observes as a batch
     _device: Dict[object, object] = field(default_factory=dict)
     _maps: Tuple[object, Dict[str, torch.Tensor]] = (None, {})
 
@@ -183,10 +184,13 @@ class Plan:
                 part_dims=[p.embedding_dim for p in phys for _ in p.feature_suffixes()], suffixes=impl.feature_suffixes(),
                 per_value=per_value, pooling=feature_table[feats[0]].pooling, ragged=impl.ragged,
                 constants=[schemes[feature_table[f].name].constants() for f in feats],
-                tables=[schemes[n] for n in names], table_index=[names.index(feature_table[f].name) for f in feats]))
+                tables=[schemes[n] for n in names], table_index=[names.index(feature_table[f].name) for f in feats],
+                routes=type(impl).route_batch is not TableScheme.route_batch))
             pos += len(feats)
         self.singles = singles
         self.single_start = pos
+        # tables whose ids a routed batch sees (not the module, table by table)
+        self.routed_tables = frozenset(t.table.name for g in self.groups if g.routes for t in g.tables)
         plan_features = [f for g in self.groups for f in g.features] + singles
         index = {k: i for i, k in enumerate(keys)}
         self.order = [index[f] for f in plan_features]

@@ -31,7 +31,7 @@ from ..config import SchemeConfig, scheme_class_for
 from ..schemes.base import TableAccess, TableScheme, Uncompressed, uniform_init
 from ..distributed.collectives import all_gather_id_counts, world
 from ..distributed.state import agree_stride, copy_full_into_, full_tensor, inner_process_group, zero_rows_and_state_
-from .batched import Plan
+from .batched import Group, Plan
 from .memory import MemoryReport, TableMemory
 
 
@@ -93,6 +93,12 @@ class CompressedEmbeddingBagCollection(nn.Module):
                 raise ValueError(f"table {t.name!r}: scheme must be a SchemeConfig (e.g. Hashing(ratio=8)), got {cfg!r}")
             impl = Uncompressed(t, None) if cfg is None else scheme_class_for(cfg)(t, cfg)
             self._schemes[t.name] = impl
+        batches: Dict[Hashable, List[TableScheme]] = {}
+        for impl in self._schemes.values():
+            if impl.batch_key() is not None:
+                batches.setdefault((type(impl), impl.batch_key()), []).append(impl)
+        for impls in batches.values():  # before their state is made: it may depend on the batch (FIITED)
+            type(impls[0]).join_batch(impls)
 
         # feature -> (table, scheme); logical output order = table order, then feature order.
         self._feature_table: Dict[str, EmbeddingBagConfig] = {}
@@ -228,7 +234,8 @@ class CompressedEmbeddingBagCollection(nn.Module):
             state.jts[plan.features[p]] = JaggedTensor(values=values.narrow(0, a, n), lengths=lengths2d[p],
                                                        weights=None if weights is None else weights.narrow(0, a, n))
         position = plan.position
-        self._procedures(plan.features, values, counts, lambda f: values.narrow(0, offsets[position[f]], host[position[f]]))
+        self._procedures(plan.features, values, counts, lambda f: values.narrow(0, offsets[position[f]], host[position[f]]),
+                         plan.routed_tables)
 
         pooled = _InnerBatch(self._is_weighted)
         per_id = _InnerBatch(False)
@@ -238,6 +245,15 @@ class CompressedEmbeddingBagCollection(nn.Module):
             w = None if weights is None else weights.narrow(0, a, n)
             fidx = torch.repeat_interleave(g.tensors(vals.device)[0], counts.narrow(0, g.start, g.size), output_size=n)
             c = g.per_id_constants(fidx)
+            flat = lens.reshape(-1)
+            if g.routes:  # routed id by id (FIITED): one route over every feature of the batch
+                if g.scheme.sees_ids and self.training:
+                    g.scheme.see_batch(vals, c, self._sync_group())
+                (i, counts_r, w_r), routed = g.scheme.route_batch(vals, flat, w, c)
+                pooled.add(g.keys(), i, counts_r, w_r, None)
+                state.groups.append(lens if g.pooling == PoolingType.MEAN else None)
+                state.routed[len(state.groups) - 1] = (vals, flat, w, c, routed)
+                continue
             ids = g.scheme.transform(vals, c)  # S x [n], suffix-major like g.keys()
             n_ids = host[g.start:g.start + g.size]
             if g.per_value:
@@ -245,7 +261,6 @@ class CompressedEmbeddingBagCollection(nn.Module):
                 state.groups.append((vals, lens, w, fidx, c))
                 continue
             active = g.scheme.batch_active()  # stage-routed (Saec): every id to one of its tables
-            flat = lens.reshape(-1)
             empty = torch.zeros_like(flat) if active is not None else None
             for s, (keys_s, i) in enumerate(zip(g.keys_by_suffix(), ids)):
                 if active is None or active[s]:
@@ -302,11 +317,12 @@ class CompressedEmbeddingBagCollection(nn.Module):
         return state, kjt, None
 
     def _procedures(self, keys: List[str], values: torch.Tensor, counts: torch.Tensor,
-                    feature_ids: Callable[[str], torch.Tensor]) -> None:
+                    feature_ids: Callable[[str], torch.Tensor], batched_see: frozenset = frozenset()) -> None:
         """The schemes' own procedures (counting, clustering, search, re-planning), before the
         transform. ``values [N]``: the ids of the features ``keys`` laid end to end, ``counts [F]``
         of each; ``feature_ids(f)``: the ``[N_f]`` ids of feature f, for schemes that see ids their
-        own way (FIITED). Id counts of every counting table are added at once (:meth:`_count`)."""
+        own way. Id counts of every counting table are added at once (:meth:`_count`); tables in
+        ``batched_see`` see their ids with their batch (:meth:`~TableScheme.see_batch`)."""
         self.materialize()
         counting = []
         for t in self._tables:
@@ -317,7 +333,7 @@ class CompressedEmbeddingBagCollection(nn.Module):
             if impl.sees_ids and self.training:
                 if t.name in self._count_layout():
                     counting.append(t.name)
-                else:
+                elif t.name not in batched_see:
                     impl.see_features([feature_ids(f) for f in t.feature_names], self._sync_group())
             if not self.training and impl.data_driven and t.name not in self._warned and not impl.fitted():
                 self._warned.add(t.name)
@@ -403,6 +419,7 @@ class CompressedEmbeddingBagCollection(nn.Module):
                 blocks[kind], views = plan.blocks(kind, kt)
                 single.update(views)
         outs: List[torch.Tensor] = []
+        group_observers: List[Tuple[Group, tuple, int]] = []  # (batch, what its route kept, first column)
         for gi, (g, gs) in enumerate(zip(plan.groups, state.groups)):
             widths = [g.size * d for d in g.part_dims]
             if not g.per_value:
@@ -412,6 +429,8 @@ class CompressedEmbeddingBagCollection(nn.Module):
                 out = g.scheme.combine(parts, None, g.stacked_parameters())  # [B, F_g, d]
                 if gs is not None:  # a ragged scheme's MEAN: the inner tables summed
                     out = out / gs.t().clamp(min=1).unsqueeze(2).to(out.dtype)
+                if gi in state.routed and g.scheme.observes_gradients and self.training and out.requires_grad:
+                    group_observers.append((g, state.routed[gi], sum(o.shape[1] for o in outs)))
                 outs.append(out.reshape(batch, g.size * g.dim))
                 continue
             vals, lens, w, fidx, c = gs
@@ -442,8 +461,8 @@ class CompressedEmbeddingBagCollection(nn.Module):
             per = impl.combine([single[f"{f}{s}"][:n] for s in suffixes], jt.values())
             outs.append(_pool_group(per, jt.lengths().view(1, -1), jt.weights() if self._is_weighted else None, t.pooling, batch))
         values = _cat(outs, dim=1)
-        if observers:  # one hook for every observing table (FIITED: one pass over all its tables)
-            values.register_hook(functools.partial(_observe, observers, self._sync_group()))
+        if observers or group_observers:  # one hook for every observing table (FIITED: one pass over all its tables)
+            values.register_hook(functools.partial(_observe, observers, group_observers, batch, self._sync_group()))
         reorder = plan.output_columns(values.device)
         if reorder is not None:  # a permutation of the columns: its backward is the inverse gather
             values = _PermuteColumns.apply(values, *reorder)
@@ -667,6 +686,7 @@ class SchemeState(nn.Module):
         # True once the state holds real values: DMP's zero fill of meta buffers makes it False
         self.register_buffer("ready", torch.ones((), dtype=torch.int8, device=device))
         self.register_state_dict_pre_hook(_flush_steps)
+        self._register_load_state_dict_pre_hook(_load_buffers, with_module=True)
         self.register_load_state_dict_post_hook(_schedule_reloaded)
         self._family: Optional[Tuple["FlatParameters", int]] = None
 
@@ -768,11 +788,23 @@ def _flush_steps(module: "SchemeState", prefix: str, keep_vars: bool) -> None:
         flush()
 
 
+def _load_buffers(module: "SchemeState", state_dict: Dict[str, torch.Tensor], prefix: str, *args: object) -> None:
+    """Before load_state_dict copies a :class:`SchemeState`'s buffers: the scheme's
+    :meth:`~TableScheme.load_buffer` of each (e.g. FIITED moves keys to its family layout)."""
+    saved = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
+    impl = module._impl[0]
+    for name in module._buffers:
+        if prefix + name in state_dict:
+            state_dict[prefix + name] = impl.load_buffer(name, state_dict[prefix + name], saved)
+
+
 def _schedule_reloaded(module: "SchemeState", incompatible_keys: object) -> None:
     """After load_state_dict: the schedule re-reads its buffers (it may be mid-phase again)."""
     impl = module._impl[0]
+    if hasattr(impl, "_pending"):  # steps counted on the host: the loaded buffer has its own
+        impl._pending = 0
     if hasattr(impl, "_done"):
-        impl._done, impl._pending, impl._fitted = False, 0, False
+        impl._done, impl._fitted = False, False
 
 
 def scheme_parameters(model: nn.Module) -> List[nn.Parameter]:
@@ -815,10 +847,14 @@ def unfitted_message(table: str, impl: TableScheme) -> str:
             f"torchrec_compress.fit_(model, batches) first")
 
 
-def _observe(observers: List[Tuple[TableScheme, JaggedTensor, int, int]], group: Optional[dist.ProcessGroup],
-             grad: torch.Tensor) -> None:
-    """Backward hook on the combined output ``grad [B, C]``: each observing table's columns, tables
-    of one :meth:`~TableScheme.observe_key` together (``[B, T, d]``) in one ``observe_batch``."""
+def _observe(observers: List[Tuple[TableScheme, JaggedTensor, int, int]], group_observers: List[Tuple[Group, tuple, int]],
+             batch: int, group: Optional[dist.ProcessGroup], grad: torch.Tensor) -> None:
+    """Backward hook on the combined output ``grad [B, C]``: each routed batch's columns
+    (``[B, F_g, d]``) in one ``observe_group``; each observing single's, tables of one
+    :meth:`~TableScheme.observe_key` together (``[B, T, d]``) in one ``observe_batch``."""
+    for g, (vals, lengths, w, c, routed), start in group_observers:
+        g.scheme.observe_group(g.tables, grad.narrow(1, start, g.size * g.dim).view(batch, g.size, g.dim), vals, lengths, w, c,
+                               g.pooling == PoolingType.MEAN, routed, group)
     by_key: Dict[Any, List[Tuple[TableScheme, JaggedTensor, int, int]]] = {}
     for o in observers:
         by_key.setdefault(o[0].observe_key(), []).append(o)
@@ -855,13 +891,14 @@ class SplitState:
     counts: torch.Tensor  # [F] ids per feature, plan order
     jts: Dict[str, JaggedTensor] = dataclasses.field(default_factory=dict)  # the singles' features
     groups: List[Optional[tuple]] = dataclasses.field(default_factory=list)  # per-value groups: (ids, lengths, weights, feature index, constants)
+    routed: Dict[int, tuple] = dataclasses.field(default_factory=dict)  # routed groups: (ids, lengths, weights, constants, route_batch's own)
 
     def record_stream(self, stream: torch.Stream) -> None:
         """For TorchRec's pipeline: the tensors outlive the input stream's batch."""
         self.counts.record_stream(stream)
         for jt in self.jts.values():
             jt.record_stream(stream)
-        for gs in self.groups:
+        for gs in [*self.groups, *self.routed.values()]:
             for t in (gs or ()):
                 for x in (t.values() if isinstance(t, dict) else [t]):
                     if isinstance(x, torch.Tensor):

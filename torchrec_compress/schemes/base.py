@@ -217,6 +217,36 @@ class TableScheme:
         """The buffers :meth:`batch_maps` are made from (their version says when to rebuild)."""
         return []
 
+    @staticmethod
+    def join_batch(impls: Sequence["TableScheme"]) -> None:
+        """Called once by the module with the schemes of all its tables of one :meth:`batch_key`
+        (module order), before their state is made: schemes that share state across a batch
+        (FIITED's flat address structure) set it up here."""
+
+    def route_batch(self, values: torch.Tensor, lengths: torch.Tensor, weights: Optional[torch.Tensor],
+                    c: Constants) -> Optional[Tuple[Routed, object]]:
+        """A ragged batch's inner ids, routed id by id (FIITED): ``values [N]`` of F features,
+        ``lengths [F * B]``, the per-id ``c`` -> (:class:`Routed` part-major over the F x B bags,
+        what :meth:`observe_group` reuses). None: the batch's :meth:`transform` serves."""
+        return None
+
+    def see_batch(self, values: torch.Tensor, c: Constants, group: Optional["torch.distributed.ProcessGroup"]) -> None:
+        """:meth:`see` of a whole batch (``values [N]``, per-id ``c``), where :attr:`sees_ids`
+        and :meth:`route_batch` is not None: the module calls it instead of each table's."""
+        raise NotImplementedError
+
+    @staticmethod
+    def observe_group(impls: Sequence["TableScheme"], grad: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
+                      weights: Optional[torch.Tensor], c: Constants, mean: bool, routed: object,
+                      group: Optional["torch.distributed.ProcessGroup"]) -> None:
+        """Backward hook on a routed batch's outputs ``grad [B, F, d]`` (where :attr:`observes_gradients`)."""
+        raise NotImplementedError
+
+    def load_buffer(self, name: str, tensor: torch.Tensor, saved: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """A buffer as ``load_state_dict`` should copy it, given the loaded ``saved`` state (its
+        names without prefix): where a stored layout depends on more than the table. Default: as saved."""
+        return tensor
+
     def batch_active(self) -> Optional[List[bool]]:
         """For a ragged scheme in a batch: which of its virtual features get the ids now (a
         stage decides it for every id at once, read on the host, e.g. Saec: the warm-up table,

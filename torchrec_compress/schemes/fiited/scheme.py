@@ -9,8 +9,9 @@ chunks; the rest read as zeros:
 Storage that really shrinks: the kept chunks live in a **chunk pool** P of ``pool``
 rows of d / C (an ordinary TorchRec table: it shards and trains with FBGEMM) and the
 address s(x, k) is found in a compact **address structure**: the sorted keys
-``x * C + k`` of the kept chunks beside their pool slots (a binary search, 8-12 bytes
-per kept chunk, never a dense v x C index). The paper uses a hash table for the same
+``x * C + k`` of the kept chunks beside their pool slots (a binary search, 12 bytes
+per kept chunk, never a dense v x C index; the FIITED tables of one module share one
+flat sorted array, see :mod:`.family`). The paper uses a hash table for the same
 job ("virtually hashed, physically indexed"); a sorted array has the same size, is
 deterministic on every rank and vectorizes with ``torch.searchsorted``.
 
@@ -24,7 +25,7 @@ pruned ones in a count-mean-min sketch (2 x W floats, W = ``sketch`` x pool, at 
 cell less its expected share of the other keys' mass, so collisions do not let pruned
 chunks outbid kept ones; a chunk granted on a bad estimate is pruned again at the next
 event, once its own utility is tracked exactly); the ids seen since the last event
-in a bounded buffer (the ``pool / C`` of highest utility).
+in a bitmap (one bit per id: every one of them is a candidate at the event).
 
 Allocation on first access (the paper's storage allocates a vector when its id first
 shows up): every training forward, ids of the batch that keep no chunk are *admitted*:
@@ -53,19 +54,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Dict, Hashable, List, Optional, Sequence
+from typing import Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
-from ..config import SchemeConfig, _check_positive_int, register_scheme
-from ..ops import hash_ab, hash_params, universal_hash
-from ..distributed.collectives import all_gather_ids
-from .base import PhysicalTable, Routed, TableScheme, bag_index, constant_init, ragged_parts, uniform_draw, uniform_init
+from ...config import SchemeConfig, _check_positive_int, register_scheme
+from ...ops import universal_hash
+from ..base import PhysicalTable, Routed, TableScheme, constant_init, uniform_draw, uniform_init
+from .family import INT64_MAX, SKETCH_DEPTH, FIITEDFamily, seen_bytes
 
-SKETCH_DEPTH = 2
 MIN_SKETCH_WIDTH = 64
 
 
@@ -137,7 +137,7 @@ class FIITED(SchemeConfig):
 
 @register_scheme(FIITED)
 class FIITEDScheme(TableScheme):
-    host_buffers = ("n_kept", "n_seen", "steps", "events")
+    host_buffers = ("steps", "events")
     presets = {
         "fiited": lambda r, d: FIITED(ratio=r, chunks=d // 4),  # the paper's rule, chunks of 4 dims
         # + our priors against churn (not in the paper): a kept chunk counts twice, every id's first chunk
@@ -156,24 +156,64 @@ class FIITEDScheme(TableScheme):
             raise ValueError(f"table {table.name!r}: FIITED chunks={c}: the chunk dim d / C = {d}/{c} must be a multiple of 4 (FBGEMM)")
         self.c, self.s = c, d // c
         self.top = c if config.max_chunks is None else config.max_chunks  # chunks an id may hold
-        self.key_dtype = torch.int32 if v * c < 2**31 - 1 else torch.int64
-        key_bytes = 4 if self.key_dtype == torch.int32 else 8
-        self.id_dtype = torch.int32 if v < 2**31 else torch.int64
-        id_bytes = 4 if self.id_dtype == torch.int32 else 8
+        self.seen_bytes = seen_bytes(v)  # one bit per id
         if config.pool is not None:
             self.pool = min(config.pool, v * self.top)
         else:
-            # per pool chunk: its weights, key + slot, its utility, its share of the sketch, 1 seen id per C chunks
+            # per pool chunk: its weights, int64 key + int32 slot, its utility, its share of the sketch;
+            # per table: the seen bitmap, the sketch's floor
             sketch_bytes = 4 * SKETCH_DEPTH * config.sketch
-            per_chunk = 4 * self.s + key_bytes + 4 + 4 + sketch_bytes + id_bytes / c
+            per_chunk = 4 * self.s + 8 + 4 + 4 + sketch_bytes
             sketch_floor = 4 * SKETCH_DEPTH * MIN_SKETCH_WIDTH  # the sketch never gets narrower than this
-            target = self._target_bytes()
+            target = self._target_bytes() - self.seen_bytes
             fits = min(target // per_chunk, (target - sketch_floor) // (per_chunk - sketch_bytes))
             self.pool = min(v * self.top, int(fits))
             if self.pool < 1:
                 raise self._too_small(f"not one chunk of {self.s} fits ({per_chunk:.0f} B each)")
         self.width = max(MIN_SKETCH_WIDTH, int(self.pool * config.sketch))
-        self.seen_cap = max(1, self.pool // c)
+        # where the table's keys sit among its family's (set by FIITEDFamily): x * C + k + key_base
+        self.key_base, self.sentinel = 0, INT64_MAX
+        self.family: Optional[FIITEDFamily] = None
+        self.family_index = 0
+        self._pending = 0  # training steps not yet in the steps buffer
+
+    # ------------------------------------------------------------------ batching
+    def batch_key(self) -> Hashable:
+        """Tables with the same chunk shape and admission form one family (one flat address
+        structure: see :mod:`.family`) and one batch of the module's plan."""
+        return ("fiited", self.c, self.s, self.config.admit)
+
+    @staticmethod
+    def join_batch(impls: Sequence["FIITEDScheme"]) -> None:
+        FIITEDFamily(impls)
+
+    def _family(self) -> FIITEDFamily:
+        if self.family is None:  # a table outside a module: a family of one
+            FIITEDFamily([self])
+        return self.family
+
+    def constants(self) -> Dict[str, int]:
+        return {"family": self.family_index}
+
+    def see_batch(self, values: torch.Tensor, c: Dict[str, torch.Tensor], group: Optional[dist.ProcessGroup]) -> None:
+        """:meth:`see` of a batch: ``[N]`` ids of every feature, ``c["family"] [N]`` their tables."""
+        self._family().see(values, c["family"], group)
+
+    def route_batch(self, values: torch.Tensor, lengths: torch.Tensor, weights: Optional[torch.Tensor],
+                    c: Dict[str, torch.Tensor]) -> Tuple[Routed, torch.Tensor]:
+        """:meth:`route` of a batch: ``[N]`` ids of F features, ``lengths [F * B]``; part-major over
+        the F x B bags (the batch's inner keys are suffix-major). Also the ``[N, C]`` slots."""
+        ids, counts, w, slots = self._family().route(values, c["family"], lengths, weights)
+        return (ids, counts, w), slots
+
+    @staticmethod
+    def observe_group(impls: Sequence["FIITEDScheme"], grad: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
+                      weights: Optional[torch.Tensor], c: Dict[str, torch.Tensor], mean: bool, routed: Optional[torch.Tensor],
+                      group: Optional[dist.ProcessGroup]) -> None:
+        """Backward hook on a batch's outputs ``grad [B, F, d]`` (:meth:`FIITEDFamily.observe`)."""
+        f_n = grad.shape[1]
+        means = torch.ones(f_n, dtype=torch.bool, device=grad.device) if mean else None
+        impls[0]._family().observe(grad, values, c["family"], lengths, weights, means, routed, group)
 
     # ------------------------------------------------------------------ storage
     def physical_tables(self) -> List[PhysicalTable]:
@@ -181,44 +221,50 @@ class FIITEDScheme(TableScheme):
         return [PhysicalTable("__pool", self.pool, self.s, init, lookups=self.c)]
 
     def initial_buffers(self) -> Dict[str, torch.Tensor]:
-        sentinel = torch.iinfo(self.key_dtype).max
         return {
-            "keys": torch.full((self.pool,), sentinel, dtype=self.key_dtype),  # sorted x * C + k of kept chunks
+            "keys": torch.full((self.pool,), self.sentinel, dtype=torch.int64),  # sorted key_base + x * C + k of kept chunks
             "slots": torch.full((self.pool,), -1, dtype=torch.int32),  # their pool rows
             "n_kept": torch.zeros((), dtype=torch.int64),
             "slot_utility": torch.zeros(self.pool),  # u of the chunk in each pool slot (exact)
             "utility": torch.zeros(SKETCH_DEPTH, self.width),  # count-min sketch of u(x, k) of pruned chunks
-            "seen": torch.zeros(self.seen_cap, dtype=self.id_dtype),  # ids seen since the last event
-            "n_seen": torch.zeros((), dtype=torch.int64),
+            "seen": torch.zeros(self.seen_bytes, dtype=torch.uint8),  # bit x: id x seen since the last event
+            "key_base": torch.full((), self.key_base, dtype=torch.int64),  # what the stored keys are offset by
             "steps": torch.zeros((), dtype=torch.int64),  # training forwards
             "events": torch.zeros((), dtype=torch.int64),
         }
 
+    def load_buffer(self, name: str, tensor: torch.Tensor, saved: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """A checkpoint's keys offset by another family layout (or none: older checkpoints) are
+        moved to this table's ``key_base``; its free entries to this table's sentinel."""
+        if name == "key_base":
+            return torch.full_like(tensor, self.key_base)
+        if name != "keys":
+            return tensor
+        base = int(saved["key_base"]) if "key_base" in saved else 0
+        keys = tensor.to(torch.int64)
+        real = (keys >= base) & (keys < base + self.table.num_embeddings * self.c)
+        return torch.where(real, keys - base + self.key_base, self.sentinel)
+
     # ------------------------------------------------------------------ lookup
-    def _keys(self, ids: torch.Tensor) -> torch.Tensor:
-        """``[N]`` ids -> ``[N, C]`` int64 chunk keys ``x * C + k``."""
-        return ids.to(torch.int64).unsqueeze(1) * self.c + torch.arange(self.c, device=ids.device)
+    def _index(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(ids, self.family_index, dtype=torch.int64)
 
     def slots_of(self, values: torch.Tensor) -> torch.Tensor:
         """``[N]`` ids -> ``[N, C]`` pool slots (int64), -1 where the chunk is pruned (eq. 1)."""
-        b = self.buffers
-        q = self._keys(values).to(self.key_dtype)
-        pos = torch.searchsorted(b.keys, q.reshape(-1)).clamp(max=self.pool - 1).view_as(q)
-        hit = (b.keys[pos] == q) & (pos < b.n_kept)  # only n_kept are real (the padding of a DMP-materialized map is 0 until see())
-        return torch.where(hit, b.slots[pos].to(torch.int64), torch.full_like(pos, -1))
+        return self._family().slots(values, self._index(values))
 
     def route(self, jt: JaggedTensor) -> Routed:
         """Per chunk position k, laid end to end: the pool slots of the bag's ids that keep chunk k, per-bag counts, weights."""
         values = jt.values()
-        slots = self.slots_of(values)
+        ids, counts, w, slots = self._family().route(values, self._index(values), jt.lengths(), jt.weights_or_none())
         self._routed = (values, slots)  # observe() of the same ids reuses it (an event clears it)
-        return ragged_parts(jt, slots, [slots[:, k] >= 0 for k in range(self.c)])
+        return ids, counts, w
 
-    def transform(self, values: torch.Tensor) -> List[torch.Tensor]:
+    def transform(self, values: torch.Tensor, c=None) -> List[torch.Tensor]:
         raise NotImplementedError("FIITED is ragged: ids reach only their kept chunks (see route)")
 
-    def combine(self, parts: List[torch.Tensor], values: torch.Tensor) -> torch.Tensor:
-        return torch.cat(parts, dim=1)
+    def combine(self, parts: List[torch.Tensor], values: Optional[torch.Tensor], c=None) -> torch.Tensor:
+        return torch.cat(parts, dim=-1)  # [B, d] of one feature, [B, F, d] of a batch
 
     # ------------------------------------------------------------------ memory
     def paper_bytes(self) -> int:
@@ -226,86 +272,52 @@ class FIITEDScheme(TableScheme):
         table's dtype, nothing else. The honest count (:meth:`memory_parts`, the primary one)
         is the whole pool, rows no chunk holds included, plus our metadata: the sorted keys and
         slots of the address structure, the kept chunks' utilities, the sketch of the pruned
-        ones, the seen-id buffer and the counters."""
+        ones, the seen-id bitmap and the counters."""
         chunk = self.table_bytes() // self.pool  # one pool row: d / C values
-        return self._host_int("n_kept") * chunk
+        return self._kept() * chunk
+
+    def _kept(self) -> int:
+        """Chunks kept now (a device read; 0 on meta: nothing yet)."""
+        return 0 if self.buffers.n_kept.is_meta else self._host_int("n_kept")
 
     # ------------------------------------------------------------------ utility
     def _cells(self, keys: torch.Tensor) -> List[torch.Tensor]:
         return [universal_hash(keys, self.width, self._sketch_seed(r)) for r in range(SKETCH_DEPTH)]
 
     def _sketch_seed(self, r: int) -> int:
-        """Seed of the sketch's r-th row hash (what :class:`_ObserveConstants` batches too)."""
+        """Seed of the sketch's r-th row hash (what the family's batched passes use too)."""
         return self.config.seed * 100 + r
 
     def utility(self, ids: torch.Tensor) -> torch.Tensor:
         """``[M]`` ids -> ``[M, C]`` utilities: exact for kept chunks, the count-mean-min
         estimate for pruned ones."""
-        keys = self._keys(ids).reshape(-1)
-        u = self.buffers.utility
-        cells = torch.stack([u[r][cell] for r, cell in enumerate(self._cells(keys))])  # [depth, M * C]
-        # count-mean-min: take out each cell's expected share of the other keys' mass (a plain
-        # count-min over-estimates by ~total / width, which would let pruned chunks outbid kept ones)
-        noise = (u.sum(dim=1, keepdim=True) - cells) / max(self.width - 1, 1)
-        est = (cells - noise).mean(dim=0).clamp(min=0).minimum(cells.min(dim=0).values).view(-1, self.c)
-        slots = self.slots_of(ids)
-        return torch.where(slots >= 0, self.buffers.slot_utility[slots.clamp(min=0)], est)
-
-    def observe_key(self) -> Hashable:
-        """Tables with the same key share one :meth:`observe_batch` (their chunk shapes match)."""
-        return ("fiited", self.c, self.s)
+        return self._family().utility(ids, self._index(ids))
 
     @torch.no_grad()
     def observe(self, grad: torch.Tensor, jt: JaggedTensor, group: Optional[dist.ProcessGroup]) -> None:
-        """Backward hook on the table's pooled output ``grad [B, d]`` (:meth:`observe_batch` of one)."""
+        """Backward hook on the table's pooled output ``grad [B, d]`` (:meth:`FIITEDFamily.observe`)."""
         self.observe_batch([self], grad.view(grad.shape[0], 1, -1), [jt], group)
 
     @staticmethod
     @torch.no_grad()
     def observe_batch(impls: Sequence["FIITEDScheme"], grad: torch.Tensor, jts: Sequence[JaggedTensor],
                       group: Optional[dist.ProcessGroup]) -> None:
-        """Backward hook on T tables' pooled outputs ``grad [B, T, d]`` (the same C and d / C):
-        add every id's per-chunk gradient magnitude ``|w| * ||dL/de_k(bag)||`` (/ bag length for
-        MEAN) to its table's utilities, kept chunks by pool slot, pruned ones into every sketch
-        row, in one ``index_add_`` over all T tables (and one all-reduce when sharded: averaged
-        over ``group``'s ranks, as TorchRec averages embedding gradients). Where, not masks: no
-        host read of how many chunks are kept."""
-        first, t_n, b_n = impls[0], len(impls), grad.shape[0]
-        c, s, device = first.c, first.s, grad.device
+        """Backward hook on T features' pooled outputs ``grad [B, T, d]`` (each one table's; one
+        family): :meth:`FIITEDFamily.observe` of their ids laid end to end."""
         values = [jt.values() for jt in jts]
-        sizes = [v.numel() for v in values]
-        n = sum(sizes)
-        lengths = torch.cat([jt.lengths() for jt in jts])  # [T * B]: bag t * B + b
-        bag = bag_index(lengths, n)
-        norms = grad.detach().float().view(b_n, t_n, c, s).norm(dim=3).transpose(0, 1).reshape(t_n * b_n, c)
-        per = norms[bag]  # [N, C]
+        device = grad.device
+        table = torch.repeat_interleave(torch.tensor([i.family_index for i in impls], device=device),
+                                        torch.tensor([v.numel() for v in values], device=device), output_size=sum(v.numel() for v in values))
+        means = [i.table.pooling == PoolingType.MEAN for i in impls]
         weights = [jt.weights_or_none() for jt in jts]
-        if weights[0] is not None:
-            per = per * torch.cat(weights).abs().unsqueeze(1)
-        k = _ObserveConstants.of(impls, device)
-        if k.any_mean:
-            div = torch.where(k.mean.repeat_interleave(b_n), lengths.clamp(min=1), 1).to(per.dtype)
-            per = per / div[bag].unsqueeze(1)
-        slots = torch.cat([impl._routed_slots(v) for impl, v in zip(impls, values)]).reshape(-1)  # [N * C]
-        ids = torch.cat([v.to(torch.int64) for v in values])
-        keys = (ids.unsqueeze(1) * c + torch.arange(c, device=device)).reshape(-1)
-        t = torch.repeat_interleave(torch.arange(t_n, device=device), torch.tensor(sizes, device=device), output_size=n)
-        t = t.repeat_interleave(c)  # [N * C] each key's table
-        kept, off = slots >= 0, k.offset[t]
-        at = [torch.where(kept, off + slots, k.total)]
-        for r in range(SKETCH_DEPTH):
-            cell = hash_ab(keys, k.width[t], k.hash_a[r][t], k.hash_b[r][t])
-            at.append(torch.where(kept, k.total, off + k.pool[t] + r * k.width[t] + cell))
-        # one flat delta over the T tables' [pool + depth * width] blocks; the last cell takes
-        # what a key does not add to
-        delta = torch.zeros(k.total + 1, device=device).index_add_(0, torch.cat(at), per.reshape(-1).repeat(1 + SKETCH_DEPTH))
-        if group is not None and dist.get_world_size(group) > 1:
-            dist.all_reduce(delta, group=group)
-            delta /= dist.get_world_size(group)
-        for impl, o in zip(impls, k.host_offsets):
-            b = impl.buffers
-            b.slot_utility.add_(delta[o:o + impl.pool])
-            b.utility.add_(delta[o + impl.pool:o + impl.pool + SKETCH_DEPTH * impl.width].view(SKETCH_DEPTH, impl.width))
+        slots = torch.cat([impl._routed_slots(v) for impl, v in zip(impls, values)])
+        impls[0]._family().observe(grad, torch.cat(values), table, torch.cat([jt.lengths() for jt in jts]),
+                                   None if weights[0] is None else torch.cat(weights),
+                                   torch.tensor(means, device=device) if any(means) else None, slots, group)
+
+    def observe_key(self) -> Hashable:
+        """Tables of one family share one :meth:`observe_batch`."""
+        return ("fiited", id(self._family()))
 
     def _routed_slots(self, values: torch.Tensor) -> torch.Tensor:
         """``[N, C]`` slots of ``values``: the forward's (:meth:`route`), else looked up again."""
@@ -314,71 +326,23 @@ class FIITEDScheme(TableScheme):
 
     @torch.no_grad()
     def see(self, values: torch.Tensor, group: Optional[dist.ProcessGroup]) -> None:
-        """Every training forward, before the lookup: remember the batch's ids (gathered over
-        ``group``) for the next event, and *admit* the ones that keep no chunk: their first
-        ``admit`` chunks take free pool slots (zero since they were freed), lowest ids first,
-        while free slots last. As in the paper's storage, a new id is allocated on first
+        """Every training forward, before the lookup: mark the batch's ids (gathered over
+        ``group``) as seen for the next event, and *admit* the ones that keep no chunk: their
+        first ``admit`` chunks take free pool slots (zero since they were freed), lowest ids
+        first, while free slots last. As in the paper's storage, a new id is allocated on first
         access and pruned later, rather than learning nothing until the next event; the
         event leaves ``reserve`` of the pool free for this."""
-        ids = torch.unique(values.to(torch.int64))
-        if group is not None and dist.get_world_size(group) > 1:
-            ids = all_gather_ids(ids, group)
-        self._remember(ids)
-        a, b = self.config.admit, self.buffers
-        n = self._host_int("n_kept")
-        if n == 0:  # DMP materializes buffers left on meta as zeros: the padding must sort last for searchsorted
-            b.keys.fill_(torch.iinfo(self.key_dtype).max)
-        if not a or n + a > self.pool:
-            return
-        new = ids[self.slots_of(ids)[:, 0] < 0][: (self.pool - n) // a]  # [m] ids without a chunk, sorted
-        if not new.numel():
-            return
-        keys = self._keys(new)[:, :a]  # [m, a], sorted row-major
-        free = self._free_slots(b.slots[:n].to(torch.int64), keys.numel())
-        b.slot_utility[free] = self.utility(new)[:, :a].reshape(-1)  # what they earned while pruned
-        self._insert(keys.reshape(-1).contiguous(), free)
-
-    def _free_slots(self, owned: torch.Tensor, count: int) -> torch.Tensor:
-        """The ``count`` lowest pool slots not in ``owned`` (int64 slots)."""
-        used = torch.zeros(self.pool, dtype=torch.bool, device=owned.device)
-        used[owned] = True
-        return torch.nonzero(~used).squeeze(1)[:count]
-
-    def _insert(self, keys: torch.Tensor, slots: torch.Tensor) -> None:
-        """Merge sorted new ``keys`` (absent from the address structure) and their ``slots``
-        into the sorted arrays in linear time (no re-sort)."""
-        b = self.buffers
-        n, m = self._host_int("n_kept"), keys.numel()
-        old = b.keys[:n].to(torch.int64)
-        at = torch.searchsorted(old, keys)  # [m] old keys before each new one
-        before = torch.zeros(n + 1, dtype=torch.int64, device=keys.device).index_add_(0, at, torch.ones_like(at))
-        dst_old = torch.arange(n, device=keys.device) + torch.cumsum(before, 0)[:n]
-        dst_new = at + torch.arange(m, device=keys.device)
-        new_keys, new_slots = torch.empty_like(b.keys[: n + m]), torch.empty_like(b.slots[: n + m])
-        new_keys[dst_old], new_slots[dst_old] = b.keys[:n], b.slots[:n]
-        new_keys[dst_new], new_slots[dst_new] = keys.to(b.keys.dtype), slots.to(b.slots.dtype)
-        b.keys[: n + m], b.slots[: n + m] = new_keys, new_slots
-        self._set_host("n_kept", n + m)
         self._routed = None
+        self._family().see(values, self._index(values), group)
 
-    def _remember(self, ids: torch.Tensor) -> None:
-        """Append ``ids`` to the seen buffer; when full, keep the ids of highest utility."""
-        b = self.buffers
-        n = self._host_int("n_seen")
-        if n + ids.numel() <= self.seen_cap:
-            b.seen[n:n + ids.numel()] = ids
-            self._set_host("n_seen", n + ids.numel())
-            return
-        merged = torch.unique(torch.cat([b.seen[:n], ids]))
-        if merged.numel() > self.seen_cap:
-            score = self.utility(merged)[:, 0]  # chunk 0 bounds the row's (prefix) utility
-            keep = torch.sort(-score, stable=True).indices[: self.seen_cap]
-            merged = merged[keep].sort().values
-        b.seen[: merged.numel()] = merged
-        self._set_host("n_seen", merged.numel())
+    def seen_ids(self) -> torch.Tensor:
+        """``[M]`` int64: the ids seen since the last event, sorted."""
+        bits = torch.bitwise_right_shift(self.buffers.seen.unsqueeze(1), torch.arange(8, dtype=torch.uint8, device=self.buffers.seen.device))
+        return torch.nonzero(torch.bitwise_and(bits, 1).reshape(-1)).squeeze(1)
 
     def status(self) -> Dict[str, object]:
-        return {"kept_chunks": self._host_int("n_kept"), "events": self._host_int("events")}
+        self.flush_steps()
+        return {"kept_chunks": self._kept(), "events": self._host_int("events")}
 
     # ------------------------------------------------------------------ prune / grow
     def step(self, training: bool) -> bool:
@@ -386,20 +350,33 @@ class FIITEDScheme(TableScheme):
         steps (the pool starts empty), then every ``interval`` steps."""
         if not training:
             return False
-        n, interval = self._host_int("steps"), self.config.interval
+        n, interval = self._host_int("steps") + self._pending, self.config.interval
         # warm-up: events after 1, 2, 4, ... steps fill the empty pool quickly; then every interval
         due = n > 0 and (n % interval == 0 or (n < interval and n & (n - 1) == 0))
-        self._set_host("steps", n + 1)
+        self._pending += 1  # counted on the host: no op per forward (flush_steps folds it in)
         return due
+
+    def flush_steps(self) -> None:
+        """Fold the steps counted on the host into the ``steps`` buffer (before it is read or saved)."""
+        if self._pending:
+            self._set_host("steps", self._host_int("steps") + self._pending)
+            self._pending = 0
+
+    def _free_slots(self, owned: torch.Tensor, count: int) -> torch.Tensor:
+        """The ``count`` lowest pool slots not in ``owned`` (int64 slots)."""
+        used = torch.zeros(self.pool, dtype=torch.bool, device=owned.device)
+        used[owned] = True
+        return torch.nonzero(~used).squeeze(1)[:count]
 
     @torch.no_grad()
     def event(self, tables=None) -> Dict[str, torch.Tensor]:
         """Prune and grow within the pool. Returns ``{pool table: granted and freed slots}`` (to be zeroed)."""
+        self._family().link()
         b = self.buffers
         self._routed = None  # the assignment changes
         c, n = self.c, self._host_int("n_kept")
-        old_keys, old_slots = b.keys[:n].to(torch.int64), b.slots[:n].to(torch.int64)
-        cand = torch.unique(torch.cat([old_keys // c, b.seen[: self._host_int("n_seen")]]))
+        old_keys, old_slots = b.keys[:n] - self.key_base, b.slots[:n].to(torch.int64)  # local keys x * C + k
+        cand = torch.unique(torch.cat([old_keys // c, self.seen_ids()]))
         raw = self.utility(cand)  # [M, C]
         held = self.slots_of(cand) >= 0
         u = torch.cummin(torch.where(held, raw * self.config.hysteresis, raw), dim=1).values.reshape(-1)  # [M * C], x-major
@@ -432,14 +409,14 @@ class FIITEDScheme(TableScheme):
         b.slot_utility[freed] = 0.0
         b.slot_utility[granted] = granted_u
         m = chosen.numel()
-        b.keys.fill_(torch.iinfo(self.key_dtype).max)
-        b.keys[:m] = chosen.to(self.key_dtype)
+        b.keys.fill_(self.sentinel)
+        b.keys[:m] = chosen + self.key_base
         b.slots.fill_(-1)
         b.slots[:m] = slots.to(torch.int32)
         self._set_host("n_kept", m)
         b.utility.mul_(self.config.decay)
         b.slot_utility.mul_(self.config.decay)
-        self._set_host("n_seen", 0)
+        b.seen.zero_()
         self._set_host("events", self._host_int("events") + 1)
         # granted and freed slots restart from the table's init (reset_values); admission (see) takes free ones as they are
         return {f"{self.table.name}__pool": torch.unique(torch.cat([granted, freed]))}
@@ -454,7 +431,7 @@ class FIITEDScheme(TableScheme):
     def kept_chunks(self) -> torch.Tensor:
         """``[v]`` int64: c(x), the chunks each id keeps now."""
         b = self.buffers
-        x = b.keys[: self._host_int("n_kept")].to(torch.int64) // self.c
+        x = (b.keys[: self._host_int("n_kept")] - self.key_base) // self.c
         return torch.zeros(self.table.num_embeddings, dtype=torch.int64, device=x.device).index_add_(0, x, torch.ones_like(x))
 
     # --- the plain-torch reference of the paper's equation (the tests compare against it) ----
@@ -462,34 +439,7 @@ class FIITEDScheme(TableScheme):
     def reference(table, config, w, x: int, state) -> torch.Tensor:
         """Eq. 1: kept chunks from the pool, pruned ones zero."""
         pool, c = w[f"{table.name}__pool"], config.chunks
-        n = int(state["n_kept"])
-        kept = {int(k): int(sl) for k, sl in zip(state["keys"][:n].tolist(), state["slots"][:n].tolist())}
+        n, base = int(state["n_kept"]), int(state["key_base"])
+        kept = {int(k) - base: int(sl) for k, sl in zip(state["keys"][:n].tolist(), state["slots"][:n].tolist())}
         s = table.embedding_dim // c
         return torch.cat([pool[kept[x * c + k]] if x * c + k in kept else torch.zeros(s) for k in range(c)])
-
-
-class _ObserveConstants:
-    """Per-table constants of :meth:`FIITEDScheme.observe_batch` as ``[T]`` device tensors
-    (built once per set of tables and device): each table's block offset in the flat delta,
-    its pool, sketch width and hash pairs, MEAN pooling."""
-
-    def __init__(self, impls: Sequence[FIITEDScheme], device: torch.device) -> None:
-        blocks = [impl.pool + SKETCH_DEPTH * impl.width for impl in impls]
-        self.host_offsets = [sum(blocks[:i]) for i in range(len(blocks))]
-        self.total = sum(blocks)
-        as_t = lambda xs: torch.tensor(xs, dtype=torch.int64, device=device)  # noqa: E731
-        self.offset, self.pool, self.width = as_t(self.host_offsets), as_t([i.pool for i in impls]), as_t([i.width for i in impls])
-        pairs = [[hash_params(i._sketch_seed(r)) for i in impls] for r in range(SKETCH_DEPTH)]
-        self.hash_a = [as_t([a for a, _ in p]) for p in pairs]
-        self.hash_b = [as_t([b for _, b in p]) for p in pairs]
-        means = [i.table.pooling == PoolingType.MEAN for i in impls]
-        self.any_mean = any(means)
-        self.mean = torch.tensor(means, device=device)
-
-    @staticmethod
-    def of(impls: Sequence[FIITEDScheme], device: torch.device) -> "_ObserveConstants":
-        cache = impls[0].__dict__.setdefault("_observe_constants", {})
-        key = (tuple(id(i) for i in impls), device)
-        if key not in cache:
-            cache[key] = _ObserveConstants(impls, device)
-        return cache[key]
