@@ -38,6 +38,10 @@ def parity_tables() -> List[EmbeddingBagConfig]:
         EmbeddingBagConfig(name="t_mpe", embedding_dim=16, num_embeddings=400, feature_names=["mpe"]),
         EmbeddingBagConfig(name="t_mpe_ranked", embedding_dim=16, num_embeddings=256, feature_names=["mpe_ranked"]),
         EmbeddingBagConfig(name="t_fiited", embedding_dim=16, num_embeddings=60, feature_names=["fiited"], pooling=PoolingType.MEAN),
+        # FIITED's family: one flat address structure over these three, one see / route / observe per batch
+        EmbeddingBagConfig(name="t_fiited2", embedding_dim=16, num_embeddings=80, feature_names=["fiited2_a", "fiited2_b"],
+                           pooling=PoolingType.MEAN),
+        EmbeddingBagConfig(name="t_fiited3", embedding_dim=16, num_embeddings=40, feature_names=["fiited3"]),
         EmbeddingBagConfig(name="t_md", embedding_dim=16, num_embeddings=500, feature_names=["md"], pooling=PoolingType.MEAN),
     ]
 
@@ -60,6 +64,8 @@ def parity_schemes() -> Dict[str, object]:
         # ids ranked by frequency: groups are id ranges, no per-id map (the same events and resets)
         "t_mpe_ranked": MPE(ratio=8, groups=4, fit_steps=1, search_steps=1, ids_by_frequency=True, retrain_from="search"),
         "t_fiited": FIITED(pool=50, chunks=2, interval=2, min_chunks=1),  # prune/grow events before steps 1 and 2
+        "t_fiited2": FIITED(pool=60, chunks=2, interval=2, seed=1),
+        "t_fiited3": FIITED(pool=30, chunks=2, interval=3, seed=2),
         "t_md": MixedDim(dim=8),  # its d' x d projection is a DDP-replicated parameter
     }
 

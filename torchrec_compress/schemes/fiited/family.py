@@ -54,6 +54,8 @@ class FIITEDFamily:
         """The flat tensors, every table's buffer a view of its segment; re-made (the tables'
         values win) where a buffer is no longer its view (``.to()``, DMP's placement, deepcopy)."""
         states = [i.buffers for i in self.impls]
+        if _tracing(states[0]._buffers["keys"]):  # torch.export: read-only lookups of the traced buffers, laid end to end
+            return {name: torch.cat([s._buffers[name].reshape(-1) for s in states]) for name in _LAYOUT}
         for name in _LAYOUT:
             own = [s._buffers[name] for s in states]
             flat = self._flat.get(name)
@@ -251,6 +253,13 @@ def _starts(sizes: List[int]) -> List[int]:
     for s in sizes:
         out.append(out[-1] + s)
     return out
+
+
+def _tracing(t: torch.Tensor) -> bool:
+    """A fake or functional tensor (torch.export, torch.compile): it has no data pointer."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor) or torch._C._functorch.is_functorch_wrapped_tensor(t) or torch._is_functional_tensor(t)
 
 
 def _views_of(flat: torch.Tensor, own: List[torch.Tensor]) -> bool:
