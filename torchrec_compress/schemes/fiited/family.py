@@ -3,9 +3,10 @@
 The tables' address structures, utilities, sketches and seen-id bitmaps are laid end to end
 in one flat tensor per name; each table's own buffer (what its ``state_dict``, its events and
 the tests read) is a view of its segment. Keys are global: table t's chunk key ``x * C + k``
-is stored plus ``key_base[t]`` (the tables before it take ``v * C + 1`` keys each) and its
-free entries hold ``sentinel[t] = key_base[t + 1] - 1`` (the last table: int64 max). Every
-segment is sorted and lies below the next, so the flat key array is sorted: one
+is stored plus ``key_base[t] = t * 2^S`` (2^S > every table's v * C) and its free entries
+hold ``sentinel[t] = (t + 1) * 2^S - 1``: a key's table is ``key >> S`` and a free entry is
+one whose low S bits are all set. Every segment is sorted and lies below the next, so the
+flat key array is sorted: one
 ``searchsorted`` finds any id's chunks in any table, one pass admits new ids into all of
 them, one ``index_add_`` adds all their utilities.
 """
@@ -36,7 +37,8 @@ class FIITEDFamily:
         self.impls = list(impls)
         self.c, self.admit = impls[0].c, impls[0].config.admit
         v = [i.table.num_embeddings for i in impls]
-        self.key_base = _starts([n * self.c + 1 for n in v])
+        self.shift = max(n * self.c for n in v).bit_length()  # 2^S > v * C: a sentinel's low bits are never a key
+        self.key_base = [t << self.shift for t in range(len(impls) + 1)]
         self.id_base = _starts(v)  # the global id space of one unique over all tables
         self.pool_off = _starts([i.pool for i in impls])
         self.sketch_off = _starts([SKETCH_DEPTH * i.width for i in impls])
@@ -45,7 +47,7 @@ class FIITEDFamily:
         for t, impl in enumerate(impls):
             impl.family, impl.family_index = self, t
             impl.key_base = self.key_base[t]
-            impl.sentinel = self.key_base[t + 1] - 1 if t + 1 < len(impls) else INT64_MAX
+            impl.sentinel = self.key_base[t + 1] - 1
         self._flat: Dict[str, torch.Tensor] = {}
         self._consts: Dict[torch.device, _Constants] = {}
 
@@ -105,13 +107,14 @@ class FIITEDFamily:
         outbid kept ones), averaged, clamped to [0, the count-min]."""
         u = self.link()["utility"]
         k = self.constants(local_keys.device)
-        total = torch.cat([u.new_zeros(1, dtype=torch.float64), u.double().cumsum(0)])
+        # [T * depth] each sketch row's mass (unsafe: the lengths are ours, no host check of them)
+        rows = torch.segment_reduce(u, "sum", lengths=k.row_lengths, unsafe=True)
         width = k.width[table]
         cells, noise = [], []
         for r in range(SKETCH_DEPTH):
             start = k.sketch_off[table] + r * width
             cell = u[start + hash_ab(local_keys, width, k.hash_a[r][table], k.hash_b[r][table])]
-            row = (total[start + width] - total[start]).to(u.dtype)
+            row = rows[table * SKETCH_DEPTH + r]
             cells.append(cell)
             noise.append((row - cell) / (width - 1).clamp(min=1))
         cells_t, noise_t = torch.stack(cells), torch.stack(noise)
@@ -143,15 +146,18 @@ class FIITEDFamily:
         slots = self.slots(values, table) if slots is None else slots
         slots, t = slots.reshape(-1), table.repeat_interleave(c)
         keys = (values.to(torch.int64).unsqueeze(1) * c + k.arange_c).reshape(-1)
-        kept, trash = slots >= 0, self.P + self.W
-        at = [torch.where(kept, k.pool_off[t] + slots, trash)]
-        for r in range(SKETCH_DEPTH):
-            cell = hash_ab(keys, k.width[t], k.hash_a[r][t], k.hash_b[r][t])
-            at.append(torch.where(kept, trash, self.P + k.sketch_off[t] + r * k.width[t] + cell))
-        delta = torch.full((trash + 1,), 0.0, device=device).index_add_(0, torch.cat(at), per.reshape(-1).repeat(1 + SKETCH_DEPTH))
-        if group is not None and dist.get_world_size(group) > 1:
-            dist.all_reduce(delta, group=group)
-            delta /= dist.get_world_size(group)
+        kept, per = slots >= 0, per.reshape(-1)
+        slot_at = k.pool_off[t] + slots.clamp(min=0)
+        cells = [k.sketch_off[t] + r * k.width[t] + hash_ab(keys, k.width[t], k.hash_a[r][t], k.hash_b[r][t]) for r in range(SKETCH_DEPTH)]
+        if group is None or dist.get_world_size(group) == 1:  # straight into the tables' utilities (no delta the size of every pool)
+            flat["slot_utility"].index_add_(0, slot_at, torch.where(kept, per, 0.0))
+            flat["utility"].index_add_(0, torch.cat(cells), torch.where(kept, 0.0, per).repeat(SKETCH_DEPTH))
+            return
+        trash = self.P + self.W
+        at = [torch.where(kept, slot_at, trash)] + [torch.where(kept, trash, self.P + cell) for cell in cells]
+        delta = torch.full((trash + 1,), 0.0, device=device).index_add_(0, torch.cat(at), per.repeat(1 + SKETCH_DEPTH))
+        dist.all_reduce(delta, group=group)
+        delta /= dist.get_world_size(group)
         flat["slot_utility"].add_(delta[:self.P])
         flat["utility"].add_(delta[self.P:trash])
 
@@ -192,16 +198,17 @@ class FIITEDFamily:
         admitted = torch.minimum(before[end] - before[start], budget).clamp(min=0) * a  # [T] chunks each table admits
         t_new = t[take].repeat_interleave(a)
         new_keys = ((first[take]).unsqueeze(1) + torch.arange(a, device=ids.device)).reshape(-1)  # sorted
-        # the lowest free pool slots of every table
-        owner = torch.searchsorted(k.key_next, keys, right=True).clamp(max=len(self.impls) - 1)  # the last sentinel is past every range
-        real = torch.nonzero(keys != k.sentinel[owner]).squeeze(1)
-        old_keys, old_slots, old_t = keys[real], slots[real].to(torch.int64), owner[real]
+        # the lowest free pool slots of every table: O(P) only in cheap elementwise passes
+        low = (1 << self.shift) - 1
+        real = torch.nonzero(torch.bitwise_and(keys, low) != low).squeeze(1)
+        old_keys, old_slots = keys[real], slots[real].to(torch.int64)
+        old_t = torch.bitwise_right_shift(old_keys, self.shift)
         used = torch.full((self.P,), False, device=keys.device)  # full, not zeros: the same ops at any size
         used[k.pool_off[old_t] + old_slots] = True
-        free = torch.nonzero(~used).squeeze(1)
-        free_t = torch.searchsorted(k.pool_next, free, right=True)
-        in_table = torch.arange(free.numel(), device=free.device) - torch.searchsorted(free, k.pool_off)[free_t]
-        granted = free[in_table < admitted[free_t]]  # table-major, as new_keys
+        free_before = torch.cumsum((~used).to(torch.int32), 0)  # [P] free slots up to and including each
+        first_free = free_before[k.pool_off] - (~used[k.pool_off]).to(torch.int32)  # [T] free slots before each table
+        rank_new = torch.arange(new_keys.numel(), device=keys.device) - torch.searchsorted(t_new, k.arange_t)[t_new]
+        granted = torch.searchsorted(free_before, (first_free[t_new] + rank_new + 1).to(torch.int32))  # the (rank+1)-th free slot of its table
         flat["slot_utility"][granted] = self.estimate(new_keys - k.key_base[t_new], t_new)  # what they earned while pruned
         # merge into the sorted keys (no re-sort): every entry moves up by the new keys of its table below it
         new_before = torch.searchsorted(t_new, k.arange_t)  # [T] new keys of the tables before
@@ -233,13 +240,13 @@ class _Constants:
         impls = fam.impls
         as_t = lambda xs: torch.tensor(xs, dtype=torch.int64, device=device)  # noqa: E731
         self.key_base = as_t(fam.key_base[:-1])
-        self.key_next = as_t(fam.key_base[1:])  # a key's table: the number of these <= it
         self.sentinel = as_t([i.sentinel for i in impls])
         self.id_base, self.id_next = as_t(fam.id_base[:-1]), as_t(fam.id_base[1:])
-        self.pool_off, self.pool_next = as_t(fam.pool_off[:-1]), as_t(fam.pool_off[1:])
+        self.pool_off = as_t(fam.pool_off[:-1])
         self.pool = as_t([i.pool for i in impls])
         self.sketch_off, self.seen_off = as_t(fam.sketch_off[:-1]), as_t(fam.seen_off[:-1])
         self.width = as_t([i.width for i in impls])
+        self.row_lengths = as_t([i.width for i in impls for _ in range(SKETCH_DEPTH)])
         pairs = [[hash_params(i._sketch_seed(r)) for i in impls] for r in range(SKETCH_DEPTH)]
         self.hash_a = [as_t([a for a, _ in p]) for p in pairs]
         self.hash_b = [as_t([b for _, b in p]) for p in pairs]
