@@ -164,7 +164,12 @@ def test_events_match_python_reference_and_respect_the_budget(position_decay, mi
         with torch.no_grad():
             w -= 0.1 * w.grad
             w.grad = None
-        cand = torch.unique(torch.cat([torch.tensor(sorted({x for x, _ in after}), dtype=torch.int64), seen]))
+        # the event ranks the kept ids and the pool / C seen ids of highest chunk-0 utility (ties: lower id)
+        u0 = impl.utility(seen)[:, 0].tolist()
+        top = sorted(range(len(u0)), key=lambda i: (-u0[i], int(seen[i])))[: max(1, impl.pool // impl.c)]
+        ranked = torch.tensor(sorted(int(seen[i]) for i in top), dtype=torch.int64)
+        assert impl._seen_candidates().sort().values.tolist() == ranked.tolist()
+        cand = torch.unique(torch.cat([torch.tensor(sorted({x for x, _ in after}), dtype=torch.int64), ranked]))
         u = impl.utility(cand)  # what the next event sees (before it decays them)
         expected_util = {(int(x), k): float(u[i, k]) for i, x in enumerate(cand) for k in range(impl.c)}
         before, weights_before = after, w.detach().clone()

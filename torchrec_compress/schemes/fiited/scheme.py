@@ -25,7 +25,7 @@ pruned ones in a count-mean-min sketch (2 x W floats, W = ``sketch`` x pool, at 
 cell less its expected share of the other keys' mass, so collisions do not let pruned
 chunks outbid kept ones; a chunk granted on a bad estimate is pruned again at the next
 event, once its own utility is tracked exactly); the ids seen since the last event
-in a bitmap (one bit per id: every one of them is a candidate at the event).
+in a bitmap (one bit per id); an event ranks the ``pool / C`` of them of highest utility.
 
 Allocation on first access (the paper's storage allocates a vector when its id first
 shows up): every training forward, ids of the batch that keep no chunk are *admitted*:
@@ -340,6 +340,17 @@ class FIITEDScheme(TableScheme):
         bits = torch.bitwise_right_shift(self.buffers.seen.unsqueeze(1), torch.arange(8, dtype=torch.uint8, device=self.buffers.seen.device))
         return torch.nonzero(torch.bitwise_and(bits, 1).reshape(-1)).squeeze(1)
 
+    def _seen_candidates(self) -> torch.Tensor:
+        """The seen ids an event ranks: the ``pool / C`` of highest chunk-0 utility (it bounds
+        the row's prefix utility; ties: lower id), so ids seen once with a noisy sketch estimate
+        do not crowd the ranking."""
+        seen = self.seen_ids()
+        cap = max(1, self.pool // self.c)
+        if seen.numel() <= cap:
+            return seen
+        keep = torch.sort(-self.utility(seen)[:, 0], stable=True).indices[:cap]
+        return seen[keep]
+
     def status(self) -> Dict[str, object]:
         self.flush_steps()
         return {"kept_chunks": self._kept(), "events": self._host_int("events")}
@@ -376,7 +387,7 @@ class FIITEDScheme(TableScheme):
         self._routed = None  # the assignment changes
         c, n = self.c, self._host_int("n_kept")
         old_keys, old_slots = b.keys[:n] - self.key_base, b.slots[:n].to(torch.int64)  # local keys x * C + k
-        cand = torch.unique(torch.cat([old_keys // c, self.seen_ids()]))
+        cand = torch.unique(torch.cat([old_keys // c, self._seen_candidates()]))
         raw = self.utility(cand)  # [M, C]
         held = self.slots_of(cand) >= 0
         u = torch.cummin(torch.where(held, raw * self.config.hysteresis, raw), dim=1).values.reshape(-1)  # [M * C], x-major
