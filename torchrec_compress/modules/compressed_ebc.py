@@ -245,10 +245,10 @@ class CompressedEmbeddingBagCollection(nn.Module):
             w = None if weights is None else weights.narrow(0, a, n)
             fidx = torch.repeat_interleave(g.tensors(vals.device)[0], counts.narrow(0, g.start, g.size), output_size=n)
             c = g.per_id_constants(fidx)
-            flat = lens.reshape(-1)
             if g.routes:  # routed id by id (FIITED): one route over every feature of the batch
                 if g.scheme.sees_ids and self.training:
                     g.scheme.see_batch(vals, c, self._sync_group())
+                flat = lens.reshape(-1)
                 (i, counts_r, w_r), routed = g.scheme.route_batch(vals, flat, w, c)
                 pooled.add(g.keys(), i, counts_r, w_r, None)
                 state.groups.append(lens if g.pooling == PoolingType.MEAN else None)
@@ -261,6 +261,7 @@ class CompressedEmbeddingBagCollection(nn.Module):
                 state.groups.append((vals, lens, w, fidx, c))
                 continue
             active = g.scheme.batch_active()  # stage-routed (Saec): every id to one of its tables
+            flat = lens.reshape(-1)
             empty = torch.zeros_like(flat) if active is not None else None
             for s, (keys_s, i) in enumerate(zip(g.keys_by_suffix(), ids)):
                 if active is None or active[s]:

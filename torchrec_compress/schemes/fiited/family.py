@@ -12,21 +12,24 @@ them, one ``index_add_`` adds all their utilities.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
+from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from ...distributed.collectives import all_gather_ids
 from ...ops import hash_ab, hash_params
+from ..base import ragged_parts
 
 if TYPE_CHECKING:
     from .scheme import FIITEDScheme
 
 INT64_MAX = torch.iinfo(torch.int64).max
 SKETCH_DEPTH = 2
-# per-table segments of the flat tensors: name -> (the table's size, its buffer's shape)
+# the buffers every table lays in one flat tensor per name (its own buffer a view of its segment)
 _LAYOUT = ("keys", "slots", "slot_utility", "utility", "seen", "n_kept")
 
 
@@ -90,15 +93,23 @@ class FIITEDFamily:
         return torch.where(flat["keys"][pos] == q, flat["slots"][pos].to(torch.int64), -1)  # a sentinel is no key
 
     # ------------------------------------------------------------------ utility
-    def utility(self, values: torch.Tensor, table: torch.Tensor, slots: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``[M]`` ids of ``[M]`` tables -> ``[M, C]`` utilities: exact for kept chunks (``slots``
-        if known), the count-mean-min estimate of the table's sketch for pruned ones."""
+    def utility(self, values: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """``[M]`` ids of ``[M]`` tables -> ``[M, C]`` utilities: exact for kept chunks, the
+        count-mean-min estimate of the table's sketch for pruned ones."""
         flat = self.link()
         k = self.constants(values.device)
         local = values.to(torch.int64).unsqueeze(1) * self.c + k.arange_c  # [M, C]
         est = self.estimate(local.reshape(-1), table.repeat_interleave(self.c)).view_as(local)
-        slots = self.slots(values, table) if slots is None else slots
+        slots = self.slots(values, table)
         return torch.where(slots >= 0, flat["slot_utility"][(k.pool_off[table].unsqueeze(1) + slots).clamp(min=0)], est)
+
+    def sketch_cells(self, local_keys: torch.Tensor, table: torch.Tensor) -> List[torch.Tensor]:
+        """``[M]`` chunk keys ``x * C + k`` of ``[M]`` tables -> for each sketch row r, ``[M]``
+        positions in the flat sketch (the table's row r, hashed by its seed ``_sketch_seed(r)``)."""
+        k = self.constants(local_keys.device)
+        width = k.width[table]
+        return [k.sketch_off[table] + r * width + hash_ab(local_keys, width, k.hash_a[r][table], k.hash_b[r][table])
+                for r in range(SKETCH_DEPTH)]
 
     def estimate(self, local_keys: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """``[M]`` chunk keys ``x * C + k`` of ``[M]`` tables -> their count-mean-min estimates:
@@ -109,14 +120,12 @@ class FIITEDFamily:
         k = self.constants(local_keys.device)
         # [T * depth] each sketch row's mass (unsafe: the lengths are ours, no host check of them)
         rows = torch.segment_reduce(u, "sum", lengths=k.row_lengths, unsafe=True)
-        width = k.width[table]
+        others = (k.width[table] - 1).clamp(min=1)
         cells, noise = [], []
-        for r in range(SKETCH_DEPTH):
-            start = k.sketch_off[table] + r * width
-            cell = u[start + hash_ab(local_keys, width, k.hash_a[r][table], k.hash_b[r][table])]
-            row = rows[table * SKETCH_DEPTH + r]
+        for r, at in enumerate(self.sketch_cells(local_keys, table)):
+            cell = u[at]
             cells.append(cell)
-            noise.append((row - cell) / (width - 1).clamp(min=1))
+            noise.append((rows[table * SKETCH_DEPTH + r] - cell) / others)
         cells_t, noise_t = torch.stack(cells), torch.stack(noise)
         return (cells_t - noise_t).mean(dim=0).clamp(min=0).minimum(cells_t.min(dim=0).values)
 
@@ -148,7 +157,7 @@ class FIITEDFamily:
         keys = (values.to(torch.int64).unsqueeze(1) * c + k.arange_c).reshape(-1)
         kept, per = slots >= 0, per.reshape(-1)
         slot_at = k.pool_off[t] + slots.clamp(min=0)
-        cells = [k.sketch_off[t] + r * k.width[t] + hash_ab(keys, k.width[t], k.hash_a[r][t], k.hash_b[r][t]) for r in range(SKETCH_DEPTH)]
+        cells = self.sketch_cells(keys, t)
         if group is None or dist.get_world_size(group) == 1:  # straight into the tables' utilities (no delta the size of every pool)
             flat["slot_utility"].index_add_(0, slot_at, torch.where(kept, per, 0.0))
             flat["utility"].index_add_(0, torch.cat(cells), torch.where(kept, 0.0, per).repeat(SKETCH_DEPTH))
@@ -207,13 +216,13 @@ class FIITEDFamily:
         used[k.pool_off[old_t] + old_slots] = True
         free_before = torch.cumsum((~used).to(torch.int32), 0)  # [P] free slots up to and including each
         first_free = free_before[k.pool_off] - (~used[k.pool_off]).to(torch.int32)  # [T] free slots before each table
-        rank_new = torch.arange(new_keys.numel(), device=keys.device) - torch.searchsorted(t_new, k.arange_t)[t_new]
+        new_before = torch.searchsorted(t_new, k.arange_t)  # [T] new keys of the tables before
+        rank_new = torch.arange(new_keys.numel(), device=keys.device) - new_before[t_new]  # among its table's new keys
         granted = torch.searchsorted(free_before, (first_free[t_new] + rank_new + 1).to(torch.int32))  # the (rank+1)-th free slot of its table
         flat["slot_utility"][granted] = self.estimate(new_keys - k.key_base[t_new], t_new)  # what they earned while pruned
         # merge into the sorted keys (no re-sort): every entry moves up by the new keys of its table below it
-        new_before = torch.searchsorted(t_new, k.arange_t)  # [T] new keys of the tables before
         dst_old = real + torch.searchsorted(new_keys, old_keys) - new_before[old_t]
-        dst_new = torch.searchsorted(keys, new_keys) + torch.arange(new_keys.numel(), device=keys.device) - new_before[t_new]
+        dst_new = torch.searchsorted(keys, new_keys) + rank_new
         keys[dst_old], slots[dst_old] = old_keys, old_slots.to(slots.dtype)
         keys[dst_new], slots[dst_new] = new_keys, (granted - k.pool_off[t_new]).to(slots.dtype)
         n_kept.add_(admitted)
@@ -224,9 +233,6 @@ class FIITEDFamily:
         """The pool slots of F features' ids (``[N]`` of ``[N]`` tables, ``lengths [F * B]``), chunk
         position by chunk position: ``(ids, lengths [C * F * B], weights, slots [N, C])``, part k's
         ids of every bag, then part k + 1's (a batch's inner keys are suffix-major)."""
-        from ..base import ragged_parts  # noqa: PLC0415 (base imports nothing of ours)
-        from torchrec.sparse.jagged_tensor import JaggedTensor
-
         slots = self.slots(values, table)
         jt = JaggedTensor(values=values, lengths=lengths, weights=weights)
         ids, counts, w = ragged_parts(jt, slots, list((slots >= 0).t().unbind(0)))
@@ -256,10 +262,7 @@ class _Constants:
 
 def _starts(sizes: List[int]) -> List[int]:
     """``[0, s0, s0 + s1, ..., sum]``."""
-    out = [0]
-    for s in sizes:
-        out.append(out[-1] + s)
-    return out
+    return list(itertools.accumulate(sizes, initial=0))
 
 
 def _tracing(t: torch.Tensor) -> bool:

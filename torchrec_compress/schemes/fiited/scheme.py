@@ -62,7 +62,6 @@ from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from ...config import SchemeConfig, _check_positive_int, register_scheme
-from ...ops import universal_hash
 from ..base import PhysicalTable, Routed, TableScheme, constant_init, uniform_draw, uniform_init
 from .family import INT64_MAX, SKETCH_DEPTH, FIITEDFamily, seen_bytes
 
@@ -281,11 +280,8 @@ class FIITEDScheme(TableScheme):
         return 0 if self.buffers.n_kept.is_meta else self._host_int("n_kept")
 
     # ------------------------------------------------------------------ utility
-    def _cells(self, keys: torch.Tensor) -> List[torch.Tensor]:
-        return [universal_hash(keys, self.width, self._sketch_seed(r)) for r in range(SKETCH_DEPTH)]
-
     def _sketch_seed(self, r: int) -> int:
-        """Seed of the sketch's r-th row hash (what the family's batched passes use too)."""
+        """Seed of the sketch's r-th row hash (:meth:`FIITEDFamily.sketch_cells`)."""
         return self.config.seed * 100 + r
 
     def utility(self, ids: torch.Tensor) -> torch.Tensor:
@@ -414,8 +410,9 @@ class FIITEDScheme(TableScheme):
         dropped = torch.ones(n, dtype=torch.bool, device=chosen.device)
         if n:
             dropped[pos[kept]] = False
-        for r, cell in enumerate(self._cells(old_keys[dropped])):
-            b.utility[r].index_add_(0, cell, b.slot_utility[old_slots[dropped]])
+        pruned, sketch = old_keys[dropped], self._family().link()["utility"]
+        for cell in self._family().sketch_cells(pruned, self._index(pruned)):
+            sketch.index_add_(0, cell, b.slot_utility[old_slots[dropped]])
         freed = old_slots[dropped]
         b.slot_utility[freed] = 0.0
         b.slot_utility[granted] = granted_u
