@@ -1,0 +1,48 @@
+"""2-rank worker: float64 position codes through a sharded EBC's input distribution."""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+from torch import nn
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from ..distributed.ebc_sharder import CpuRowWiseEmbeddingBagCollectionSharder
+from ..distributed.plans import uniform_plan
+from ..distributed.positions import decode_positions, encode_positions
+
+ROWS = 40
+
+
+class _Holder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        tables = [EmbeddingBagConfig(name="a", embedding_dim=8, num_embeddings=ROWS, feature_names=["fa"]),
+                  EmbeddingBagConfig(name="b", embedding_dim=8, num_embeddings=ROWS, feature_names=["fb", "fc"])]
+        self.ebc = EmbeddingBagCollection(tables, is_weighted=True, device=torch.device("meta"))
+
+    def forward(self, kjt: KeyedJaggedTensor):  # noqa: ANN201
+        return self.ebc(kjt)
+
+
+def positions_worker(rank: int, world: int, sharding_type: str) -> Dict[str, List]:
+    """Each rank (its own batch size: 3 + rank) sends ids whose weights are their position
+    codes; returns its ids and, per distributed KJT, the received ids and decoded origins."""
+    model = _Holder()
+    dmp = DistributedModelParallel(model, device=torch.device("cpu"), plan=uniform_plan(model, sharding_type, world),
+                                   sharders=[CpuRowWiseEmbeddingBagCollectionSharder()])
+    sharded = dmp.module.ebc
+    batch = 3 + rank
+    g = torch.Generator().manual_seed(rank)
+    lengths = torch.randint(0, 4, (3 * batch,), generator=g)
+    values = torch.randint(0, ROWS, (int(lengths.sum()),), generator=g)
+    kjt = KeyedJaggedTensor(keys=["fa", "fb", "fc"], values=values, lengths=lengths,
+                            weights=encode_positions(values.numel(), rank, values.device))
+    received = []
+    for k in sharded.input_dist(sharded.create_context(), kjt).wait().wait():
+        src, pos = decode_positions(k.weights())
+        received.append((k.values().tolist(), src.tolist(), pos.tolist()))
+    return {"values": values.tolist(), "received": received}
