@@ -6,13 +6,13 @@ row-wise bucketization) moves per-sample weights without autograd, so a weight t
 be trained cannot ride along. What can ride along is its address: the weight slot of id i
 of rank r carries ``r * 2**32 + i`` as a float64 (exact: every such integer is below
 2**53). The rank that does the lookup decodes (source rank, position) of every id it
-received, in whatever order its sharding type delivered them, and can fetch the trained
-weight from its source (and send its gradient back) with one all-to-all each way.
+received, in whatever order its sharding type delivered them, and :func:`pull` fetches the
+trained weight from its source, differentiably (the gradient goes back the same way).
 Verified for every sharding type TorchRec offers on CPU (tests/test_positions.py).
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -35,3 +35,55 @@ def decode_positions(weights: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]
         raise ValueError(f"decode_positions: the position code is float64, got {weights.dtype}")
     code = weights.to(torch.int64)
     return torch.div(code, SHIFT, rounding_mode="floor"), torch.remainder(code, SHIFT)
+
+
+class _Pull(torch.autograd.Function):
+    """Forward: each rank's ``[m]`` requests (source rank, position) answered from the
+    source rank's ``[n]`` tensor; backward: the answers' gradients summed into the sources'."""
+
+    @staticmethod
+    def forward(ctx, source: torch.Tensor, src: torch.Tensor, pos: torch.Tensor, group) -> torch.Tensor:  # type: ignore[override]
+        import torch.distributed as dist
+
+        n_ranks = dist.get_world_size(group)
+        order = torch.argsort(src, stable=True)
+        asked = torch.bincount(src, minlength=n_ranks)  # [W] requests to each rank
+        told = torch.empty_like(asked)
+        dist.all_to_all_single(told, asked, group=group)  # [W] requests from each rank
+        out_splits, in_splits = asked.tolist(), told.tolist()  # the host reads all_to_all_single needs
+        wanted = pos.new_empty(sum(in_splits))
+        dist.all_to_all_single(wanted, pos.index_select(0, order), in_splits, out_splits, group=group)
+        answers = source.detach().index_select(0, wanted)
+        got = source.new_empty((pos.numel(),) + tuple(source.shape[1:]))
+        dist.all_to_all_single(got, answers, out_splits, in_splits, group=group)
+        out = torch.empty_like(got)
+        out[order] = got
+        ctx.save_for_backward(order, wanted)
+        ctx.meta = (group, out_splits, in_splits, source.shape)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        import torch.distributed as dist
+
+        order, wanted = ctx.saved_tensors
+        group, out_splits, in_splits, shape = ctx.meta
+        back = grad.new_empty((wanted.numel(),) + tuple(shape[1:]))
+        dist.all_to_all_single(back, grad.index_select(0, order).contiguous(), in_splits, out_splits, group=group)
+        return grad.new_zeros(shape).index_add_(0, wanted, back), None, None, None
+
+
+def pull(source: torch.Tensor, src: torch.Tensor, pos: torch.Tensor,
+         group: Optional["torch.distributed.ProcessGroup"] = None) -> torch.Tensor:
+    """``source [n, ...]`` of every rank, requests ``src [m]``, ``pos [m]`` (int64, e.g. from
+    :func:`decode_positions`) -> ``[m, ...]`` = rank src[i]'s ``source[pos[i]]``, differentiable:
+    the gradient reaches the source rank's tensor. On one rank an ``index_select``; on W ranks
+    three all-to-alls forward (counts, positions, values), one backward, and two host reads
+    (the all-to-all splits)."""
+    import torch.distributed as dist
+
+    if group is None and dist.is_initialized():
+        group = dist.group.WORLD
+    if group is None or dist.get_world_size(group) == 1:
+        return source.index_select(0, pos)
+    return _Pull.apply(source, src, pos, group)

@@ -12,7 +12,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from ..distributed.ebc_sharder import CpuRowWiseEmbeddingBagCollectionSharder
 from ..distributed.plans import uniform_plan
-from ..distributed.positions import decode_positions, encode_positions
+from ..distributed.positions import decode_positions, encode_positions, pull
 
 ROWS = 40
 
@@ -46,3 +46,16 @@ def positions_worker(rank: int, world: int, sharding_type: str) -> Dict[str, Lis
         src, pos = decode_positions(k.weights())
         received.append((k.values().tolist(), src.tolist(), pos.tolist()))
     return {"values": values.tolist(), "received": received}
+
+
+def pull_worker(rank: int, world: int) -> Dict[str, List]:
+    """Each rank asks for random (rank, position) entries of every rank's source [5 + rank, 2];
+    returns what it got, what it asked and its source's gradient under grad = 1 + i."""
+    source = (torch.arange((5 + rank) * 2, dtype=torch.float32).view(-1, 2) + 100 * rank).requires_grad_()
+    g = torch.Generator().manual_seed(10 + rank)
+    m = 7 + 3 * rank
+    src = torch.randint(0, world, (m,), generator=g)
+    pos = torch.stack([torch.randint(0, 5 + int(s), (1,), generator=g)[0] for s in src])
+    got = pull(source, src, pos)
+    (got * (1.0 + torch.arange(m, dtype=torch.float32)).unsqueeze(1)).sum().backward()
+    return {"got": got.tolist(), "src": src.tolist(), "pos": pos.tolist(), "grad": source.grad.tolist()}
