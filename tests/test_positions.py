@@ -6,7 +6,7 @@ import torch
 from torchrec_compress.distributed.plans import SHARDING_TYPES
 from torchrec_compress.distributed.positions import SHIFT, decode_positions, encode_positions, pull
 from torchrec_compress.testing.multiprocess import run_on_ranks
-from torchrec_compress.testing.positions import ROWS, positions_worker, pull_worker
+from torchrec_compress.testing.positions import ROWS, positions_worker, pull_empty_worker, pull_worker
 
 
 def test_round_trip_is_exact_at_the_largest_codes():
@@ -66,3 +66,10 @@ def test_pull_answers_from_the_source_rank_and_sends_gradients_back_2ranks():
             expected_grad[s][p] += 1.0 + i
     for r, out in enumerate(results):
         assert torch.equal(torch.tensor(out["grad"]), expected_grad[r])
+
+
+@pytest.mark.slow
+def test_pull_with_a_rank_that_asks_for_nothing_2ranks():
+    r0, r1 = run_on_ranks(pull_empty_worker)
+    assert r0 == {"got": [], "grad": [1.0, 1.0, 1.0, 0.0]}
+    assert r1 == {"got": [0.0, 1.0, 2.0], "grad": [0.0, 0.0, 0.0, 0.0]}

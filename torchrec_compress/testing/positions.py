@@ -59,3 +59,12 @@ def pull_worker(rank: int, world: int) -> Dict[str, List]:
     got = pull(source, src, pos)
     (got * (1.0 + torch.arange(m, dtype=torch.float32)).unsqueeze(1)).sum().backward()
     return {"got": got.tolist(), "src": src.tolist(), "pos": pos.tolist(), "grad": source.grad.tolist()}
+
+
+def pull_empty_worker(rank: int, world: int) -> Dict[str, List]:
+    """Rank 0 asks for nothing, rank 1 for rank 0's first three entries (empty splits)."""
+    source = torch.arange(4.0).requires_grad_()
+    m = 0 if rank == 0 else 3
+    got = pull(source, torch.zeros(m, dtype=torch.int64), torch.arange(m))
+    got.sum().backward()
+    return {"got": got.tolist(), "grad": source.grad.tolist()}
