@@ -6,7 +6,7 @@ import torch
 from torchrec_compress.distributed.plans import SHARDING_TYPES
 from torchrec_compress.distributed.positions import SHIFT, decode_positions, encode_positions, pull
 from torchrec_compress.testing.multiprocess import run_on_ranks
-from torchrec_compress.testing.positions import ROWS, positions_worker, pull_empty_worker, pull_worker
+from torchrec_compress.testing.positions import ROWS, positions_worker, pull_empty_worker, pull_source, pull_worker
 
 
 def test_round_trip_is_exact_at_the_largest_codes():
@@ -43,16 +43,12 @@ def test_every_sharding_type_delivers_the_origin_of_each_id_2ranks(sharding_type
         assert sent[rank] == copies * len(out["values"]), (sharding_type, sent)
 
 
-def _source(rank):
-    return (torch.arange((5 + rank) * 2, dtype=torch.float32).view(-1, 2) + 100 * rank)
-
-
 def test_pull_on_one_process_is_an_index_select_with_its_gradient():
-    source = _source(0).requires_grad_()
+    source = pull_source(0).requires_grad_()
     pos = torch.tensor([3, 0, 3])
     got = pull(source, torch.zeros(3, dtype=torch.int64), pos)
     got.sum().backward()
-    assert torch.equal(got, _source(0)[pos])
+    assert torch.equal(got, pull_source(0)[pos])
     assert source.grad[:, 0].tolist() == [1, 0, 0, 2, 0]
 
 
@@ -62,7 +58,7 @@ def test_pull_answers_from_the_source_rank_and_sends_gradients_back_2ranks():
     expected_grad = [torch.zeros(5 + r, 2) for r in range(2)]
     for out in results:
         for i, (s, p, row) in enumerate(zip(out["src"], out["pos"], out["got"])):
-            assert row == _source(s)[p].tolist()
+            assert row == pull_source(s)[p].tolist()
             expected_grad[s][p] += 1.0 + i
     for r, out in enumerate(results):
         assert torch.equal(torch.tensor(out["grad"]), expected_grad[r])

@@ -15,6 +15,9 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+import torch.distributed as dist
+
+from .collectives import world
 
 SHIFT = 2 ** 32  # positions per rank: a rank's KJT holds fewer ids than this
 
@@ -43,11 +46,8 @@ class _Pull(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, source: torch.Tensor, src: torch.Tensor, pos: torch.Tensor, group) -> torch.Tensor:  # type: ignore[override]
-        import torch.distributed as dist
-
-        n_ranks = dist.get_world_size(group)
         order = torch.argsort(src, stable=True)
-        asked = torch.bincount(src, minlength=n_ranks)  # [W] requests to each rank
+        asked = torch.bincount(src, minlength=world(group))  # [W] requests to each rank
         told = torch.empty_like(asked)
         dist.all_to_all_single(told, asked, group=group)  # [W] requests from each rank
         out_splits, in_splits = asked.tolist(), told.tolist()  # the host reads all_to_all_single needs
@@ -64,26 +64,22 @@ class _Pull(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        import torch.distributed as dist
-
         order, wanted = ctx.saved_tensors
         group, out_splits, in_splits, shape = ctx.meta
         back = grad.new_empty((wanted.numel(),) + tuple(shape[1:]))
-        dist.all_to_all_single(back, grad.index_select(0, order).contiguous(), in_splits, out_splits, group=group)
+        dist.all_to_all_single(back, grad.index_select(0, order), in_splits, out_splits, group=group)
         return grad.new_zeros(shape).index_add_(0, wanted, back), None, None, None
 
 
 def pull(source: torch.Tensor, src: torch.Tensor, pos: torch.Tensor,
-         group: Optional["torch.distributed.ProcessGroup"] = None) -> torch.Tensor:
+         group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
     """``source [n, ...]`` of every rank, requests ``src [m]``, ``pos [m]`` (int64, e.g. from
     :func:`decode_positions`) -> ``[m, ...]`` = rank src[i]'s ``source[pos[i]]``, differentiable:
     the gradient reaches the source rank's tensor. On one rank an ``index_select``; on W ranks
     three all-to-alls forward (counts, positions, values), one backward, and two host reads
     (the all-to-all splits)."""
-    import torch.distributed as dist
-
     if group is None and dist.is_initialized():
         group = dist.group.WORLD
-    if group is None or dist.get_world_size(group) == 1:
+    if world(group) == 1:
         return source.index_select(0, pos)
     return _Pull.apply(source, src, pos, group)

@@ -48,10 +48,15 @@ def positions_worker(rank: int, world: int, sharding_type: str) -> Dict[str, Lis
     return {"values": values.tolist(), "received": received}
 
 
+def pull_source(rank: int) -> torch.Tensor:
+    """Rank ``rank``'s ``[5 + rank, 2]`` source of the pull tests (entries name their rank and place)."""
+    return torch.arange((5 + rank) * 2, dtype=torch.float32).view(-1, 2) + 100 * rank
+
+
 def pull_worker(rank: int, world: int) -> Dict[str, List]:
-    """Each rank asks for random (rank, position) entries of every rank's source [5 + rank, 2];
+    """Each rank asks for random (rank, position) entries of every rank's :func:`pull_source`;
     returns what it got, what it asked and its source's gradient under grad = 1 + i."""
-    source = (torch.arange((5 + rank) * 2, dtype=torch.float32).view(-1, 2) + 100 * rank).requires_grad_()
+    source = pull_source(rank).requires_grad_()
     g = torch.Generator().manual_seed(10 + rank)
     m = 7 + 3 * rank
     src = torch.randint(0, world, (m,), generator=g)
