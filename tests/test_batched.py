@@ -158,8 +158,8 @@ def test_direct_plan_returns_the_inner_output_itself(weighted):
     _one_by_one(ref, keys)
     want = ref(kjt)
     for k in (kjt, shuffled):
-        state, pooled_kjt, per_id_kjt = m.split(k)
-        assert per_id_kjt is None and pooled_kjt.keys() == [c for cfg in m._pooled_cfgs for c in cfg.feature_names]
+        state, pooled_kjt, per_id_kjt, weighted_kjt = m.split(k)
+        assert per_id_kjt is None and weighted_kjt is None and pooled_kjt.keys() == [c for cfg in m._pooled_cfgs for c in cfg.feature_names]
         inner = m.pooled(pooled_kjt)
         got = m.combine(state, inner, None)
         assert got.values() is inner.values() and got.keys() == want.keys()

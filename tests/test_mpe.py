@@ -201,7 +201,7 @@ def test_export_is_fbgemm_at_the_rounded_up_width_and_memory_both_ways():
     assert len([b for b in chosen if b]) >= 4  # really mixed
     kjt = random_bags(_tables(), 16, seed=5).kjt()
     q = export(m, {"u": "fp32"})  # one FBGEMM table per export width
-    kinds = {c.name: c.data_type.name for inner in (q.pooled, q.per_id) if inner is not None for c in inner.embedding_bag_configs()}
+    kinds = {c.name: c.data_type.name for inner in q.inner_collections() for c in inner.embedding_bag_configs()}
     assert {k for k in kinds if k.startswith("t__")} == {"t__b2", "t__b4", "t__b8"}
     assert (kinds["t__b2"], kinds["t__b4"], kinds["t__b8"]) == ("INT2", "INT4", "INT8")
     # reference: every id's LSQ+ row at its width, then stored by FBGEMM at the width rounded up
@@ -317,7 +317,7 @@ def test_tables_of_one_batch_share_one_flat_parameter_per_name():
     tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=8, num_embeddings=64, feature_names=[f"f{i}"]) for i in range(3)]
     m = CompressedEmbeddingBagCollection(tables, {t.name: MPE(ratio=4, fit_steps=0, search_steps=50, groups=4) for t in tables})
     flat = dict(m.named_parameters())
-    trainable = [n for n, p in flat.items() if p.requires_grad and not n.startswith(("pooled", "per_id"))]
+    trainable = [n for n, p in flat.items() if p.requires_grad and not n.startswith(("pooled", "per_id", "weighted"))]
     assert sorted(trainable) == ["flat_parameters.f0.alpha", "flat_parameters.f0.beta", "flat_parameters.f0.logits"]
     sd = m.state_dict()
     assert "maps.t1.logits" in sd and not any(k.startswith("flat_parameters") for k in sd)

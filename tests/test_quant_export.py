@@ -34,7 +34,7 @@ def _model():
 
 def _dequantized_float_copy(m, q):
     ref = copy.deepcopy(m)
-    for inner_q, inner_f in ((q.pooled, ref.pooled), (q.per_id, ref.per_id)):
+    for inner_q, inner_f in zip(q.inner_collections(), ref.inner_collections()):
         for n, w in dequantized_tables(inner_q).items():
             inner_f.embedding_bags[n].weight.data.copy_(w)
     return ref
@@ -44,14 +44,14 @@ def _dequantized_float_copy(m, q):
 def test_export_matches_dequantized_reference(dtype):
     m = _model()
     q = export(m, NARROW if dtype == "int2" else {}, default=dtype)
-    assert isinstance(q.pooled, QuantEBC) and isinstance(q.per_id, QuantEBC)
+    assert all(isinstance(inner, QuantEBC) for inner in (q.pooled, q.per_id, q.weighted))
     assert isinstance(m.pooled, EmbeddingBagCollection)  # the float model is untouched
     kjt = random_bags(parity_tables(), 16, seed=3).kjt()
     out = q(kjt).values()
     # same transforms and combines over the stored (dequantized) rows: equal up to fp32 rounding
     torch.testing.assert_close(out, _dequantized_float_copy(m, q)(kjt).values(), rtol=1e-5, atol=1e-5)
     if dtype in STEP:  # and each stored row is within half a quantization step of the float row
-        for inner_q, inner_f in ((q.pooled, m.pooled), (q.per_id, m.per_id)):
+        for inner_q, inner_f in zip(q.inner_collections(), m.inner_collections()):
             deq = dequantized_tables(inner_q)
             for cfg in inner_q.embedding_bag_configs():
                 w = inner_f.embedding_bags[cfg.name].weight
@@ -74,7 +74,7 @@ def test_mixed_dtypes_in_one_model_and_memory_report():
     m = _model()
     dtypes = {"t_plain": "fp32", "t_hash": "int4", "t_qr": "int8", "t_memcom": "fp16", "t_memcom__w": "fp32", "t_memrec": "int2", "t_memrec__alpha": "int8"}
     q = export(m, dtypes, default="int8")
-    kinds = {c.name: c.data_type.name for c in q.pooled.embedding_bag_configs() + q.per_id.embedding_bag_configs()}
+    kinds = {c.name: c.data_type.name for inner in q.inner_collections() for c in inner.embedding_bag_configs()}
     assert kinds["t_plain"] == "FP32" and kinds["t_hash__hash"] == "INT4" and kinds["t_qr__q"] == "INT8"
     assert kinds["t_memcom__shared"] == "FP16" and kinds["t_memcom__w"] == "FP32" and kinds["t_memrec__tok"] == "INT2"
     kjt = random_bags(parity_tables(), 16, seed=4).kjt()
@@ -135,4 +135,5 @@ def test_torchrec_inference_sharder_takes_the_exported_model():
     sq, plan = shard_quant_model(_ValuesOf(q), world_size=1, compute_device="cpu", sharding_device="meta")
     assert isinstance(sq.model.pooled, ShardedQuantEmbeddingBagCollection)
     assert isinstance(sq.model.per_id, ShardedQuantEmbeddingBagCollection)
-    assert set(plan.plan) == {"model.pooled", "model.per_id"}
+    assert isinstance(sq.model.weighted, ShardedQuantEmbeddingBagCollection)
+    assert set(plan.plan) == {"model.pooled", "model.per_id", "model.weighted"}

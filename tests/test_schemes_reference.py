@@ -91,6 +91,26 @@ def test_memcom_gradients_reach_both_tables_with_expected_values():
     torch.testing.assert_close(w["t__shared"].grad[h], 2.0 * g[0])
 
 
+@pytest.mark.parametrize("cfg", [MEmCom(rows=11), MemRec(rows=13, hashes=3)], ids=["memcom", "memrec"])
+def test_id_weighted_schemes_read_the_big_table_in_weighted_bags(cfg):
+    """MEmCom / Mem-Rec (scalar alpha): the big table in the ``weighted`` EBC (real bags: its
+    output is [B, d] per lookup, not a row per id), only the 4-wide weight rows per id."""
+    tables = _tables(PoolingType.SUM)
+    m = CompressedEmbeddingBagCollection(copy.deepcopy(tables), {"t0": cfg, "t1": None})
+    big = "__shared" if isinstance(cfg, MEmCom) else "__tok"
+    assert m.weighted.is_weighted() and [c.name for c in m.weighted.embedding_bag_configs()] == [f"t0{big}"]
+    assert {c.embedding_dim for c in m.per_id.embedding_bag_configs()} == {4} and not m.pooled.is_weighted()
+    state, pooled_kjt, per_id_kjt, weighted_kjt = m.split(random_bags(tables, 5, seed=0).kjt())
+    assert weighted_kjt.stride() == 5 and weighted_kjt.weights().dtype == torch.float64  # real bags, position codes
+    out = m.weighted(weighted_kjt.__class__(keys=weighted_kjt.keys(), values=weighted_kjt.values(), lengths=weighted_kjt.lengths(),
+                                            weights=torch.ones(weighted_kjt.values().numel())))
+    assert out.values().shape == (5, 2 * 16 * cfg_lookups(cfg))
+
+
+def cfg_lookups(cfg) -> int:
+    return 1 if isinstance(cfg, MEmCom) else cfg.hashes
+
+
 def test_empty_batch_features_and_feature_order():
     tables = _tables(PoolingType.SUM)
     m = CompressedEmbeddingBagCollection(copy.deepcopy(tables), {"t0": MEmCom(ratio=4), "t1": QR(ratio=2)})

@@ -9,7 +9,10 @@ feature-processed and managed-collision EBCs) the module itself is a ``ShardedMo
   over all their awaitables, so the pipeline fuses its splits all-to-all with the rest;
 * ``compute_and_output_dist``: split the distributed KJTList back per inner EBC, run
   their lookups and output distributions, then ``combine`` (per-id products, pooling)
-  when the result is awaited.
+  when the result is awaited. With id-weighted schemes (MEmCom, Mem-Rec) the per-id
+  lookups come first: they give every ``weighted`` id's weight, which each rank that
+  received the id fetches by its position code (``positions.pull``, differentiable)
+  before the weighted lookups.
 
 The inner EBCs are sharded by TorchRec's own EBC sharder (FBGEMM kernels, fused
 optimizers); schemes' maps and small parameters stay replicated (data parallel).
@@ -34,7 +37,8 @@ from torchrec.distributed.types import (
 from torchrec.distributed.utils import append_prefix
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from ..modules.compressed_ebc import CompressedEmbeddingBagCollection, SplitState
+from ..modules.compressed_ebc import INNER, CompressedEmbeddingBagCollection, SplitState
+from .positions import pulled_weights
 from .ebc_sharder import CpuRowWiseEmbeddingBagCollectionSharder
 
 
@@ -59,8 +63,8 @@ class _Combined(LazyAwaitable[KeyedTensor]):
         self._module, self._ctx, self._outputs = module, ctx, outputs
 
     def _wait_impl(self) -> KeyedTensor:
-        pooled, per_id = [o.wait() if o is not None else None for o in self._outputs]
-        return self._module._logic[0].combine(self._ctx.state, pooled, per_id)
+        pooled, per_id, weighted = [o.wait() if isinstance(o, Awaitable) else o for o in self._outputs]
+        return self._module._logic[0].combine(self._ctx.state, pooled, per_id, weighted)
 
 
 class ShardedCompressedEmbeddingBagCollection(
@@ -76,7 +80,7 @@ class ShardedCompressedEmbeddingBagCollection(
         module_fqn: Optional[str] = None,
     ) -> None:
         super().__init__()
-        for name in ("pooled", "per_id"):
+        for name in INNER:
             inner = getattr(module, name)
             if inner is None:
                 setattr(self, name, None)
@@ -88,7 +92,7 @@ class ShardedCompressedEmbeddingBagCollection(
         self.maps = module.maps
         self.flat_parameters = module.flat_parameters
         self._logic = [module]  # transform / combine code; a list so it is not a submodule
-        self._inner = [m for m in (self.pooled, self.per_id) if m is not None]
+        self._inner = module.inner_collections()
         self._lookups = [lk for m in self._inner for lk in m._lookups]
         for name, buf in module.named_buffers(recurse=False):  # e.g. the device probe
             if buf.device.type == "meta":
@@ -101,9 +105,11 @@ class ShardedCompressedEmbeddingBagCollection(
     def input_dist(self, ctx: CompressedEBCContext, features: KeyedJaggedTensor) -> Awaitable[Awaitable[KJTList]]:
         self._logic[0].train(self.training)  # the logic is not a submodule: train()/eval() do not reach it
         with torch.no_grad():
-            ctx.state, pooled_kjt, per_id_kjt = self._logic[0].split(features)
+            ctx.state, pooled_kjt, per_id_kjt, weighted_kjt = self._logic[0].split(features)
+        kjt_of = {"pooled": pooled_kjt, "weighted": weighted_kjt, "per_id": per_id_kjt}
         awaitables: List[Any] = []
-        for inner, kjt in ((self.pooled, pooled_kjt), (self.per_id, per_id_kjt)):
+        for name in INNER:
+            inner, kjt = getattr(self, name), kjt_of[name]
             if inner is None:
                 continue
             inner_ctx = inner.create_context()
@@ -123,29 +129,36 @@ class ShardedCompressedEmbeddingBagCollection(
 
     def compute_and_output_dist(self, ctx: CompressedEBCContext, input: KJTList) -> LazyAwaitable[KeyedTensor]:
         kjts = list(input)
-        outputs: List[Optional[LazyAwaitable[KeyedTensor]]] = []
+        parts: Dict[str, tuple] = {}  # inner EBC -> (it, its context, its distributed KJTs)
         start = 0
         inner_iter = iter(zip(self._inner, ctx.inner, ctx.counts))
-        for present in (self.pooled is not None, self.per_id is not None):
-            if not present:
-                outputs.append(None)
-                continue
-            inner, inner_ctx, n = next(inner_iter)
-            outputs.append(inner.compute_and_output_dist(inner_ctx, KJTList(kjts[start:start + n])))
-            start += n
-        return _Combined(self, ctx, outputs)
+        for name in INNER:
+            if getattr(self, name) is not None:
+                inner, inner_ctx, n = next(inner_iter)
+                parts[name] = (inner, inner_ctx, kjts[start:start + n])
+                start += n
+        out: Dict[str, Any] = {
+            name: inner.compute_and_output_dist(inner_ctx, KJTList(ks)) for name, (inner, inner_ctx, ks) in parts.items()
+            if name != "weighted"
+        }
+        if "weighted" in parts:  # the per-id lookups first: they give the weighted ids' weights
+            inner, inner_ctx, ks = parts["weighted"]
+            out["per_id"] = out["per_id"].wait()
+            ks = pulled_weights(ks, self._logic[0].id_weights(ctx.state, out["per_id"]), self._logic[0]._sync_group())
+            out["weighted"] = inner.compute_and_output_dist(inner_ctx, KJTList(ks))
+        return _Combined(self, ctx, [out.get(name) for name in ("pooled", "per_id", "weighted")])
 
     # --------------------------------------------------------------------- bookkeeping
     @property
     def fused_optimizer(self):  # noqa: ANN201 - torchrec's KeyedOptimizer
         from torchrec.optim.keyed import CombinedOptimizer
 
-        return CombinedOptimizer([(n, m.fused_optimizer) for n, m in (("pooled", self.pooled), ("per_id", self.per_id)) if m is not None])
+        return CombinedOptimizer([(n, getattr(self, n).fused_optimizer) for n in INNER if getattr(self, n) is not None])
 
     def sharded_parameter_names(self, prefix: str = "") -> Iterator[str]:
         """Everything inside the inner sharded EBCs (rank-local parameters and buffers), so
         DDP neither all-reduces nor broadcasts it; ``maps`` stays data parallel."""
-        for name in ("pooled", "per_id"):
+        for name in INNER:
             inner = getattr(self, name)
             if inner is not None:
                 yield from inner.sharded_parameter_names(prefix=append_prefix(prefix, name))
@@ -171,9 +184,8 @@ class CompressedEmbeddingBagCollectionSharder(BaseEmbeddingSharder[CompressedEmb
 
     def shardable_parameters(self, module: CompressedEmbeddingBagCollection) -> Dict[str, nn.Parameter]:
         out: Dict[str, nn.Parameter] = {}
-        for inner in (module.pooled, module.per_id):
-            if inner is not None:
-                out.update(self._ebc_sharder.shardable_parameters(inner))
+        for inner in module.inner_collections():
+            out.update(self._ebc_sharder.shardable_parameters(inner))
         return out
 
     @property

@@ -58,7 +58,7 @@ def uniform_plan(
     ``pipelineable=True`` plans each CompressedEmbeddingBagCollection as one module, to be
     sharded by ``CompressedEmbeddingBagCollectionSharder`` (pass ``sharders(pipelineable=True)``
     to DMP), which ``TrainPipelineSparseDist`` can pipeline."""
-    from ..modules.compressed_ebc import CompressedEmbeddingBagCollection
+    from ..modules.compressed_ebc import INNER, CompressedEmbeddingBagCollection
     from .compressed_sharder import CompressedEmbeddingBagCollectionSharder
 
     plan: Dict[str, object] = {}
@@ -68,9 +68,9 @@ def uniform_plan(
         if skip and path.startswith(skip):
             continue
         if pipelineable and isinstance(module, CompressedEmbeddingBagCollection):
-            inner_tables = [t for m in (module.pooled, module.per_id) if m is not None for t in m.embedding_bag_configs()]
+            inner_tables = [t for m in module.inner_collections() for t in m.embedding_bag_configs()]
             sharder: object = CompressedEmbeddingBagCollectionSharder()
-            skip = tuple(f"{path}.{c}" for c in ("pooled", "per_id"))
+            skip = tuple(f"{path}.{c}" for c in INNER)
         elif type(module) is EmbeddingBagCollection:
             inner_tables = module.embedding_bag_configs()
             sharder = CpuRowWiseEmbeddingBagCollectionSharder()

@@ -12,10 +12,13 @@ Verified for every sharding type TorchRec offers on CPU (tests/test_positions.py
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import copy
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+from torchrec.distributed.embedding_types import KJTList
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from .collectives import world
 
@@ -83,3 +86,33 @@ def pull(source: torch.Tensor, src: torch.Tensor, pos: torch.Tensor,
     if world(group) == 1:
         return source.index_select(0, pos)
     return _Pull.apply(source, src, pos, group)
+
+
+def with_weights(kjt: KeyedJaggedTensor, weights: torch.Tensor) -> KeyedJaggedTensor:
+    """``kjt`` with other per-sample ``weights`` (the same ids, lengths and cached sizes)."""
+    out = copy.copy(kjt)
+    out._weights, out._jt_dict = weights, None
+    return out
+
+
+def pulled_weights(kjts: List[KeyedJaggedTensor], source: torch.Tensor,
+                   group: Optional[dist.ProcessGroup]) -> List[KeyedJaggedTensor]:
+    """Distributed KJTs whose weights are position codes -> the same KJTs weighted by
+    ``source [n]`` (this rank's weights, in the order it encoded them) of the ranks the ids came
+    from: one :func:`pull` for all of them."""
+    sizes = [k.weights().numel() for k in kjts]
+    codes = kjts[0].weights() if len(kjts) == 1 else torch.cat([k.weights() for k in kjts])
+    got = pull(source, *decode_positions(codes), group)
+    return [with_weights(k, w) for k, w in zip(kjts, got.split(sizes) if len(kjts) > 1 else [got])]
+
+
+def weighted_lookup(inner: torch.nn.Module, kjt: KeyedJaggedTensor, source: torch.Tensor,
+                    group: Optional[dist.ProcessGroup]) -> KeyedTensor:
+    """A sharded weighted EBC's lookup of ``kjt`` (weights: position codes) with per-sample
+    weights ``source`` that keep their gradient: its input distribution moves the codes, the
+    weights are then pulled to the ranks that look the ids up (what DMP's in-place sharding
+    of the inner EBCs runs; the pipelineable sharded module does the same in its
+    ``compute_and_output_dist``)."""
+    ctx = inner.create_context()
+    distributed = inner.input_dist(ctx, kjt).wait().wait()
+    return inner.compute_and_output_dist(ctx, KJTList(pulled_weights(list(distributed), source, group))).wait()

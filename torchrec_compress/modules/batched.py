@@ -40,6 +40,8 @@ class Group:
     tables: List[TableScheme] = field(default_factory=list)  # each table's scheme once, in order
     table_index: List[int] = field(default_factory=list)  # per feature: its table's index in ``tables``
     routes: bool = False  # its scheme routes id by id (:meth:`~TableScheme.route_batch`), sees and observes as a batch
+    weighted: bool = False  # id-weighted (:attr:`~TableScheme.id_weighted`): the first ``lookups`` suffixes in weighted bags, the rest per id
+    lookups: int = 0  # an id-weighted group's lookups of its first physical table
     _device: Dict[object, object] = field(default_factory=dict)
     _maps: Tuple[object, Dict[str, torch.Tensor]] = (None, {})
 
@@ -53,6 +55,25 @@ class Group:
 
     def keys_by_suffix(self) -> List[List[str]]:
         return [[f"{f}{s}" for f in self.features] for s in self.suffixes]
+
+    def _suffixes_in(self, kind: str) -> range:
+        """Indices of the suffixes whose lookups go to the inner EBC ``kind`` ("pooled",
+        "weighted" or "per_id")."""
+        n = len(self.suffixes)
+        if self.weighted:
+            return {"weighted": range(self.lookups), "per_id": range(self.lookups, n)}.get(kind, range(0))
+        if kind == "weighted":
+            return range(0)
+        return range(n) if self.per_value == (kind == "per_id") else range(0)
+
+    def inner_keys(self, kind: str) -> List[str]:
+        """The group's virtual features in the inner EBC ``kind``, suffix-major."""
+        ks = self.keys_by_suffix()
+        return [k for s in self._suffixes_in(kind) for k in ks[s]]
+
+    def inner_dims(self, kind: str) -> List[int]:
+        """``d_p`` of each of the group's suffixes in the inner EBC ``kind``."""
+        return [self.part_dims[s] for s in self._suffixes_in(kind)]
 
     def tensors(self, device: torch.device) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """``[F_g]`` arange and each constant ``[F_g]`` (int64) on ``device`` (cached), with
@@ -171,7 +192,7 @@ class Plan:
             if key is None:
                 singles.append(f)
                 continue
-            after = impl.per_value or impl.ragged  # pooled after the inner lookups: the pooling is the group's
+            after = impl.per_value or impl.ragged or impl.id_weighted  # pooled (MEAN) after the inner lookups: the pooling is the group's
             by_key.setdefault((key, impl.per_value, feature_table[f].pooling if after else None), []).append(f)
         self.groups: List[Group] = []
         pos = 0
@@ -185,7 +206,8 @@ class Plan:
                 per_value=per_value, pooling=feature_table[feats[0]].pooling, ragged=impl.ragged,
                 constants=[schemes[feature_table[f].name].constants() for f in feats],
                 tables=[schemes[n] for n in names], table_index=[names.index(feature_table[f].name) for f in feats],
-                routes=type(impl).route_batch is not TableScheme.route_batch))
+                routes=type(impl).route_batch is not TableScheme.route_batch,
+                weighted=impl.id_weighted, lookups=phys[0].lookups if impl.id_weighted else 0))
             pos += len(feats)
         self.singles = singles
         self.single_start = pos
@@ -281,17 +303,17 @@ class Plan:
 
     def blocks(self, kind: str, kt: KeyedTensor) -> Tuple[Optional[List[torch.Tensor]], Dict[str, torch.Tensor]]:
         """``kt``'s values in one split (its backward is one cat; a slice's or a gather's would
-        zero-fill the whole width): each group's columns (groups of ``kind``, "pooled" or
-        "per_id"; other groups get None) when ``kt``'s keys start with the groups' in the plan's
+        zero-fill the whole width): each group's columns (groups of ``kind``, "pooled",
+        "weighted" or "per_id"; other groups get None) when ``kt``'s keys start with the groups' in the plan's
         order (the inner EBCs are built so), else None; and every other key's ``[B, d]``."""
         key = ("blocks", kind, tuple(kt.keys()))
         if key not in self._device:
-            mine = [(g.per_value == (kind == "per_id")) for g in self.groups]
-            group_keys = [k for g, m in zip(self.groups, mine) if m for k in g.keys()]
+            mine = [bool(g.inner_keys(kind)) for g in self.groups]
+            group_keys = [k for g in self.groups for k in g.inner_keys(kind)]
             n = len(group_keys)
             keys, dims = list(kt.keys()), kt.length_per_key()
             if keys[:n] == group_keys:
-                widths = [sum(g.size * d for d in g.part_dims) for g, m in zip(self.groups, mine) if m]
+                widths = [sum(g.size * d for d in g.inner_dims(kind)) for g, m in zip(self.groups, mine) if m]
                 self._device[key] = (mine, widths + dims[n:], keys[n:])
             else:  # the groups gather their columns; the singles' keys (if any) come from one split
                 ours = set(group_keys)

@@ -5,7 +5,8 @@ over small physical tables, and a combine back to the logical features:
 
     KJT (logical features, raw ids)
       -> transform  (hash / quotient-remainder / ...; one virtual feature per physical table)
-      -> inner EBCs  ``pooled`` (sum-compatible schemes) and ``per_id`` (bags of one id)
+      -> inner EBCs  ``pooled`` (sum-compatible schemes), ``per_id`` (bags of one id) and
+                    ``weighted`` (bags weighted by per-id scalars from ``per_id``: MEmCom, Mem-Rec)
       -> combine    (sum / product / concat; ``per_id`` lookups are pooled here)
     KeyedTensor with the keys, dims and order of ``EmbeddingBagCollection(tables)``
 
@@ -22,6 +23,7 @@ from typing import Any, Callable, Dict, Hashable, List, Mapping, Optional, Tuple
 import torch
 import torch.distributed as dist
 from torch import nn
+from torchrec.distributed.types import ShardedModule
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
@@ -30,9 +32,13 @@ from .. import schemes as _schemes  # noqa: F401  (fills the registry)
 from ..config import SchemeConfig, scheme_class_for
 from ..schemes.base import TableAccess, TableScheme, Uncompressed, uniform_init
 from ..distributed.collectives import all_gather_id_counts, world
+from ..distributed.positions import encode_positions, weighted_lookup, with_weights
 from ..distributed.state import agree_stride, copy_full_into_, full_tensor, inner_process_group, zero_rows_and_state_
 from .batched import Group, Plan
 from .memory import MemoryReport, TableMemory
+
+
+INNER = ("pooled", "weighted", "per_id")  # the inner EBCs, in the order sharded modules and optimizers list them
 
 
 class CompressedEmbeddingBagCollection(nn.Module):
@@ -122,25 +128,34 @@ class CompressedEmbeddingBagCollection(nn.Module):
                     data_type=t.data_type,
                     # per-id lookups are bags of one and ragged routes see part of a bag:
                     # the logical pooling is applied after combine
-                    pooling=PoolingType.SUM if impl.per_value or impl.ragged else t.pooling,
+                    pooling=PoolingType.SUM if impl.per_value or impl.ragged or impl.id_weighted else t.pooling,
                     init_fn=p.init_fn or uniform_init(t),
                 )
         pooled_cfgs: List[EmbeddingBagConfig] = []
         per_id_cfgs: List[EmbeddingBagConfig] = []
+        weighted_cfgs: List[EmbeddingBagConfig] = []
         for names, n_phys in self._plan(tuple(self._embedding_names)).inner_table_order():
             for i in range(n_phys):
                 for name in names:
-                    (per_id_cfgs if self._schemes[name].per_value else pooled_cfgs).append(cfg_of[(name, i)])
-        _check_unique([c.name for c in pooled_cfgs + per_id_cfgs], "physical table")
-        _check_unique([f for c in pooled_cfgs + per_id_cfgs for f in c.feature_names], "physical feature")
+                    impl = self._schemes[name]  # id-weighted: the first table in weighted bags, its weight tables per id
+                    kind = weighted_cfgs if impl.id_weighted and i == 0 else \
+                        per_id_cfgs if impl.per_value or impl.id_weighted else pooled_cfgs
+                    kind.append(cfg_of[(name, i)])
+        every = pooled_cfgs + weighted_cfgs + per_id_cfgs
+        _check_unique([c.name for c in every], "physical table")
+        _check_unique([f for c in every for f in c.feature_names], "physical feature")
 
-        self._pooled_cfgs, self._per_id_cfgs = pooled_cfgs, per_id_cfgs
+        self._pooled_cfgs, self._per_id_cfgs, self._weighted_cfgs = pooled_cfgs, per_id_cfgs, weighted_cfgs
         self._elementwise = [p.name(t.name) for t in tables for p in self._schemes[t.name].physical_tables() if p.elementwise_optimizer]
         self.pooled: Optional[EmbeddingBagCollection] = (
             EmbeddingBagCollection(pooled_cfgs, is_weighted=is_weighted, device=device) if pooled_cfgs else None
         )
         self.per_id: Optional[EmbeddingBagCollection] = (
             EmbeddingBagCollection(per_id_cfgs, is_weighted=False, device=device) if per_id_cfgs else None
+        )
+        # id-weighted schemes' first tables: bags weighted by scalars computed from the per-id lookups
+        self.weighted: Optional[EmbeddingBagCollection] = (
+            EmbeddingBagCollection(weighted_cfgs, is_weighted=True, device=device) if weighted_cfgs else None
         )
         # id maps of schemes that keep them (FreqThreshold, Saec): plain buffers, replicated
         self.maps = nn.ModuleDict()
@@ -172,6 +187,10 @@ class CompressedEmbeddingBagCollection(nn.Module):
     def is_weighted(self) -> bool:
         return self._is_weighted
 
+    def inner_collections(self) -> List[nn.Module]:
+        """The inner EBCs that exist, in :data:`INNER` order (``pooled``, ``weighted``, ``per_id``)."""
+        return [m for m in (getattr(self, n) for n in INNER) if m is not None]
+
     @property
     def device(self) -> torch.device:
         return self._device_probe.device
@@ -190,14 +209,23 @@ class CompressedEmbeddingBagCollection(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """``features``: KJT over the logical feature names, B bags each -> ``KeyedTensor [B, sum(dims)]``."""
-        state, pooled_kjt, per_id_kjt = self.split(features)
+        state, pooled_kjt, per_id_kjt, weighted_kjt = self.split(features)
         pooled_out = self.pooled(pooled_kjt) if pooled_kjt is not None else None
         per_id_out = self.per_id(per_id_kjt) if per_id_kjt is not None else None
-        return self.combine(state, pooled_out, per_id_out)
+        weighted_out = None
+        if weighted_kjt is not None:
+            source = self.id_weights(state, per_id_out)
+            if isinstance(self.weighted, ShardedModule) and source.requires_grad:  # sharded in place by DMP, training
+                weighted_out = weighted_lookup(self.weighted, weighted_kjt, source, self._sync_group())
+            else:  # unsharded: the position codes are the identity, the weights go in as they are
+                weighted_out = self.weighted(with_weights(weighted_kjt, source))
+        return self.combine(state, pooled_out, per_id_out, weighted_out)
 
-    def split(self, features: KeyedJaggedTensor) -> Tuple["SplitState", Optional[KeyedJaggedTensor], Optional[KeyedJaggedTensor]]:
+    def split(self, features: KeyedJaggedTensor) -> Tuple["SplitState", Optional[KeyedJaggedTensor], Optional[KeyedJaggedTensor],
+                                                          Optional[KeyedJaggedTensor]]:
         """Validate and transform: logical KJT -> (what :meth:`combine` needs, the ``pooled``
-        inner KJT, the ``per_id`` inner KJT with every id a bag of one; None where unused).
+        inner KJT, the ``per_id`` inner KJT with every id a bag of one, the ``weighted`` inner
+        KJT whose weights are position codes until :meth:`id_weights` gives them; None where unused).
 
         A fixed number of ops per :class:`~torchrec_compress.modules.batched.Group` and one
         host read (every feature's id count, with the validation's verdict); singles (schemes
@@ -239,6 +267,7 @@ class CompressedEmbeddingBagCollection(nn.Module):
 
         pooled = _InnerBatch(self._is_weighted)
         per_id = _InnerBatch(False)
+        weighted = _InnerBatch(False, deferred=True)
         for g in plan.groups:
             a, n = offsets[g.start], offsets[g.start + g.size] - offsets[g.start]
             vals, lens = values.narrow(0, a, n), lengths2d.narrow(0, g.start, g.size)  # [n], [F_g, B]
@@ -256,6 +285,12 @@ class CompressedEmbeddingBagCollection(nn.Module):
                 continue
             ids = g.scheme.transform(vals, c)  # S x [n], suffix-major like g.keys()
             n_ids = host[g.start:g.start + g.size]
+            if g.weighted:  # the first table's K lookups in real bags, weighted (after the per-id lookups) by id_weight
+                k, flat = g.lookups, lens.reshape(-1)
+                weighted.add(g.inner_keys("weighted"), ids[:k], [flat] * k, None, n_ids * k, source=("group", len(state.groups)))
+                per_id.add(g.inner_keys("per_id"), _cat(ids[k:]), None, None, n_ids * (len(ids) - k))
+                state.groups.append((vals, lens, w, fidx, c))
+                continue
             if g.per_value:
                 per_id.add(g.keys(), _cat(ids), None, None, n_ids * len(ids))
                 state.groups.append((vals, lens, w, fidx, c))
@@ -273,17 +308,73 @@ class CompressedEmbeddingBagCollection(nn.Module):
             f = plan.features[p]
             impl, jt = self._schemes[self._feature_table[f].name], state.jts[f]
             suffixes = impl.feature_suffixes()
-            if impl.per_value:
-                for s, i in zip(suffixes, impl.transform(jt.values())):
-                    per_id.add([f"{f}{s}"], i, None, None, [host[p]])
+            if impl.per_value or impl.id_weighted:
+                k = impl.physical_tables()[0].lookups if impl.id_weighted else 0
+                for j, (s, i) in enumerate(zip(suffixes, impl.transform(jt.values()))):
+                    if j < k:
+                        weighted.add([f"{f}{s}"], i, jt.lengths(), None, [host[p]], source=("single", f))
+                    else:
+                        per_id.add([f"{f}{s}"], i, None, None, [host[p]])
                 continue
             i, lens, w = impl.route(jt)
             pooled.add([f"{f}{s}" for s in suffixes], i, lens, w, None if impl.ragged else [host[p]] * len(suffixes))
-        return state, pooled.kjt(batch), self._per_id_kjt(per_id)
+        state.sources = weighted.sources
+        return state, pooled.kjt(batch), self._per_id_kjt(per_id), weighted.kjt(batch, self._rank())
+
+    def _rank(self) -> int:
+        """This process's rank among the sharded inner tables' (0 when unsharded): the source
+        rank in the pooled KJT's position codes."""
+        group = self._sync_group()
+        return dist.get_rank(group) if group is not None else 0
+
+    def id_weights(self, state: "SplitState", per_id_out: Optional[KeyedTensor]) -> torch.Tensor:
+        """The ``weighted`` inner KJT's per-sample weights, ``[N_w]`` float32 in its order: each
+        id's :meth:`~TableScheme.id_weight` from the per-id lookups ``per_id_out`` (times its
+        KJT weight in a weighted collection), once per lookup of the first table.
+        Differentiable: FBGEMM's weighted TBE returns their gradient, which reaches the
+        per-id tables."""
+        plan_blocks = state.plan.blocks("per_id", per_id_out)
+        done: Dict[Hashable, torch.Tensor] = {}
+        for src in state.sources:
+            if src not in done:
+                done[src] = self._id_weights(state, src, per_id_out, plan_blocks)
+        return _cat([done[src] for src in state.sources])
+
+    def _id_weights(self, state: "SplitState", src: Tuple[str, object], per_id_out: KeyedTensor,
+                    plan_blocks: Tuple[Optional[List[torch.Tensor]], Dict[str, torch.Tensor]]) -> torch.Tensor:
+        """``[n]`` the id weights of one id-weighted group (``("group", index)``) or single
+        feature (``("single", name)``), times their KJT weights in a weighted collection."""
+        blocks, single = plan_blocks
+        if src[0] == "single":
+            f = src[1]
+            impl, jt = self._schemes[self._feature_table[f].name], state.jts[f]
+            k, n = impl.physical_tables()[0].lookups, jt.values().numel()
+            out = impl.id_weight([single[f"{f}{s}"][:n] for s in impl.feature_suffixes()[k:]], jt.values())
+            w = jt.weights_or_none() if self._is_weighted else None
+        else:
+            gi = src[1]
+            g = state.plan.groups[gi]
+            vals, _, w, fidx, c = state.groups[gi]
+            out = g.scheme.id_weight(self._per_id_rows(state, gi, per_id_out, blocks), vals, c)
+        return out if w is None else out * w
+
+    def _per_id_rows(self, state: "SplitState", gi: int, per_id_out: KeyedTensor,
+                     blocks: Optional[List[torch.Tensor]]) -> List[torch.Tensor]:
+        """Group ``gi``'s per-id lookups (``[S, F_g * d_p]`` per suffix, row i = a feature's
+        i-th id) -> ``[n, d_p]`` per suffix, row i = the group's i-th id."""
+        g = state.plan.groups[gi]
+        vals, _, _, fidx, _ = state.groups[gi]
+        rows = per_id_out.values()
+        x = blocks[gi] if blocks is not None else \
+            _select_columns(rows, state.plan.columns(("per_id", gi), per_id_out, g.inner_keys("per_id")))  # [S, sum(widths)]
+        counts = state.counts.narrow(0, g.start, g.size)
+        pos = torch.arange(vals.numel(), device=vals.device) - (counts.cumsum(0) - counts)[fidx]  # [n] row in its feature
+        dims = g.inner_dims("per_id")
+        return [t.reshape(rows.shape[0], g.size, d)[pos, fidx] for t, d in zip(_split(x, [g.size * d for d in dims]), dims)]
 
     def _direct_split(self, plan: Plan, keys: List[str], values: torch.Tensor, lengths: torch.Tensor, lengths2d: torch.Tensor,
                       weights: Optional[torch.Tensor], counts: torch.Tensor, host: List[int]
-                      ) -> Tuple["SplitState", KeyedJaggedTensor, None]:
+                      ) -> Tuple["SplitState", KeyedJaggedTensor, None, None]:
         """A direct plan: every group's transform runs elementwise over all the ids in the input's
         order (the other features' ids masked to 0, with the group's constants), one select per
         group; the inner KJT is the input's lengths and weights with the new ids, permuted into
@@ -315,7 +406,7 @@ class CompressedEmbeddingBagCollection(nn.Module):
             host = [host[i] for i in plan.to_module_order]
         kjt = KeyedJaggedTensor(keys=plan.direct_keys, values=ids, lengths=lengths, weights=weights,
                                 stride=state.batch, length_per_key=host)
-        return state, kjt, None
+        return state, kjt, None, None
 
     def _procedures(self, keys: List[str], values: torch.Tensor, counts: torch.Tensor,
                     feature_ids: Callable[[str], torch.Tensor], batched_see: frozenset = frozenset()) -> None:
@@ -400,9 +491,10 @@ class CompressedEmbeddingBagCollection(nn.Module):
             ids, n = all_gather_id_counts(at, group)
             flat.index_add_(0, ids, n.to(flat.dtype))
 
-    def combine(self, state: "SplitState", pooled_out: Optional[KeyedTensor], per_id_out: Optional[KeyedTensor]) -> KeyedTensor:
-        """Inner lookups (``pooled``: ``[B, d_p]`` per virtual feature; ``per_id``: ``[S, d_p]``,
-        row i = the feature's i-th id) -> the logical ``KeyedTensor [B, sum(dims)]``."""
+    def combine(self, state: "SplitState", pooled_out: Optional[KeyedTensor], per_id_out: Optional[KeyedTensor],
+                weighted_out: Optional[KeyedTensor] = None) -> KeyedTensor:
+        """Inner lookups (``pooled`` and ``weighted``: ``[B, d_p]`` per virtual feature;
+        ``per_id``: ``[S, d_p]``, row i = the feature's i-th id) -> the logical ``KeyedTensor [B, sum(dims)]``."""
         for impl in self._schemes.values():  # once per forward, where the lookups are combined (pipelined too)
             impl.before_combine(self.training)
         plan, batch = state.plan, state.batch
@@ -415,7 +507,7 @@ class CompressedEmbeddingBagCollection(nn.Module):
         # each group's columns of the inner outputs: one split when the inner EBC kept the plan's
         # order (split's backward is one cat; a gather's or a slice's would zero-fill the whole width)
         blocks, single = {}, {}
-        for kind, kt in (("pooled", pooled_out), ("per_id", per_id_out)):
+        for kind, kt in (("pooled", pooled_out), ("per_id", per_id_out), ("weighted", weighted_out)):
             if kt is not None:
                 blocks[kind], views = plan.blocks(kind, kt)
                 single.update(views)
@@ -423,6 +515,14 @@ class CompressedEmbeddingBagCollection(nn.Module):
         group_observers: List[Tuple[Group, tuple, int]] = []  # (batch, what its route kept, first column)
         for gi, (g, gs) in enumerate(zip(plan.groups, state.groups)):
             widths = [g.size * d for d in g.part_dims]
+            if g.weighted:  # weighted bags of the first table's K lookups: their sum
+                x = blocks["weighted"][gi] if blocks["weighted"] is not None else \
+                    _select_columns(weighted_out.values(), plan.columns(("weighted", gi), weighted_out, g.inner_keys("weighted")))
+                out = x if g.lookups == 1 else x.view(batch, g.lookups, g.size * g.dim).sum(dim=1)  # [B, F_g * d]
+                if g.pooling == PoolingType.MEAN:
+                    out = (out.view(batch, g.size, g.dim) / gs[1].t().clamp(min=1).unsqueeze(2).to(out.dtype)).reshape(batch, -1)
+                outs.append(out)
+                continue
             if not g.per_value:
                 x = blocks["pooled"][gi] if blocks["pooled"] is not None else \
                     _select_columns(pooled_out.values(), plan.columns(("pooled", gi), pooled_out, g.keys()))
@@ -435,12 +535,7 @@ class CompressedEmbeddingBagCollection(nn.Module):
                 outs.append(out.reshape(batch, g.size * g.dim))
                 continue
             vals, lens, w, fidx, c = gs
-            rows = per_id_out.values()
-            x = blocks["per_id"][gi] if blocks["per_id"] is not None else \
-                _select_columns(rows, plan.columns(("per_id", gi), per_id_out, g.keys()))  # [S, sum(widths)]
-            counts = state.counts.narrow(0, g.start, g.size)
-            pos = torch.arange(vals.numel(), device=vals.device) - (counts.cumsum(0) - counts)[fidx]  # [n] row in its feature
-            parts = [t.reshape(rows.shape[0], g.size, d)[pos, fidx] for t, d in zip(_split(x, widths), g.part_dims)]
+            parts = self._per_id_rows(state, gi, per_id_out, blocks["per_id"])
             per = g.scheme.combine_group(g.tables, parts, vals, {**c, **g.table_parameters()})  # [n, d]
             outs.append(_pool_group(per, lens, w, g.pooling, batch))
         observers: List[Tuple[TableScheme, JaggedTensor, int, int]] = []  # (impl, jt, first column, width)
@@ -450,6 +545,14 @@ class CompressedEmbeddingBagCollection(nn.Module):
             impl = self._schemes[t.name]
             suffixes = impl.feature_suffixes()
             jt = state.jts[f]
+            if impl.id_weighted:  # the first table's weighted bags: their sum
+                k = impl.physical_tables()[0].lookups
+                out = _cat([single[f"{f}{s}"] for s in suffixes[:k]], dim=1)
+                out = out if k == 1 else out.view(batch, k, -1).sum(dim=1)
+                if t.pooling == PoolingType.MEAN:
+                    out = out / jt.lengths().clamp(min=1).unsqueeze(1).to(out.dtype)
+                outs.append(out)
+                continue
             if not impl.per_value:
                 out = impl.combine([single[f"{f}{s}"] for s in suffixes], jt.values())
                 if impl.ragged and t.pooling == PoolingType.MEAN:
@@ -494,17 +597,16 @@ class CompressedEmbeddingBagCollection(nn.Module):
     def _inner_weight(self, physical: str) -> object:
         """``physical``'s weight in this rank's state: a tensor, or a ShardedTensor once sharded."""
         key = f"embedding_bags.{physical}.weight"
-        for inner in (self.pooled, self.per_id):
-            if inner is not None:
-                state = inner.state_dict()
-                if key in state:
-                    return state[key]
+        for inner in self.inner_collections():
+            state = inner.state_dict()
+            if key in state:
+                return state[key]
         raise KeyError(f"no physical table {physical!r}")
 
     def _sync_group(self) -> Optional[dist.ProcessGroup]:
         """The process group of the sharded inner tables (None when unsharded): what schemes
         that learn from the data sum their statistics over."""
-        return inner_process_group(self.pooled if self.pooled is not None else self.per_id)
+        return inner_process_group(self.inner_collections()[0])
 
     @torch.no_grad()
     def _reset_rows(self, physical: str, rows: torch.Tensor, impl: TableScheme) -> None:
@@ -513,8 +615,8 @@ class CompressedEmbeddingBagCollection(nn.Module):
         Adagrad sum), in whatever shards this rank holds."""
         if not rows.numel():
             return
-        cfg = next(c for c in [*self._pooled_cfgs, *self._per_id_cfgs] if c.name == physical)
-        inner = self.pooled if cfg in self._pooled_cfgs else self.per_id
+        cfg = next(c for c in [*self._pooled_cfgs, *self._per_id_cfgs, *self._weighted_cfgs] if c.name == physical)
+        inner = self.pooled if cfg in self._pooled_cfgs else self.per_id if cfg in self._per_id_cfgs else self.weighted
         zero_rows_and_state_(inner, physical, rows, cfg.num_embeddings, impl.reset_values(physical, rows, cfg.embedding_dim))
 
     def _per_id_kjt(self, inner: "_InnerBatch") -> Optional[KeyedJaggedTensor]:
@@ -893,6 +995,8 @@ class SplitState:
     jts: Dict[str, JaggedTensor] = dataclasses.field(default_factory=dict)  # the singles' features
     groups: List[Optional[tuple]] = dataclasses.field(default_factory=list)  # per-value groups: (ids, lengths, weights, feature index, constants)
     routed: Dict[int, tuple] = dataclasses.field(default_factory=dict)  # routed groups: (ids, lengths, weights, constants, route_batch's own)
+    # whose id weights the weighted KJT's ids take, run by run: ("group", index) / ("single", feature)
+    sources: List[Tuple[str, object]] = dataclasses.field(default_factory=list)
 
     def record_stream(self, stream: torch.Stream) -> None:
         """For TorchRec's pipeline: the tensors outlive the input stream's batch."""
@@ -909,8 +1013,12 @@ class SplitState:
 class _InnerBatch:
     """The virtual features of one inner KJT as they are transformed."""
 
-    def __init__(self, weighted: bool) -> None:
+    def __init__(self, weighted: bool, deferred: bool = False) -> None:
+        """``deferred``: the weights come after the per-id lookups (id-weighted schemes): the
+        KJT carries position codes, ``sources`` whose id weights each run of ids takes."""
         self.weighted = weighted
+        self.deferred = deferred
+        self.sources: List[object] = []
         self.keys: List[str] = []
         self.values: List[torch.Tensor] = []
         self.lengths: List[torch.Tensor] = []
@@ -920,11 +1028,16 @@ class _InnerBatch:
 
     def add(self, keys: List[str], values: Union[torch.Tensor, List[torch.Tensor]],
             lengths: Union[None, torch.Tensor, List[torch.Tensor]],
-            weights: Union[None, torch.Tensor, List[torch.Tensor]], counts: Optional[List[int]]) -> None:
+            weights: Union[None, torch.Tensor, List[torch.Tensor]], counts: Optional[List[int]],
+            source: Optional[Tuple[str, object]] = None) -> None:
         """``values`` / ``lengths`` / ``weights``: one tensor, or several laid end to end (no copy
-        until the KJT's)."""
+        until the KJT's). ``source``: whose id weights (:attr:`SplitState.sources`) these ids
+        take, in a deferred batch."""
+        vals = values if isinstance(values, list) else [values]
+        if self.deferred:
+            self.sources += [source] * len(vals)
         self.keys += keys
-        self.values += values if isinstance(values, list) else [values]
+        self.values += vals
         if lengths is not None:
             self.lengths += lengths if isinstance(lengths, list) else [lengths]
         if self.weighted:
@@ -934,11 +1047,16 @@ class _InnerBatch:
         else:
             self.counts += counts
 
-    def kjt(self, stride: int) -> Optional[KeyedJaggedTensor]:
+    def kjt(self, stride: int, rank: int = 0) -> Optional[KeyedJaggedTensor]:
+        """The inner KJT; a deferred one's weights are ``rank``'s position codes (``distributed.positions``)."""
         if not self.keys:
             return None
-        return KeyedJaggedTensor(keys=self.keys, values=_cat(self.values), lengths=_cat(self.lengths),
-                                 weights=_cat(self.weights) if self.weighted else None, stride=stride,
+        values = _cat(self.values)
+        if self.deferred:
+            weights: Optional[torch.Tensor] = encode_positions(values.numel(), rank, values.device)
+        else:
+            weights = _cat(self.weights) if self.weighted else None
+        return KeyedJaggedTensor(keys=self.keys, values=values, lengths=_cat(self.lengths), weights=weights, stride=stride,
                                  length_per_key=self.counts if self.known else None)
 
 

@@ -1,7 +1,7 @@
 """Export a trained model to an inference model with FBGEMM quantized tables.
 
 Every ``torchrec.EmbeddingBagCollection`` of the model (a plain one, or the inner
-``pooled`` / ``per_id`` collections of a :class:`CompressedEmbeddingBagCollection`) is
+``pooled`` / ``weighted`` / ``per_id`` collections of a :class:`CompressedEmbeddingBagCollection`) is
 replaced by ``torchrec.quant.embedding_modules.EmbeddingBagCollection``, whose tables are
 FBGEMM ``IntNBitTableBatchedEmbeddingBagsCodegen`` tables with one dtype per table. The
 compressed modules' transforms and combines stay as they are, so hashing, QR, MEmCom
@@ -179,9 +179,7 @@ def quantized_memory_report(model: nn.Module) -> MemoryReport:
         if isinstance(m, CompressedEmbeddingBagCollection):
             stored: Dict[str, int] = {}
             dts: Dict[str, str] = {}
-            for inner in (m.pooled, m.per_id):
-                if inner is None:
-                    continue
+            for inner in m.inner_collections():
                 sd = inner.state_dict()
                 for cfg in inner.embedding_bag_configs():
                     stored[cfg.name] = _rows(sd[f"embedding_bags.{cfg.name}.weight"]).numel()
@@ -197,7 +195,7 @@ def quantized_memory_report(model: nn.Module) -> MemoryReport:
 
 
 def _inside_compressed(model: nn.Module, qebc: nn.Module) -> bool:
-    return any(isinstance(m, CompressedEmbeddingBagCollection) and qebc in (m.pooled, m.per_id) for m in model.modules())
+    return any(isinstance(m, CompressedEmbeddingBagCollection) and any(qebc is i for i in m.inner_collections()) for m in model.modules())
 
 
 class _ValuesOf(nn.Module):

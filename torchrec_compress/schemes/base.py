@@ -13,6 +13,13 @@ this is exact only for sums and concatenations. Schemes with a per-id product
 (QR-mult, MEmCom) set ``per_value = True``: the inner EBC then looks up every id as a
 bag of one (``[N, d_p]``), ``combine`` runs per id, and the module pools afterwards,
 so gradients reach every physical table under any TorchRec sharding type.
+
+A per-id *scalar* times a pooled-compatible lookup (MEmCom's w[x] * E[h(x)], Mem-Rec's
+alpha(x) * SUM_k T[h_k(x)]) needs no per-id rows of the big table: such schemes set
+``id_weighted = True``; their first physical table is looked up in the ``pooled`` EBC with
+real bags, every id weighted by :meth:`TableScheme.id_weight` of the other tables' per-id
+lookups (FBGEMM's weighted TBE: the output is ``[B, d]``, and FBGEMM gives the weights'
+gradient).
 """
 from __future__ import annotations
 
@@ -130,6 +137,9 @@ class TableScheme:
     ``torchrec_compress.testing.reference``)."""
 
     per_value: bool = False
+    # True: physical_tables()[0] is read in pooled bags, each id weighted by id_weight() of the
+    # other tables' per-id lookups (a scalar per id times a sum of rows of the first table)
+    id_weighted: bool = False
     accepts_any_id: bool = False  # True: ids >= num_embeddings are valid (hashed by design)
     ragged: bool = False  # True: route() sends each id to a subset of the physical tables
     observes_gradients: bool = False  # True: observe(grad, jt, group) sees the gradient of the table's output
@@ -269,6 +279,13 @@ class TableScheme:
         """Lookups -> embeddings: pooled parts ``[B, d_p]`` -> ``[B, d]`` (in a batch ``[B, F_g, d_p]``
         -> ``[B, F_g, d]``, ``values`` None: combine along the last dim), or per id ``[N, d_p]``
         with the ids ``[N]`` and their :meth:`constants`."""
+        raise NotImplementedError
+
+    def id_weight(self, parts: List[torch.Tensor], values: torch.Tensor, c: Optional[Constants] = None) -> torch.Tensor:
+        """Where :attr:`id_weighted`: the per-id lookups of the physical tables after the first
+        (``[N, d_p]`` each, :meth:`feature_suffixes` order) -> ``[N]`` each id's scalar weight;
+        ``c`` as for :meth:`transform`. The logical embedding is then
+        ``id_weight(x) * SUM_k T_0[transform(x)[k]]`` over the first table's lookups."""
         raise NotImplementedError
 
     def before_combine(self, training: bool) -> None:

@@ -3,9 +3,11 @@
 A shared hashed table E (m x d) plus one trainable scalar per id. The scalars live in
 an ordinary TorchRec table of ceil(v/4) rows x 4 (FBGEMM needs dims that are multiples
 of 4): id x reads row x // 4, column x mod 4, so no memory is wasted on padding. Both
-tables are looked up per id and the product is pooled afterwards, so gradients reach
-E and w under every sharding type (per-sample KJT weights would lose theirs in a
-sharded EBC's input distribution, DESIGN.md section 8).
+scalars are looked up per id; E is looked up in pooled bags with each id weighted by its
+w[x] (FBGEMM's weighted TBE: sum_i w[x_i] E[h(x_i)] is the pooled product). The weights
+are computed after the input distribution and fetched by position, so their gradient
+(FBGEMM's per-sample-weight gradient) reaches w under every sharding type
+(``distributed.positions``).
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ class MEmCom(SchemeConfig):
 @register_scheme(MEmCom)
 class MEmComScheme(TableScheme):
     presets = {"memcom": lambda r, d: MEmCom(ratio=r)}
-    per_value = True
+    id_weighted = True
 
     def __init__(self, table, config: MEmCom) -> None:
         super().__init__(table, config)
@@ -70,11 +72,13 @@ class MEmComScheme(TableScheme):
         """``[N]`` ids -> (``[N]`` h(x) mod m, ``[N]`` x // 4)."""
         return [hash_with(values, c or self.constants(), "rows"), torch.div(values, PACK, rounding_mode="floor")]
 
+    def id_weight(self, parts: List[torch.Tensor], values: torch.Tensor, c: Optional[Constants] = None) -> torch.Tensor:
+        """``[N, 4]`` packed weight rows (row x // 4) -> ``[N]`` w[x] (column x mod 4)."""
+        return parts[0].gather(1, torch.remainder(values, PACK).unsqueeze(1)).squeeze(1)
+
     def combine(self, parts: List[torch.Tensor], values: torch.Tensor, c: Optional[Constants] = None) -> torch.Tensor:
         """``[N, d]`` shared rows, ``[N, 4]`` packed weights -> ``[N, d]`` = w[x] * E[h(x)]."""
-        shared, packed = parts
-        w = packed.gather(1, torch.remainder(values, PACK).unsqueeze(1))
-        return shared * w
+        return parts[0] * self.id_weight(parts[1:], values, c).unsqueeze(1)
 
     # --- the plain-torch reference of the paper's equation (the tests compare against it) ----
     @staticmethod

@@ -7,7 +7,9 @@ way in a much smaller weight table A, through K' hashes of its own (``weight_has
 paper encodes both; K' = 1 is a single hashed weight). Neither table depends on the
 vocabulary size v, so the ratio is unbounded (1000x+ on CriteoTB). Scalar weights are
 packed 4 per physical row (FBGEMM dims are multiples of 4) and start at 1 / K', so that
-alpha starts at 1; the product makes this a per-id scheme.
+alpha starts at 1. With a scalar alpha the token lookups are pooled bags weighted by
+alpha(x) (FBGEMM's weighted TBE, like MEmCom); a vector alpha (``weight_dim="full"``) makes
+this a per-id scheme.
 """
 from __future__ import annotations
 
@@ -61,6 +63,8 @@ class MemRecScheme(TableScheme):
     def __init__(self, table, config: MemRec) -> None:
         super().__init__(table, config)
         d = table.embedding_dim
+        self.id_weighted = config.weight_dim == 1  # a scalar alpha: pooled, weighted token bags
+        self.per_value = not self.id_weighted  # a vector alpha: per-id products
         self.pack = PACK if config.weight_dim == 1 else 1  # ids per physical weight row
         self.wdim = PACK if config.weight_dim == 1 else d
         if config.rows is not None:
@@ -103,12 +107,16 @@ class MemRecScheme(TableScheme):
         toks = [hash_with(values, c, f"h{k}") for k in range(self.config.hashes)]
         return toks + [torch.div(s, self.pack, rounding_mode="floor") for s in self._weight_slots(values, c)]
 
+    def id_weight(self, parts: List[torch.Tensor], values: torch.Tensor, c: Optional[Constants] = None) -> torch.Tensor:
+        """K' x ``[N, 4]`` packed weight rows (row g_j(x) // 4) -> ``[N]`` alpha(x) = SUM_j A[g_j(x)]."""
+        slots = torch.stack(self._weight_slots(values, c or self.constants()), dim=1)  # [N, K']
+        return torch.stack(parts, dim=1).gather(2, torch.remainder(slots, self.pack).unsqueeze(2)).sum(dim=(1, 2))
+
     def combine(self, parts: List[torch.Tensor], values: torch.Tensor, c: Optional[Constants] = None) -> torch.Tensor:
         """K x ``[N, d]`` token rows, K' x (``[N, 4]`` packed scalars or ``[N, d]`` vectors) -> ``[N, d]``."""
         toks, alphas = parts[:self.config.hashes], parts[self.config.hashes:]
-        if self.pack > 1:
-            alphas = [a.gather(1, torch.remainder(s, self.pack).unsqueeze(1)) for a, s in zip(alphas, self._weight_slots(values, c or self.constants()))]
-        return torch.stack(alphas).sum(dim=0) * torch.stack(toks).sum(dim=0)
+        alpha = self.id_weight(alphas, values, c).unsqueeze(1) if self.pack > 1 else torch.stack(alphas).sum(dim=0)
+        return alpha * torch.stack(toks).sum(dim=0)
 
     # --- the plain-torch reference of the paper's equation (the tests compare against it) ----
     @staticmethod

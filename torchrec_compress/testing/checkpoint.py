@@ -22,7 +22,7 @@ def train_and_save_worker(rank: int, world: int, sharding_type: str, path: str, 
     """Train 2 steps sharded, save a DCP checkpoint, return this rank's output on batch seed 999."""
     torch.manual_seed(0)
     model = CompressedEmbeddingBagCollection(copy.deepcopy(parity_tables()), parity_schemes(), device=torch.device("meta"))
-    apply_optimizer_in_backward(RowWiseAdagrad, [p for m in (model.pooled, model.per_id) for p in m.parameters()], {"lr": 0.1})
+    apply_optimizer_in_backward(RowWiseAdagrad, [p for m in model.inner_collections() for p in m.parameters()], {"lr": 0.1})
     dmp = DistributedModelParallel(model, device=torch.device("cpu"), plan=uniform_plan(model, sharding_type, world), sharders=sharders())
     lo, hi = rank * batch // world, (rank + 1) * batch // world
     for step in range(2):
@@ -39,8 +39,8 @@ def planner_worker(rank: int, world: int) -> dict:
 
     torch.manual_seed(0)
     model = CompressedEmbeddingBagCollection(copy.deepcopy(parity_tables()), parity_schemes(), device=torch.device("meta"))
-    apply_optimizer_in_backward(RowWiseAdagrad, [p for m in (model.pooled, model.per_id) for p in m.parameters()], {"lr": 0.1})
-    names = [t.name for inner in (model.pooled, model.per_id) for t in inner.embedding_bag_configs()]
+    apply_optimizer_in_backward(RowWiseAdagrad, [p for m in model.inner_collections() for p in m.parameters()], {"lr": 0.1})
+    names = [t.name for inner in model.inner_collections() for t in inner.embedding_bag_configs()]
     constraints = {n: ParameterConstraints(sharding_types=["row_wise"]) for n in names}
     planner = EmbeddingShardingPlanner(topology=Topology(world_size=world, compute_device="cpu"), constraints=constraints)
     plan = planner.collective_plan(model, sharders(), dist.GroupMember.WORLD)

@@ -114,7 +114,7 @@ def _parity_run(
     ref = CompressedEmbeddingBagCollection(copy.deepcopy(tables), schemes, is_weighted=weighted).to(device)
     model = CompressedEmbeddingBagCollection(copy.deepcopy(tables), schemes, is_weighted=weighted, device=torch.device("meta"))
     opt_cls, opt_kw = (RowWiseAdagrad, {"lr": LR, "eps": EPS}) if optimizer == "rowwise_adagrad" else (torch.optim.SGD, {"lr": LR})
-    table_params = [p for inner in (model.pooled, model.per_id) if inner is not None for p in inner.parameters()]
+    table_params = [p for inner in model.inner_collections() for p in inner.parameters()]
     apply_optimizer_in_backward(opt_cls, table_params, dict(opt_kw))
     dmp = DistributedModelParallel(
         model, device=device, plan=uniform_plan(model, sharding_type, world, device_type=device_type), sharders=sharders()

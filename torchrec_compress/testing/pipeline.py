@@ -83,7 +83,7 @@ def pipeline_worker(rank: int, world: int, sharding_type: str, steps: int = 5) -
     def sharded():
         model = TinyModel(torch.device("meta"))
         model.head = copy.deepcopy(ref.head)
-        tables = [p for m in (model.ebc.pooled, model.ebc.per_id) for p in m.parameters()]
+        tables = [p for m in model.ebc.inner_collections() for p in m.parameters()]
         apply_optimizer_in_backward(torch.optim.SGD, tables, {"lr": LR})
         dmp = DistributedModelParallel(model, device=torch.device("cpu"), sharders=sharders(pipelineable=True),
                                        plan=uniform_plan(model, sharding_type, world, pipelineable=True))
@@ -130,7 +130,7 @@ def pipeline_worker(rank: int, world: int, sharding_type: str, steps: int = 5) -
 
     # the schemes' own procedures (count, fit, cluster, search, choose) inside the pipeline
     model = TinyModel(torch.device("meta"), fitted_up_front=False)
-    apply_optimizer_in_backward(torch.optim.SGD, [p for m in (model.ebc.pooled, model.ebc.per_id) for p in m.parameters()], {"lr": LR})
+    apply_optimizer_in_backward(torch.optim.SGD, [p for m in model.ebc.inner_collections() for p in m.parameters()], {"lr": LR})
     dmp = DistributedModelParallel(model, device=torch.device("cpu"), sharders=sharders(pipelineable=True),
                                    plan=uniform_plan(model, sharding_type, world, pipelineable=True))
     pipe = TrainPipelineSparseDist(dmp, torch.optim.SGD([p for _, p in in_backward_optimizer_filter(dmp.named_parameters())], lr=LR),

@@ -58,9 +58,8 @@ def reference_forward(
 def physical_weights(module: torch.nn.Module) -> Dict[str, torch.nn.Parameter]:
     """Physical table name -> weight parameter of an unsharded CompressedEmbeddingBagCollection."""
     out = {}
-    for inner in (module.pooled, module.per_id):
-        if inner is not None:
-            out.update({name: bag.weight for name, bag in inner.embedding_bags.items()})
+    for inner in module.inner_collections():
+        out.update({name: bag.weight for name, bag in inner.embedding_bags.items()})
     return out
 
 
