@@ -66,3 +66,18 @@ def test_torchrec_planner_plans_row_wise_on_cpu_with_our_sharders():
     plans = run_on_ranks(planner_worker)
     assert plans[0] == plans[1]
     assert set(plans[0].values()) == {"row_wise"} and "t_memcom__w" in plans[0]
+
+
+@pytest.mark.parametrize("pipelineable", [False, True])
+@pytest.mark.parametrize("sharding_type", SHARDING_TYPES)
+def test_per_id_stride_needs_no_collective_outside_row_wise(sharding_type, pipelineable):
+    """Per-id KJTs of different strides on the 2 ranks: table-, column-wise and data-parallel
+    tables take each rank's own (their output all-to-all knows every rank's batch size), with
+    no all-reduce in the forward; row-wise types agree on the largest (one all-reduce)."""
+    from torchrec_compress.testing.strides import stride_worker
+
+    results = run_on_ranks(stride_worker, sharding_type, pipelineable)
+    assert results[0]["stride"] != results[1]["stride"]
+    for r in results:
+        assert r["diff"] < TOL, results
+        assert r["all_reduces"] == (1 if sharding_type in ("row_wise", "table_row_wise") else 0), results

@@ -91,13 +91,21 @@ def inner_process_group(inner: Optional[torch.nn.Module]) -> Optional["torch.dis
     return None
 
 
+# sharding types whose output distribution is an all-to-all with each rank's own batch size
+# (the input distribution tells every rank the others' strides): no agreement needed
+OWN_STRIDE_SHARDINGS = frozenset({"table_wise", "column_wise", "table_column_wise", "data_parallel"})
+
+
 def agree_stride(stride: int, inner: Optional[torch.nn.Module], device: torch.device) -> int:
     """A sharded inner EBC's row-wise output distribution (reduce-scatter) needs one KJT
-    stride on every rank: the largest of the ranks' ``stride`` (itself when unsharded)."""
+    stride on every rank: the largest of the ranks' ``stride`` (one all-reduce and a host
+    read); itself when unsharded or when no table of ``inner`` is row-wise sharded."""
     import torch.distributed as dist
 
     group = inner_process_group(inner)
     if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return stride
+    if set(getattr(inner, "_sharding_types", ["row_wise"])) <= OWN_STRIDE_SHARDINGS:
         return stride
     t = torch.tensor([stride], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
