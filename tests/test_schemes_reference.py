@@ -107,6 +107,17 @@ def test_id_weighted_schemes_read_the_big_table_in_weighted_bags(cfg):
     assert out.values().shape == (5, 2 * 16 * cfg_lookups(cfg))
 
 
+def test_state_dict_from_before_the_weighted_tables_loads():
+    """MEmCom's shared table was a per-id table: a state dict that says so still loads."""
+    tables = _tables(PoolingType.SUM)
+    m = CompressedEmbeddingBagCollection(copy.deepcopy(tables), {"t0": MEmCom(rows=11)})
+    old = {k.replace("weighted.", "per_id."): v + 1 for k, v in m.state_dict().items()}
+    assert "per_id.embedding_bags.t0__shared.weight" in old
+    fresh = CompressedEmbeddingBagCollection(copy.deepcopy(tables), {"t0": MEmCom(rows=11)})
+    fresh.load_state_dict(old)
+    torch.testing.assert_close(fresh.weighted.embedding_bags["t0__shared"].weight, m.weighted.embedding_bags["t0__shared"].weight + 1)
+
+
 def cfg_lookups(cfg) -> int:
     return 1 if isinstance(cfg, MEmCom) else cfg.hashes
 

@@ -174,6 +174,7 @@ class CompressedEmbeddingBagCollection(nn.Module):
         for states in families.values():
             if FlatParameters.fits(states):
                 self.flat_parameters[f"f{len(self.flat_parameters)}"] = FlatParameters(states)
+        self._register_load_state_dict_pre_hook(_moved_to_weighted, with_module=True)
         # follows .to(); lets forward() check the input device without touching sharded tables
         self.register_buffer("_device_probe", torch.empty(0, device=device), persistent=False)
         self._materialized = False  # scheme state checked after DMP's materialization (materialize())
@@ -877,6 +878,16 @@ class FlatParameters(nn.Module):
 
     def reset_parameters(self) -> None:
         """DMP's materialization: :meth:`link` copies the tables' (re-initialized) values."""
+
+
+def _moved_to_weighted(module: "CompressedEmbeddingBagCollection", state_dict: Dict[str, torch.Tensor], prefix: str,
+                       *args: object) -> None:
+    """A state dict saved before the id-weighted tables moved (MEmCom's ``__shared``, Mem-Rec's
+    ``__tok`` were per-id tables until 2026-12-04): their ``per_id.`` entries load as ``weighted.``."""
+    for cfg in module._weighted_cfgs:
+        old, new = f"{prefix}per_id.embedding_bags.{cfg.name}.weight", f"{prefix}weighted.embedding_bags.{cfg.name}.weight"
+        if old in state_dict and new not in state_dict:
+            state_dict[new] = state_dict.pop(old)
 
 
 def _drop_own_keys(module: FlatParameters, state_dict: Dict[str, torch.Tensor], prefix: str, local_metadata: object) -> None:
