@@ -53,7 +53,8 @@ class _Pull(torch.autograd.Function):
         asked = torch.bincount(src, minlength=world(group))  # [W] requests to each rank
         told = torch.empty_like(asked)
         dist.all_to_all_single(told, asked, group=group)  # [W] requests from each rank
-        out_splits, in_splits = asked.tolist(), told.tolist()  # the host reads all_to_all_single needs
+        both = torch.cat([asked, told]).tolist()  # the one host read all_to_all_single's splits need
+        out_splits, in_splits = both[:asked.numel()], both[asked.numel():]
         wanted = pos.new_empty(sum(in_splits))
         dist.all_to_all_single(wanted, pos.index_select(0, order), in_splits, out_splits, group=group)
         answers = source.detach().index_select(0, wanted)
@@ -79,7 +80,7 @@ def pull(source: torch.Tensor, src: torch.Tensor, pos: torch.Tensor,
     """``source [n, ...]`` of every rank, requests ``src [m]``, ``pos [m]`` (int64, e.g. from
     :func:`decode_positions`) -> ``[m, ...]`` = rank src[i]'s ``source[pos[i]]``, differentiable:
     the gradient reaches the source rank's tensor. On one rank an ``index_select``; on W ranks
-    three all-to-alls forward (counts, positions, values), one backward, and two host reads
+    three all-to-alls forward (counts, positions, values), one backward, and one host read
     (the all-to-all splits)."""
     if group is None and dist.is_initialized():
         group = dist.group.WORLD
