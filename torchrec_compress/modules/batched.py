@@ -40,10 +40,15 @@ class Group:
     tables: List[TableScheme] = field(default_factory=list)  # each table's scheme once, in order
     table_index: List[int] = field(default_factory=list)  # per feature: its table's index in ``tables``
     routes: bool = False  # its scheme routes id by id (:meth:`~TableScheme.route_batch`), sees and observes as a batch
-    weighted: bool = False  # id-weighted (:attr:`~TableScheme.id_weighted`): the first ``lookups`` suffixes in weighted bags, the rest per id
-    lookups: int = 0  # an id-weighted group's lookups of its first physical table
+    # id-weighted (:attr:`~TableScheme.id_weighted`): its first table's lookups K, the first K
+    # suffixes in weighted bags, the rest per id; 0: not id-weighted
+    lookups: int = 0
     _device: Dict[object, object] = field(default_factory=dict)
     _maps: Tuple[object, Dict[str, torch.Tensor]] = (None, {})
+
+    @property
+    def weighted(self) -> bool:
+        return self.lookups > 0
 
     @property
     def size(self) -> int:
@@ -207,7 +212,7 @@ class Plan:
                 constants=[schemes[feature_table[f].name].constants() for f in feats],
                 tables=[schemes[n] for n in names], table_index=[names.index(feature_table[f].name) for f in feats],
                 routes=type(impl).route_batch is not TableScheme.route_batch,
-                weighted=impl.id_weighted, lookups=phys[0].lookups if impl.id_weighted else 0))
+                lookups=impl.weighted_lookups()))
             pos += len(feats)
         self.singles = singles
         self.single_start = pos

@@ -310,7 +310,7 @@ class CompressedEmbeddingBagCollection(nn.Module):
             impl, jt = self._schemes[self._feature_table[f].name], state.jts[f]
             suffixes = impl.feature_suffixes()
             if impl.per_value or impl.id_weighted:
-                k = impl.physical_tables()[0].lookups if impl.id_weighted else 0
+                k = impl.weighted_lookups()
                 for j, (s, i) in enumerate(zip(suffixes, impl.transform(jt.values()))):
                     if j < k:
                         weighted.add([f"{f}{s}"], i, jt.lengths(), None, [host[p]], source=("single", f))
@@ -324,7 +324,7 @@ class CompressedEmbeddingBagCollection(nn.Module):
 
     def _rank(self) -> int:
         """This process's rank among the sharded inner tables' (0 when unsharded): the source
-        rank in the pooled KJT's position codes."""
+        rank in the weighted KJT's position codes."""
         group = self._sync_group()
         return dist.get_rank(group) if group is not None else 0
 
@@ -349,7 +349,7 @@ class CompressedEmbeddingBagCollection(nn.Module):
         if src[0] == "single":
             f = src[1]
             impl, jt = self._schemes[self._feature_table[f].name], state.jts[f]
-            k, n = impl.physical_tables()[0].lookups, jt.values().numel()
+            k, n = impl.weighted_lookups(), jt.values().numel()
             out = impl.id_weight([single[f"{f}{s}"][:n] for s in impl.feature_suffixes()[k:]], jt.values())
             w = jt.weights_or_none() if self._is_weighted else None
         else:
@@ -519,7 +519,7 @@ class CompressedEmbeddingBagCollection(nn.Module):
             if g.weighted:  # weighted bags of the first table's K lookups: their sum
                 x = blocks["weighted"][gi] if blocks["weighted"] is not None else \
                     _select_columns(weighted_out.values(), plan.columns(("weighted", gi), weighted_out, g.inner_keys("weighted")))
-                out = x if g.lookups == 1 else x.view(batch, g.lookups, g.size * g.dim).sum(dim=1)  # [B, F_g * d]
+                out = _sum_lookups(x, g.lookups, batch)  # [B, F_g * d]
                 if g.pooling == PoolingType.MEAN:
                     out = (out.view(batch, g.size, g.dim) / gs[1].t().clamp(min=1).unsqueeze(2).to(out.dtype)).reshape(batch, -1)
                 outs.append(out)
@@ -547,9 +547,8 @@ class CompressedEmbeddingBagCollection(nn.Module):
             suffixes = impl.feature_suffixes()
             jt = state.jts[f]
             if impl.id_weighted:  # the first table's weighted bags: their sum
-                k = impl.physical_tables()[0].lookups
-                out = _cat([single[f"{f}{s}"] for s in suffixes[:k]], dim=1)
-                out = out if k == 1 else out.view(batch, k, -1).sum(dim=1)
+                k = impl.weighted_lookups()
+                out = _sum_lookups(_cat([single[f"{f}{s}"] for s in suffixes[:k]], dim=1), k, batch)
                 if t.pooling == PoolingType.MEAN:
                     out = out / jt.lengths().clamp(min=1).unsqueeze(1).to(out.dtype)
                 outs.append(out)
@@ -1102,6 +1101,11 @@ def _cat(tensors: List[torch.Tensor], dim: int = 0) -> torch.Tensor:
 
 def _split(x: torch.Tensor, widths: List[int]) -> List[torch.Tensor]:
     return [x] if len(widths) == 1 else list(x.split(widths, dim=1))
+
+
+def _sum_lookups(x: torch.Tensor, k: int, batch: int) -> torch.Tensor:
+    """``[B, k * w]``, k lookups' outputs side by side (suffix-major) -> their sum ``[B, w]``."""
+    return x if k == 1 else x.view(batch, k, -1).sum(dim=1)
 
 
 def _select_columns(x: torch.Tensor, cols: Optional[torch.Tensor]) -> torch.Tensor:

@@ -281,6 +281,11 @@ class TableScheme:
         with the ids ``[N]`` and their :meth:`constants`."""
         raise NotImplementedError
 
+    def weighted_lookups(self) -> int:
+        """Where :attr:`id_weighted`: the lookups K of the first physical table (its first K
+        :meth:`feature_suffixes` go to the weighted bags, the rest per id); else 0."""
+        return self.physical_tables()[0].lookups if self.id_weighted else 0
+
     def id_weight(self, parts: List[torch.Tensor], values: torch.Tensor, c: Optional[Constants] = None) -> torch.Tensor:
         """Where :attr:`id_weighted`: the per-id lookups of the physical tables after the first
         (``[N, d_p]`` each, :meth:`feature_suffixes` order) -> ``[N]`` each id's scalar weight;
